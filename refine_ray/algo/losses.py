@@ -1,0 +1,220 @@
+"""Losses: PPO-clip (verl semantics), NTP cross-entropy (plain and chunked), KL, total.
+
+All reductions are computed in float32. Empty masks give a loss of 0, never NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "AGG_MODES",
+    "logprobs_from_logits",
+    "agg_loss",
+    "ppo_clip_loss",
+    "ntp_loss",
+    "ntp_loss_from_hidden",
+    "kl_penalty",
+    "refine_loss",
+]
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log softmax(logits / temperature)[ids]``: ``[..., V], [...] -> [...]`` float32.
+
+    Same alignment as the inputs: ``logits[..., t, :]`` scores ``ids[..., t]``; the
+    caller shifts (response logits come from the positions before each token).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    picked = z.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """Reduce a ``[N, k]`` per-token loss to a scalar.
+
+    ``token-mean``: sum over valid tokens / number of valid tokens.
+    ``seq-mean-token-mean``: mean over rows of each row's masked token mean.
+    ``seq-mean-token-sum``: mean over rows of each row's masked token sum.
+    Rows without valid tokens are left out of the seq-mean (verl would give NaN).
+    """
+    m = mask.to(torch.float32)
+    v = values.float()
+    if agg == "token-mean":
+        return _masked_mean(v, m)
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        tok = m.sum(dim=-1)
+        row = (v * m).sum(dim=-1)
+        if agg == "seq-mean-token-mean":
+            row = row / tok.clamp(min=1.0)
+        has = (tok > 0).float()
+        return (row * has).sum() / has.sum().clamp(min=1.0)
+    raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGG_MODES}")
+
+
+def ppo_clip_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = 3.0,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss, as verl's ``compute_policy_loss``.
+
+    ``ratio = exp(clamp(logp - old_logp, -20, 20))``;
+    ``l = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high))``; for ``A < 0`` only,
+    dual clip bounds it: ``min(l, -A*dual_clip)`` (``dual_clip=None`` disables; must be > 1).
+    ``advantages`` is ``[N]`` (broadcast over k) or ``[N, k]``.
+    Metrics (detached, over valid tokens): ``clipfrac`` fraction where the clipped
+    term is active; ``clipfrac_lower`` fraction where the dual clip is active;
+    ``approx_kl`` = mean(old_logp - logp).
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    adv = advantages.float()
+    m = mask.to(torch.float32)
+    neg_kl = torch.clamp(logp.float() - old_logp.float(), -20.0, 20.0)
+    ratio = torch.exp(neg_kl)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(l1, l2)
+    metrics = {
+        "clipfrac": _masked_mean((l2 > l1).float(), m).detach(),
+        "approx_kl": _masked_mean(-neg_kl, m).detach(),
+    }
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        lower = (clipped > l3) & (adv < 0)
+        losses = torch.where(adv < 0, torch.minimum(clipped, l3), clipped)
+        metrics["clipfrac_lower"] = _masked_mean(lower.float(), m).detach()
+    else:
+        losses = clipped
+        metrics["clipfrac_lower"] = torch.zeros((), device=logp.device)
+    return agg_loss(losses, m, agg), metrics
+
+
+def _ntp_valid(mask: torch.Tensor) -> torch.Tensor:
+    """Target t+1 counts iff both the input position t and the target t+1 are real."""
+    m = mask.bool()
+    return m[:, :-1] & m[:, 1:]
+
+
+def ntp_loss(logits: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``logits [B,T,V]``, ``ids [B,T]``, ``mask [B,T]``.
+
+    ``logits[:, t]`` predicts ``ids[:, t+1]``. A target counts iff ``mask`` is 1 at
+    both t and t+1, so pads never count as targets nor as context (the first real
+    token after left padding is not a target: it has no real context). The mean is
+    over counted targets of the whole batch (token-mean); 0 if there are none.
+    Deliberate vs the reference: fla's DeltaNet class counted pad/eos targets.
+    """
+    if mask is None:
+        mask = torch.ones_like(ids)
+    valid = _ntp_valid(mask)
+    ce = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        ids[:, 1:].reshape(-1).long(),
+        reduction="none",
+    ).view_as(valid)
+    return (ce * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _ce_sum(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, w, b).float()
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def ntp_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    ids: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: int = 1024,
+    lm_head_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`ntp_loss` of ``hidden @ lm_head_weight.T`` without materialising ``[T, V]``.
+
+    Only counted target positions are projected, ``chunk_size`` rows at a time; each
+    chunk's logits are recomputed in backward (activation checkpointing), so peak
+    extra memory is ``[chunk_size, V]``. Same loss and gradients (w.r.t. hidden and
+    the LM head) as the plain version, up to float rounding.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    valid = _ntp_valid(mask)
+    h = hidden[:, :-1][valid]  # [M, D]
+    y = ids[:, 1:][valid].long()
+    n = h.shape[0]
+    if n == 0:
+        return (hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0).float()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk_size):
+        hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]
+        if torch.is_grad_enabled() and (hc.requires_grad or lm_head_weight.requires_grad):
+            total = total + checkpoint(_ce_sum, hc, lm_head_weight, lm_head_bias, yc, use_reentrant=False)
+        else:
+            total = total + _ce_sum(hc, lm_head_weight, lm_head_bias, yc)
+    return total / n
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
+    """Per-token KL estimate of KL(pi || ref) from samples of pi (verl's estimators).
+
+    ``k1``/``kl``: ``logp - ref``; ``abs``: ``|logp - ref|``; ``k2``/``mse``:
+    ``0.5 (logp - ref)^2``; ``k3``/``low_var_kl``: ``exp(ref-logp) - (ref-logp) - 1``
+    with ``ref-logp`` clamped to [-20, 20] and the result to [-10, 10] (as verl).
+    """
+    d = logp.float() - ref_logp.float()
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind in ("k2", "mse"):
+        return 0.5 * d * d
+    if kind in ("k3", "low_var_kl"):
+        x = torch.clamp(-d, -20.0, 20.0)
+        return torch.clamp(torch.exp(x) - x - 1.0, -10.0, 10.0)
+    raise ValueError(f"unknown kl kind {kind!r}; expected k1/kl, abs, k2/mse, k3/low_var_kl")
+
+
+def refine_loss(
+    ntp: torch.Tensor,
+    pg: torch.Tensor,
+    kl: Optional[torch.Tensor] = None,
+    c_ntp: float = 1.0,
+    c_pg: float = 0.2,
+    c_kl: float = 0.0,
+) -> torch.Tensor:
+    """``c_ntp * ntp + c_pg * pg + c_kl * kl`` (scalars). ``kl`` is required iff ``c_kl != 0``.
+
+    Reference defaults: c_ntp = 1 (``ttt_sft_loss_coef``), c_pg = 0.2 (mid/post-training;
+    0.4 at test time), no KL.
+    """
+    loss = c_ntp * ntp + c_pg * pg
+    if c_kl != 0.0:
+        if kl is None:
+            raise ValueError("c_kl != 0 but no kl term given")
+        loss = loss + c_kl * kl
+    return loss
