@@ -1,0 +1,259 @@
+"""LaCT block: shared qkv -> sliding-window attention + SwiGLU fast-weight branch.
+
+Parameter names follow the released LaCT checkpoint (``attn.qkv``, ``attn.q_norm``,
+``attn.k_norm``, ``attn.o_proj``, ``attn.w0.w_left``/``w_right`` (low rank) or
+``attn.w0``, ``attn.w1``, ``attn.lr_proj``, ``attn.qk_scale``/``qk_offset``,
+``attn.ttt_scale_proj``, ``attn.ttt_norm``, ``attn.momentum_proj.0``,
+``attn_norm``, ``mlp_norm``, ``mlp.{gate,up,down}_proj``).
+
+Deliberate choices:
+  * The block is pre-norm (attn_norm -> layer -> residual, mlp_norm -> MLP ->
+    residual) as upstream's ``LaCTBlock``; the spec's "post-norm" is upstream's
+    ``ttt_prenorm=False``: the fast weights are renormalised *after* each update.
+  * RoPE on the fast q/k reuses the attention rotary (dim = attention head dim),
+    applied to each head_dim-wide slice of a fast-weight head, as upstream does.
+  * The fast-weight branch always runs in float32 and casts its output back.
+  * Layer state (all batch-first): fast weights ``w0,w1,w2`` [B,H,...], momentum
+    ``m0,m1,m2``, pending chunk ``pk,pv`` [B,H,P,d], ``plr`` [B,H,P,3],
+    ``pgate`` [B,H,P], window cache ``attn_k,attn_v`` [B,nh,L,hd] holding the
+    last L = min(offset, window-1) RoPE'd keys/values.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LaCTConfig
+from .fast_weight import fast_weight_scan, init_scan_state, initial_row_norms
+
+FAST_NORM_EPS = 1e-5  # eps of upstream's q_norm / k_norm / ttt_norm (fla RMSNorm default)
+
+
+def inv_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Non-interleaved RoPE on the last dim of x [B, T, n, d] at absolute ``positions`` [T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.to(torch.float32)[:, None] * inv_freq[None]          # [T, d/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def sliding_window_attention(q, k, v, q_start: int, k_start: int, window: Optional[int]):
+    """Causal attention with a band: query at position i sees keys j with i-window < j <= i.
+
+    q [B,n,T,d] at absolute positions q_start.., k/v [B,n,S,d] at k_start.. (S >= T).
+    Queries go in blocks of ``window`` rows, each against only the keys it can
+    see, with an explicit boolean band mask (SDPA; no flash-attn dependency).
+    """
+    T = q.shape[2]
+    block = window if window else max(T, 1)
+    outs = []
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        lo = k_start if not window else max(k_start, q_start + s - window + 1)
+        hi = q_start + e
+        qpos = torch.arange(q_start + s, q_start + e, device=q.device)
+        kpos = torch.arange(lo, hi, device=q.device)
+        diff = qpos[:, None] - kpos[None, :]
+        mask = diff >= 0
+        if window:
+            mask = mask & (diff < window)
+        ks, vs = k[:, :, lo - k_start: hi - k_start], v[:, :, lo - k_start: hi - k_start]
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], ks, vs, attn_mask=mask))
+    return torch.cat(outs, 2)
+
+
+class LowRankFastWeight(nn.Module):
+    """Initial fast weight W = w_left @ w_right + 0.5 * I, per head ([H, out, in])."""
+
+    def __init__(self, num_heads: int, out_features: int, in_features: int, rank: int, init_gain: float):
+        super().__init__()
+        self.rank, self.init_gain = rank, init_gain
+        self.w_left = nn.Parameter(torch.empty(num_heads, out_features, rank))
+        self.w_right = nn.Parameter(torch.empty(num_heads, rank, in_features))
+
+    def forward(self) -> torch.Tensor:
+        w = self.w_left @ self.w_right
+        eye = torch.eye(w.shape[-2], w.shape[-1], device=w.device, dtype=w.dtype)
+        return w + 0.5 * eye
+
+
+class LaCTLayer(nn.Module):
+    """The token mixer (``attn`` in the checkpoint): window attention + LaCT branch, summed, then o_proj."""
+
+    def __init__(self, config: LaCTConfig, layer_idx: int):
+        super().__init__()
+        unsupported = {
+            "use_muon": config.use_muon, "ttt_prenorm": config.ttt_prenorm,
+            "lr_dim != 1": config.lr_dim != 1, "ttt_loss_type != dot_product": config.ttt_loss_type != "dot_product",
+            "lr_parameterization != mamba": config.lr_parameterization != "mamba",
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise NotImplementedError(f"LaCT options not implemented: {bad}")
+        D = config.hidden_size
+        self.layer_idx = layer_idx
+        self.hidden_size = D
+        self.num_heads, self.head_dim = config.num_attn_heads, config.head_dim
+        self.num_fw_heads, self.fw_head_dim = config.num_lact_heads, config.fw_head_dim
+        if self.fw_head_dim % self.head_dim:
+            raise ValueError("fast-weight head dim must be a multiple of the attention head dim (shared RoPE)")
+        self.d_h = int(self.fw_head_dim * config.inter_multi)
+        self.window = config.window_size
+        self.chunk_size = config.lact_chunk_size
+        self.rope_theta = config.rope_theta
+        self.attn_qk_norm, self.qkv_silu, self.no_v_silu = config.attn_qk_norm, config.qkv_silu, config.no_v_silu
+        self.ttt_nope, self.use_momentum = config.ttt_nope, config.use_momentum
+        self.learnable_ttt_scale = config.learnable_ttt_scale
+        self.base_lr_inv = inv_softplus(config.base_lr)
+        self.low_rank = config.w0_w2_low_rank
+
+        self.qkv = nn.Linear(D, 3 * D, bias=config.qkv_bias)
+        if self.attn_qk_norm:
+            self.q_norm = RMSNorm(D, eps=FAST_NORM_EPS)
+            self.k_norm = RMSNorm(D, eps=FAST_NORM_EPS)
+        self.o_proj = nn.Linear(D, D, bias=False)
+        H, d, h = self.num_fw_heads, self.fw_head_dim, self.d_h
+        if self.low_rank > 0:
+            self.w0 = LowRankFastWeight(H, h, d, self.low_rank, config.fw_init_gain)
+            self.w2 = LowRankFastWeight(H, h, d, self.low_rank, config.fw_init_gain)
+        else:
+            self.w0 = nn.Parameter(torch.empty(H, h, d))
+            self.w2 = nn.Parameter(torch.empty(H, h, d))
+        self.w1 = nn.Parameter(torch.empty(H, d, h))
+        self.lr_proj = nn.Linear(D, 3 * H)
+        self.qk_scale = nn.Parameter(torch.ones(D, 2))
+        self.qk_offset = nn.Parameter(torch.zeros(D, 2))
+        if self.learnable_ttt_scale:
+            self.ttt_scale_proj = nn.Linear(D, H)
+        self.ttt_norm = RMSNorm(d, eps=FAST_NORM_EPS)
+        if self.use_momentum:
+            self.momentum_proj = nn.Sequential(nn.Linear(D, H), nn.Sigmoid())
+
+    # -- fast weights -------------------------------------------------------
+    def initial_fast_weights(self):
+        w0 = self.w0() if self.low_rank > 0 else self.w0
+        w2 = self.w2() if self.low_rank > 0 else self.w2
+        return w0, self.w1, w2
+
+    def empty_state(self, batch: int, device, dtype) -> dict[str, torch.Tensor]:
+        w0, w1, w2 = self.initial_fast_weights()
+        st = init_scan_state(w0, w1, w2, batch, self.fw_head_dim, self.fw_head_dim, self.use_momentum)
+        st = {k: v.unflatten(0, (batch, self.num_fw_heads)) for k, v in st.items()}
+        st["attn_k"] = torch.zeros(batch, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
+        st["attn_v"] = torch.zeros_like(st["attn_k"])
+        return st
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*d] -> [B*H, T, d] float32."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_fw_heads, -1).transpose(1, 2).reshape(B * self.num_fw_heads, T, -1).float()
+
+    def forward(self, x: torch.Tensor, state: Optional[dict], offset: int, need_state: bool = True):
+        B, T, D = x.shape
+        if state is None:
+            state = self.empty_state(B, x.device, x.dtype)
+        pos = torch.arange(offset, offset + T, device=x.device)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.attn_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
+        fk = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
+        fv = v
+
+        # (a) sliding-window attention over [cached window | this segment]
+        qa = rotary(q.view(B, T, self.num_heads, self.head_dim), pos, self.rope_theta).transpose(1, 2)
+        ka = rotary(k.view(B, T, self.num_heads, self.head_dim), pos, self.rope_theta).transpose(1, 2)
+        va = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_all = torch.cat([state["attn_k"].to(ka.dtype), ka], 2)
+        v_all = torch.cat([state["attn_v"].to(va.dtype), va], 2)
+        o = sliding_window_attention(qa, k_all, v_all, offset, offset + T - k_all.shape[2], self.window)
+        o = o.transpose(1, 2).reshape(B, T, D)
+
+        # (b) fast-weight branch: silu -> per-head L2 norm -> RoPE
+        fq, fk, fv = (t.view(B, T, self.num_fw_heads, self.fw_head_dim) for t in (fq, fk, fv))
+        if self.qkv_silu:
+            fq, fk = F.silu(fq), F.silu(fk)
+            if not self.no_v_silu:
+                fv = F.silu(fv)
+        fq = fq / (fq.norm(dim=-1, keepdim=True) + 1e-5)
+        fk = fk / (fk.norm(dim=-1, keepdim=True) + 1e-5)
+        if not self.ttt_nope:
+            fq = rotary(fq.reshape(B, T, self.num_heads, self.head_dim), pos, self.rope_theta)
+            fk = rotary(fk.reshape(B, T, self.num_heads, self.head_dim), pos, self.rope_theta)
+        fq, fk, fv = (self._heads(t.reshape(B, T, D)) for t in (fq, fk, fv))
+        lr = F.softplus(self.lr_proj(x).float() + self.base_lr_inv)          # [B, T, H*3], head-major
+        lr = lr.view(B, T, self.num_fw_heads, 3).transpose(1, 2).reshape(-1, T, 3)
+        gate = None
+        if self.use_momentum:
+            gate = self.momentum_proj(x).float().transpose(1, 2).reshape(-1, T)
+        w_init = self.initial_fast_weights()
+        norms = initial_row_norms(*w_init, B)
+        scan_in = {k: state[k].flatten(0, 1) for k in state if not k.startswith("attn_")}
+        fo, scan_out = fast_weight_scan(fq, fk, fv, lr, gate, scan_in, norms, self.chunk_size,
+                                        final_update=need_state)
+        fo = self.ttt_norm(fo).view(B, self.num_fw_heads, T, self.fw_head_dim)
+        if self.learnable_ttt_scale:
+            fo = fo * F.silu(self.ttt_scale_proj(x).float()).transpose(1, 2).unsqueeze(-1)
+        fo = fo.transpose(1, 2).reshape(B, T, D).to(o.dtype)
+        out = self.o_proj(o + fo)
+
+        new_state = None
+        if need_state:
+            new_state = {k: t.unflatten(0, (B, self.num_fw_heads)) for k, t in scan_out.items()}
+            keep = k_all.shape[2] if not self.window else min(k_all.shape[2], self.window - 1)
+            new_state["attn_k"] = k_all[:, :, k_all.shape[2] - keep:]
+            new_state["attn_v"] = v_all[:, :, v_all.shape[2] - keep:]
+        return out, new_state
+
+
+class LaCTMLP(nn.Module):
+    def __init__(self, config: LaCTConfig):
+        super().__init__()
+        inter = config.intermediate_size
+        if inter is None:  # fla's GatedMLP rule
+            inter = int(config.hidden_size * config.hidden_ratio * 2 / 3)
+            inter = 256 * ((inter + 255) // 256)
+        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LaCTBlock(nn.Module):
+    def __init__(self, config: LaCTConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = LaCTLayer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = LaCTMLP(config)
+
+    def forward(self, x, state: Optional[dict], offset: int, need_state: bool = True):
+        h, new_state = self.attn(self.attn_norm(x), state, offset, need_state)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state

@@ -1,0 +1,188 @@
+"""LaCTForCausalLM: HF model + the refine_ray segment contract (``forward_segment``).
+
+Checkpoint layout: ``model.embeddings``, ``model.layers.{i}.{attn_norm,attn,mlp_norm,mlp}``,
+``model.norm``, ``lm_head`` (fla / upstream LaCT naming; see layer.py for ``attn.*``).
+
+Deliberate differences from the reference implementation:
+  * Padding never reaches the model's recurrences: ``forward_segment`` takes
+    unpadded rows, and ``forward`` accepts only *right* padding (left padding
+    raises). With right padding every real position only depends on earlier real
+    tokens (causal attention; a chunk's update is read only by later tokens), so
+    real-position outputs are identical whatever the padding; pad labels are
+    ignored by the loss. The reference lets left pads enter the fast-weight
+    updates and shifts chunk phase / RoPE positions with the padding.
+  * A real generation cache: the state (fast weights after the last completed
+    chunk, momentum, pending partial chunk, window KV, offset) lets decoding run
+    one token at a time through ``forward_segment``; the reference re-runs the
+    whole sequence per generated token.
+  * HF ``generate`` / ``past_key_values`` are not wired up; use forward_segment.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..base import FastWeightLM, ModelState, SegmentOutput
+from .config import LaCTConfig
+from .layer import LaCTBlock, LaCTLayer, LowRankFastWeight, RMSNorm
+
+try:
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover - transformers 4.x
+    _init = nn.init
+
+
+class LaCTPreTrainedModel(PreTrainedModel):
+    config_class = LaCTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LaCTBlock"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            _init.ones_(module.weight)
+        elif isinstance(module, LowRankFastWeight):
+            gain = module.init_gain
+            _init.normal_(module.w_left, std=gain / module.rank ** 0.5)
+            _init.normal_(module.w_right, std=gain / module.w_right.shape[-1] ** 0.5)
+        elif isinstance(module, LaCTLayer):
+            _init.ones_(module.qk_scale)
+            _init.zeros_(module.qk_offset)
+            _init.normal_(module.w1, std=1.0 / module.w1.shape[-1] ** 0.5)
+            if isinstance(module.w0, nn.Parameter):
+                for w in (module.w0, module.w2):
+                    _init.normal_(w, std=1.0 / w.shape[-1] ** 0.5)
+
+
+class LaCTModel(LaCTPreTrainedModel):
+    def __init__(self, config: LaCTConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([LaCTBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def run(self, input_ids: torch.Tensor, state: Optional[ModelState], need_state: bool = True,
+            output_hidden_states: bool = False):
+        """Returns (normed last hidden [B,T,D], new ModelState or None, all hidden states or None)."""
+        offset = 0 if state is None else state.offset
+        x = self.embeddings(input_ids)
+        all_hidden = [] if output_hidden_states else None
+        new_layers = []
+        for i, block in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(x)
+            layer_state = None if state is None else state.layers[i]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, st = checkpoint(block, x, layer_state, offset, need_state, use_reentrant=False)
+            else:
+                x, st = block(x, layer_state, offset, need_state)
+            new_layers.append(st)
+        x = self.norm(x)
+        if all_hidden is not None:
+            all_hidden.append(x)
+        new_state = ModelState(new_layers, offset + input_ids.shape[1]) if need_state else None
+        return x, new_state, (tuple(all_hidden) if all_hidden is not None else None)
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False, **kwargs):
+        x, _, hs = self.run(input_ids, None, need_state=False, output_hidden_states=output_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hs)
+
+
+def check_right_padding(attention_mask: torch.Tensor) -> None:
+    """Raise unless every row of the 0/1 mask is ones followed by zeros."""
+    m = attention_mask.to(torch.int64)
+    if ((m != 0) & (m != 1)).any():
+        raise ValueError("attention_mask must be 0/1")
+    if (m[:, 1:] > m[:, :-1]).any():
+        raise ValueError(
+            "LaCT accepts right padding only (a 0 before a 1 found in attention_mask). Left padding would "
+            "shift RoPE positions and chunk phase and feed pads into the fast-weight updates; "
+            "right-pad instead, or use forward_segment on unpadded rows."
+        )
+
+
+class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: LaCTConfig):
+        super().__init__(config)
+        self.model = LaCTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
+                        return_logits: bool = True) -> SegmentOutput:
+        """Run T unpadded tokens from ``state`` (None: empty, offset 0); see base.FastWeightLM.
+
+        T may be 1 (cached decoding) or anything else; the returned state is exact
+        at any cut, so segments can be split anywhere and chained. Gradients flow
+        through the state.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError("input_ids must be [B, T]")
+        if state is not None and state.batch_size not in (0, input_ids.shape[0]):
+            raise ValueError(f"state has batch {state.batch_size}, input_ids {input_ids.shape[0]}")
+        hidden, new_state, _ = self.model.run(input_ids, state, need_state=True)
+        logits = self.lm_head(hidden) if return_logits else None
+        return SegmentOutput(hidden=hidden, logits=logits, state=new_state)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, past_key_values=None, use_cache: Optional[bool] = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Full-sequence forward. Right padding only; pad labels are ignored (-100).
+
+        ``hidden_states`` (when requested) ends with the last layer after the final
+        norm, as fla does. Logits at pad positions are meaningless.
+        """
+        if past_key_values is not None:
+            raise NotImplementedError("LaCT has no HF cache; decode with forward_segment(state=...)")
+        if attention_mask is not None:
+            check_right_padding(attention_mask)
+        hidden, _, all_hidden = self.model.run(input_ids, None, need_state=False,
+                                               output_hidden_states=bool(output_hidden_states))
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden)
+        if return_dict is False:
+            return out.to_tuple()
+        return out
