@@ -1,0 +1,172 @@
+import math
+
+import pytest
+import torch
+
+from refine_ray.algo import (
+    agg_loss,
+    kl_penalty,
+    logprobs_from_logits,
+    ntp_loss,
+    ntp_loss_from_hidden,
+    ppo_clip_loss,
+    refine_loss,
+)
+
+LN3 = math.log(3.0)
+
+
+def test_logprobs_by_hand():
+    logits = torch.tensor([[0.0, LN3], [0.0, LN3]])
+    lp = logprobs_from_logits(logits, torch.tensor([1, 0]))
+    assert lp.tolist() == pytest.approx([math.log(0.75), math.log(0.25)], abs=1e-6)
+    lp2 = logprobs_from_logits(torch.tensor([[0.0, 2 * LN3]]), torch.tensor([1]), temperature=2.0)
+    assert lp2.item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+# Four tokens (N=4, k=1), by hand with clip 0.2/0.2, dual clip 3:
+#  A=+1 ratio 1.5: l1=-1.5, l2=-1.2 -> -1.2 (clipped)
+#  A=+1 ratio 0.5: l1=-0.5, l2=-0.8 -> -0.5
+#  A=-1 ratio 0.5: l1= 0.5, l2= 0.8 ->  0.8 (clipped); dual min(0.8, 3) = 0.8
+#  A=-1 ratio 5  : l1= 5.0, l2= 1.2 ->  5.0; dual min(5, 3) = 3 (dual clip active)
+RATIO = torch.tensor([[1.5], [0.5], [0.5], [5.0]])
+ADV = torch.tensor([1.0, 1.0, -1.0, -1.0])
+OLD = torch.zeros(4, 1)
+
+
+def _logp():
+    return RATIO.log().clone().requires_grad_(True)
+
+
+def test_ppo_clip_by_hand():
+    logp = _logp()
+    loss, m = ppo_clip_loss(logp, OLD, ADV, torch.ones(4, 1))
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 3.0) / 4, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(0.5)
+    assert m["clipfrac_lower"].item() == pytest.approx(0.25)
+    kl = (-math.log(1.5) - 2 * math.log(0.5) - math.log(5.0)) / 4  # mean(old - new)
+    assert m["approx_kl"].item() == pytest.approx(kl, abs=1e-6)
+    loss.backward()
+    # only the unclipped token has a gradient: d(-A*ratio)/dlogp = -ratio = -0.5, / 4 tokens
+    assert logp.grad.squeeze(1).tolist() == pytest.approx([0.0, -0.125, 0.0, 0.0])
+
+
+def test_ppo_no_dual_clip_and_positive_large_ratio():
+    loss, m = ppo_clip_loss(_logp(), OLD, ADV, torch.ones(4, 1), dual_clip=None)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 5.0) / 4, abs=1e-6)
+    assert m["clipfrac_lower"].item() == 0.0
+    # dual clip never applies to positive advantages: A=+1, ratio 5 -> -1.2
+    loss_pos, m_pos = ppo_clip_loss(torch.tensor([[math.log(5.0)]]), torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1))
+    assert loss_pos.item() == pytest.approx(-1.2, abs=1e-6)
+    assert m_pos["clipfrac_lower"].item() == 0.0 and m_pos["clipfrac"].item() == 1.0
+    with pytest.raises(ValueError):
+        ppo_clip_loss(_logp(), OLD, ADV, torch.ones(4, 1), dual_clip=1.0)
+
+
+def test_ppo_mask_and_aggregations():
+    mask = torch.tensor([[1.0], [1.0], [1.0], [0.0]])
+    loss, m = ppo_clip_loss(_logp(), OLD, ADV, mask)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8) / 3, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(2 / 3) and m["clipfrac_lower"].item() == 0.0
+    # [N=2, k=2]: row 0 (A=+1): ratios 1.5, 0.5 -> -1.2, -0.5; row 1 (A=-1): ratio 0.5 -> 0.8, second masked
+    logp = torch.tensor([[1.5, 0.5], [0.5, 5.0]]).log()
+    mask2 = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    tm, _ = ppo_clip_loss(logp, torch.zeros(2, 2), adv, mask2, agg="token-mean")
+    assert tm.item() == pytest.approx((-1.2 - 0.5 + 0.8) / 3, abs=1e-6)
+    sm, _ = ppo_clip_loss(logp, torch.zeros(2, 2), adv, mask2, agg="seq-mean-token-mean")
+    assert sm.item() == pytest.approx(((-1.2 - 0.5) / 2 + 0.8) / 2, abs=1e-6)
+    # [N] and [N, k] advantages agree
+    full, _ = ppo_clip_loss(logp, torch.zeros(2, 2), adv[:, None].expand(2, 2), mask2)
+    assert full.item() == pytest.approx(tm.item())
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        ppo_clip_loss(logp, torch.zeros(2, 2), adv, mask2, agg="mean")
+
+
+def test_empty_mask_is_zero_not_nan():
+    loss, m = ppo_clip_loss(_logp(), OLD, ADV, torch.zeros(4, 1))
+    assert loss.item() == 0.0 and not any(math.isnan(v.item()) for v in m.values())
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert agg_loss(v, torch.tensor([[1, 1], [0, 0]]), "seq-mean-token-mean").item() == 1.5
+    assert agg_loss(v, torch.tensor([[1, 1], [1, 0]]), "seq-mean-token-sum").item() == 3.0
+
+
+# ntp: logits at t predict ids[t+1]. pos0 [0, ln3] -> target 1 has p=3/4; pos1 [ln3, 0] -> target 1 has p=1/4
+CE_A, CE_B = -math.log(0.75), -math.log(0.25)
+
+
+def test_ntp_by_hand_and_pads_excluded():
+    logits = torch.tensor([[[0.0, LN3], [LN3, 0.0], [7.0, -7.0]]])
+    ids = torch.tensor([[0, 1, 1]])
+    assert ntp_loss(logits, ids).item() == pytest.approx((CE_A + CE_B) / 2, abs=1e-6)
+    assert ntp_loss(logits, ids, torch.tensor([[1, 1, 0]])).item() == pytest.approx(CE_A, abs=1e-6)
+    # left pad: position 0 is a pad, so target 1 (predicted from the pad) does not count
+    lp_logits = torch.tensor([[[9.0, -9.0], [0.0, LN3], [LN3, 0.0], [0.0, 0.0]]])
+    lp_ids = torch.tensor([[0, 1, 1, 1]])
+    got = ntp_loss(lp_logits, lp_ids, torch.tensor([[0, 1, 1, 1]]))
+    assert got.item() == pytest.approx((CE_A + CE_B) / 2, abs=1e-6)
+    # token-mean over the batch: row0 has 2 targets, row1 1 target
+    two = torch.cat([logits, logits])
+    got2 = ntp_loss(two, torch.cat([ids, ids]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert got2.item() == pytest.approx((CE_A + CE_B + CE_A) / 3, abs=1e-6)
+    assert ntp_loss(logits, ids, torch.zeros(1, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ntp_chunked_matches_plain(chunk, bias):
+    g = torch.Generator().manual_seed(1)
+    B, T, D, V = 3, 9, 6, 20
+    h0 = torch.randn(B, T, D, generator=g)
+    w0 = torch.randn(V, D, generator=g)
+    b0 = torch.randn(V, generator=g) if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0  # right pad
+    mask[2, :2] = 0  # left pad
+
+    def run(fn):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        b = None if b0 is None else b0.clone().requires_grad_(True)
+        loss = fn(h, w, b)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+    plain = run(lambda h, w, b: ntp_loss(torch.nn.functional.linear(h, w, b), ids, mask))
+    chunked = run(lambda h, w, b: ntp_loss_from_hidden(h, w, ids, mask, chunk_size=chunk, lm_head_bias=b))
+    for a, c in zip(plain, chunked):
+        if a is not None:
+            torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    # pad targets and positions after the pad get no gradient
+    assert chunked[1][1, 5:].abs().sum().item() == 0.0
+
+
+def test_ntp_chunked_no_targets():
+    h = torch.randn(1, 3, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    loss = ntp_loss_from_hidden(h, w, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum().item() == 0.0
+
+
+def test_kl_penalty_by_hand():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    ln2 = math.log(2)
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(ln2, abs=1e-6)
+    assert kl_penalty(ref, logp, "abs").item() == pytest.approx(ln2, abs=1e-6)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * ln2**2, abs=1e-6)
+    # k3: x = ref - logp = -ln2 -> exp(x) - x - 1 = 0.5 + ln2 - 1
+    for kind in ("k3", "low_var_kl"):
+        assert kl_penalty(logp, ref, kind).item() == pytest.approx(ln2 - 0.5, abs=1e-6)
+    assert kl_penalty(logp, logp, "k3").item() == 0.0
+    with pytest.raises(ValueError, match="unknown kl kind"):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_refine_loss():
+    ntp, pg = torch.tensor(2.0), torch.tensor(0.5)
+    assert refine_loss(ntp, pg).item() == pytest.approx(2.1)
+    assert refine_loss(ntp, pg, torch.tensor(1.0), c_kl=0.1).item() == pytest.approx(2.2)
+    assert refine_loss(ntp, pg, c_ntp=0.0, c_pg=1.0).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        refine_loss(ntp, pg, c_kl=0.1)
