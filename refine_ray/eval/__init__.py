@@ -1,0 +1,1 @@
+"""Evaluation: LongBench / RULER data loading, metrics, NIAH generation, result tables."""

@@ -1,0 +1,111 @@
+"""Loading of the LongBench / RULER evaluation parquet files as lists of dict rows.
+
+Every failure is a ``DataError`` with one line naming the file and the problem, e.g.
+``ruler_x.parquet: missing column 'answer' (expected prompt, answer)``.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "DataError", "LONGBENCH_COLUMNS", "RULER_COLUMNS", "load_rows", "load_longbench",
+    "load_ruler", "longbench_files", "ruler_files", "ruler_file_info",
+]
+
+LONGBENCH_COLUMNS: tuple[str, ...] = ("prompt", "answers", "max_gen_tokens", "task")
+RULER_COLUMNS: tuple[str, ...] = ("prompt", "answer")
+
+
+class DataError(ValueError):
+    """An evaluation file is missing, unreadable, or malformed."""
+
+
+def load_rows(path: str | Path, required: Sequence[str],
+              list_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of ``path`` as dicts; checks required columns, non-empty, list-typed columns."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise DataError(f"{name}: no such file ({path})")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name}: cannot read as parquet ({msg})") from exc
+    expected = ", ".join(required)
+    for col in required:
+        if col not in table.column_names:
+            raise DataError(f"{name}: missing column '{col}' (expected {expected})")
+    if table.num_rows == 0:
+        raise DataError(f"{name}: no rows")
+    for col in list_columns:
+        typ = table.schema.field(col).type
+        if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)):
+            raise DataError(f"{name}: column '{col}' must be a list of strings, got {typ}")
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise DataError(f"{name}: row {i} has an empty or null 'prompt'")
+        for col in list_columns:
+            if not row[col]:
+                raise DataError(f"{name}: row {i} has an empty or null '{col}'")
+    return rows
+
+
+def load_longbench(path: str | Path) -> list[dict[str, Any]]:
+    """A LongBench file (columns prompt, answers, max_gen_tokens, task, ...)."""
+    rows = load_rows(path, LONGBENCH_COLUMNS, list_columns=("answers",))
+    for i, row in enumerate(rows):
+        if row["max_gen_tokens"] is None or int(row["max_gen_tokens"]) <= 0:
+            raise DataError(f"{Path(path).name}: row {i} has a bad 'max_gen_tokens' "
+                            f"({row['max_gen_tokens']!r})")
+    return rows
+
+
+def load_ruler(path: str | Path) -> list[dict[str, Any]]:
+    """A RULER QA file (columns index, prompt, answer, ...); adds ``answers`` = ``answer``."""
+    rows = load_rows(path, RULER_COLUMNS, list_columns=("answer",))
+    for row in rows:
+        row["answers"] = row["answer"]
+    return rows
+
+
+def longbench_files(data_dir: str | Path) -> dict[str, Path]:
+    """task -> parquet path for ``{task}_{len}.parquet`` files in ``data_dir``."""
+    out: dict[str, Path] = {}
+    for p in sorted(Path(data_dir).glob("*.parquet")):
+        task = re.sub(r"_\d+$", "", p.stem)
+        out[task] = p
+    if not out:
+        raise DataError(f"{Path(data_dir).name}: no parquet files in {data_dir}")
+    return out
+
+
+_RULER_NAME = re.compile(r"^ruler_(?P<task>[a-z0-9]+)_(?P<model>.+)_(?P<length>\d+)_"
+                         r"(?P<n>\d+)_(?P<split>train|test)$")
+
+
+def ruler_file_info(path: str | Path) -> dict[str, Any]:
+    """Parse ``ruler_{task}_{model}_{length}_{n}_{split}.parquet`` into its fields."""
+    m = _RULER_NAME.match(Path(path).stem)
+    if m is None:
+        raise DataError(f"{Path(path).name}: name is not ruler_<task>_<model>_<len>_<n>_<split>")
+    return {"task": f"ruler_{m['task']}", "model": m["model"], "length": int(m["length"]),
+            "num_rows": int(m["n"]), "split": m["split"]}
+
+
+def ruler_files(data_dir: str | Path, model: str | None = None,
+                split: str = "test") -> list[tuple[dict[str, Any], Path]]:
+    """(info, path) for RULER files in ``data_dir``, filtered by model and split."""
+    out = []
+    for p in sorted(Path(data_dir).glob("ruler_*.parquet")):
+        info = ruler_file_info(p)
+        if info["split"] == split and (model is None or info["model"] == model):
+            out.append((info, p))
+    return out
