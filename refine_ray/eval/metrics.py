@@ -20,7 +20,7 @@ __all__ = [
     "normalize_answer", "qa_f1", "rouge_l", "classification_score", "code_sim",
     "first_line", "TASK_METRIC", "FIRST_LINE_TASKS", "LONGBENCH_TASKS", "PAPER_TASKS",
     "PAPER_ABBREV", "max_gen_tokens", "score_example", "score_longbench",
-    "trec_classes", "ruler_qa_hit", "score_ruler_qa",
+    "trec_classes", "score_longbench_rows", "ruler_qa_hit", "score_ruler_qa",
 ]
 
 _PUNCT = set(string.punctuation)
@@ -165,6 +165,17 @@ def trec_classes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
         classes.update(_TYPE_LINE.findall(row["prompt"]))
     classes.discard("")
     return sorted(classes)
+
+
+def score_longbench_rows(rows: Sequence[Mapping[str, Any]], predictions: Sequence[str]) -> float:
+    """Score predictions for rows of one LongBench file (task from the rows, trec classes
+    derived with ``trec_classes``), 0-100."""
+    tasks = {row["task"] for row in rows}
+    if len(tasks) != 1:
+        raise ValueError(f"rows must come from one task, got {sorted(tasks)}")
+    task = tasks.pop()
+    classes = trec_classes(rows) if task == "trec" else None
+    return score_longbench(task, predictions, [row["answers"] for row in rows], classes)
 
 
 def ruler_qa_hit(prediction: str, answers: Iterable[str]) -> bool:

@@ -10,7 +10,9 @@ import pytest
 from refine_ray.eval.data import (
     DataError, load_longbench, load_ruler, longbench_files, ruler_file_info, ruler_files,
 )
-from refine_ray.eval.metrics import LONGBENCH_TASKS, score_longbench, trec_classes
+from refine_ray.eval.metrics import (
+    LONGBENCH_TASKS, score_longbench, score_longbench_rows, trec_classes,
+)
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
@@ -44,6 +46,10 @@ def test_real_trec_classes_and_gold_scores() -> None:
     assert {a for r in rows for a in r["answers"]} <= set(classes)
     gold = [r["answers"][0] for r in rows]
     assert score_longbench("trec", gold, [r["answers"] for r in rows], classes) == 100.0
+    # row 0's gold is "Other location"; predicting "Animal" there scores 0 -> 199/200 = 99.5
+    assert gold[0] == "Other location"
+    preds = ["Animal"] + gold[1:]
+    assert score_longbench_rows(rows, preds) == 99.5
 
 
 @needs_data
