@@ -1,0 +1,229 @@
+"""DeltaNetForCausalLM and GatedDeltaNetForCausalLM on fla's own config classes.
+
+Parameter names/shapes equal fla 0.6.0's classes (``model.embeddings``, ``model.layers.i.
+{attn_norm, attn, mlp_norm, mlp}``, ``model.norm``, ``lm_head``), so checkpoints load both
+ways; ``model_type`` stays 'delta_net' / 'gated_deltanet'.
+
+Two entry points:
+  * ``forward_segment`` (the refine_ray contract, see base.py): no padding, explicit state.
+  * ``forward`` (HF-compatible): right padding only; loss = mean CE over shifted labels
+    that are != -100 and whose position has attention_mask == 1. It returns no cache:
+    stateful use goes through ``forward_segment``.
+Config options we do not implement raise a one-line ``NotImplementedError`` naming them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fla.models import DeltaNetConfig, GatedDeltaNetConfig
+from transformers import PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .base import FastWeightLM, ModelState, SegmentOutput
+from .layers import DeltaNet, GatedDeltaNet, GatedMLP, GatedRMSNorm, RMSNorm, ShortConvolution
+
+
+def check_supported(config) -> None:
+    """Raise a one-line error for config options this implementation does not cover."""
+    if getattr(config, "attn", None):
+        raise NotImplementedError("unsupported config option attn (hybrid softmax-attention layers)")
+    if getattr(config, "attnres_block_size", None) is not None:
+        raise NotImplementedError("unsupported config option attnres_block_size (attention residuals)")
+    if getattr(config, "attn_mode", "chunk") not in ("chunk", "fused_recurrent"):
+        raise NotImplementedError(f"unsupported config option attn_mode={config.attn_mode!r}")
+    if getattr(config, "hidden_act", "swish") != "swish":
+        raise NotImplementedError(f"unsupported config option hidden_act={config.hidden_act!r}")
+    if getattr(config, "use_l2warp", False):
+        raise NotImplementedError("unsupported config option use_l2warp")
+
+
+def _mixer(config, layer_idx: int) -> nn.Module:
+    if config.model_type == "delta_net":
+        return DeltaNet(hidden_size=config.hidden_size, expand_k=config.expand_k, expand_v=config.expand_v,
+                        num_heads=config.num_heads, use_beta=config.use_beta, use_gate=config.use_gate,
+                        use_short_conv=config.use_short_conv, conv_size=config.conv_size,
+                        allow_neg_eigval=config.allow_neg_eigval, qk_activation=config.qk_activation,
+                        qk_norm=config.qk_norm, norm_eps=config.norm_eps, layer_idx=layer_idx)
+    return GatedDeltaNet(hidden_size=config.hidden_size, expand_v=config.expand_v, head_dim=config.head_dim,
+                         num_heads=config.num_heads, num_v_heads=config.num_v_heads, use_gate=config.use_gate,
+                         use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval,
+                         conv_size=config.conv_size, norm_eps=config.norm_eps,
+                         output_gate_activation=getattr(config, "output_gate_activation", "swish"),
+                         layer_idx=layer_idx)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then h + mlp(mlp_norm(h))."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = _mixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
+
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
+        o, new_state = self.attn(self.attn_norm(x), state)
+        h = x + o
+        return h + self.mlp(self.mlp_norm(h)), new_state
+
+
+class _PreTrained(PreTrainedModel):
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _is_stateful = True
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module):
+        """fla's init: N(0, initializer_range) for Linear/Conv1d/Embedding, ones for norms,
+        Mamba-style A_log/dt_bias. hf_init skips tensors already loaded from a checkpoint."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            hf_init.ones_(module.weight)
+        elif isinstance(module, GatedDeltaNet):
+            if not (getattr(module.A_log, "_is_hf_initialized", False) or module.A_log.is_meta):
+                module.reset_gate_parameters()
+
+
+class _Backbone(_PreTrained):
+    def __init__(self, config):
+        super().__init__(config)
+        check_supported(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, input_ids: torch.Tensor, state: Optional[ModelState] = None):
+        """Returns (final-normed hidden [B,T,D], new ModelState)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B,T] with T >= 1, got {tuple(input_ids.shape)}")
+        if state is not None and len(state.layers) != len(self.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, model has {len(self.layers)}")
+        h = self.embeddings(input_ids)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            h, st = layer(h, None if state is None else state.layers[i])
+            new_layers.append(st)
+        offset = (0 if state is None else state.offset) + input_ids.shape[1]
+        return self.norm(h), ModelState(new_layers, offset)
+
+
+def _check_right_padding(mask: torch.Tensor) -> None:
+    m = mask.to(torch.int64)
+    if m.dim() != 2:
+        raise ValueError("attention_mask must be a [B,T] 0/1 padding mask")
+    if bool((m[:, 1:] > m[:, :-1]).any()):
+        raise ValueError("attention_mask has a 0 before a 1: only right padding is supported")
+
+
+class _CausalLM(_PreTrained, FastWeightLM):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self._backbone_cls(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """An explicit empty state (zeros), equal in effect to ``state=None``."""
+        ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            _, st = self.model(ids)
+        st = st._map(torch.zeros_like)
+        st.offset = 0
+        return st if dtype is None else st.to(dtype=dtype)
+
+    def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
+                        return_logits: bool = True) -> SegmentOutput:
+        hidden, new_state = self.model(input_ids, state)
+        logits = self.lm_head(hidden) if return_logits else None
+        return SegmentOutput(hidden=hidden, logits=logits, state=new_state)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, inputs_embeds=None, return_dict: Optional[bool] = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        if inputs_embeds is not None:
+            raise NotImplementedError("inputs_embeds is not supported; pass input_ids")
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            raise NotImplementedError("a KV cache is not supported; use forward_segment(state=...)")
+        if attention_mask is not None:
+            _check_right_padding(attention_mask)
+        # Right padding + causality: pads only follow real tokens, so they cannot change real positions.
+        hidden, _ = self.model(input_ids)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            shift_labels = labels[:, 1:].to(logits.device)
+            valid = shift_labels != -100
+            if attention_mask is not None:
+                valid = valid & attention_mask[:, 1:].to(logits.device).bool()
+            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                 shift_labels.masked_fill(~valid, 0).reshape(-1), reduction="none")
+            # Mean over counted positions; 0 (with a graph) when nothing counts, never NaN.
+            loss = (ce * valid.reshape(-1)).sum() / valid.sum().clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class DeltaNetPreTrainedModel(_PreTrained):
+    config_class = DeltaNetConfig
+
+
+class DeltaNetModel(DeltaNetPreTrainedModel, _Backbone):
+    pass
+
+
+class DeltaNetForCausalLM(DeltaNetPreTrainedModel, _CausalLM):
+    _backbone_cls = DeltaNetModel
+
+
+class GatedDeltaNetPreTrainedModel(_PreTrained):
+    config_class = GatedDeltaNetConfig
+
+
+class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel, _Backbone):
+    pass
+
+
+class GatedDeltaNetForCausalLM(GatedDeltaNetPreTrainedModel, _CausalLM):
+    _backbone_cls = GatedDeltaNetModel
+
+
+__all__ = ["DeltaNetForCausalLM", "DeltaNetModel", "GatedDeltaNetForCausalLM", "GatedDeltaNetModel",
+           "DeltaNetConfig", "GatedDeltaNetConfig", "ShortConvolution", "check_supported"]

@@ -1,0 +1,134 @@
+"""Run-time kernel selection: fla's Triton kernels on CUDA, our PyTorch ops elsewhere.
+
+``REFINE_KERNELS`` = ``auto`` (default: fla iff the tensor is on CUDA and fla's kernels
+import), ``torch`` (always ours) or ``fla`` (always fla; error off CUDA).
+fla's kernel modules are imported lazily, only when the fla backend is chosen, so a CPU
+run never imports or needs a Triton kernel.
+
+Deliberate decisions for the fla backend:
+  * The GatedDeltaNet gate (-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b)
+    are computed in PyTorch and passed in log / post-sigmoid space: same math as fla's
+    in-kernel variants, one code path for both backends.
+  * Fused-recurrent kernels serve short segments (T <= 64) only when no gradient is
+    needed, as fla's layers do at inference; everything else uses the chunk kernels.
+  * States are fp32 in [B,H,K,V] layout on both backends, so a state produced by one
+    backend can be consumed by the other.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from . import conv as _conv
+from . import delta_rule as _dr
+from . import pointwise as _pw
+
+_MODES = ("auto", "torch", "fla")
+
+
+@functools.lru_cache(maxsize=1)
+def fla_kernels_available() -> bool:
+    try:
+        import fla.ops.delta_rule  # noqa: F401
+        import fla.ops.gated_delta_rule  # noqa: F401
+        return True
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+
+
+def kernel_backend(x: torch.Tensor) -> str:
+    """'fla' or 'torch' for an op on tensor ``x``, honouring REFINE_KERNELS."""
+    mode = os.environ.get("REFINE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"REFINE_KERNELS must be one of {_MODES}, got {mode!r}")
+    if mode == "torch":
+        return "torch"
+    if mode == "fla":
+        if not x.is_cuda:
+            raise RuntimeError("REFINE_KERNELS=fla needs CUDA tensors: fla's kernels are Triton-only")
+        if not fla_kernels_available():
+            raise RuntimeError("REFINE_KERNELS=fla but fla's kernels (fla.ops) do not import")
+        return "fla"
+    return "fla" if (x.is_cuda and fla_kernels_available()) else "torch"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def delta_rule(q, k, v, beta, initial_state: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
+               scale: Optional[float] = None):
+    """DeltaNet rule; returns (o [B,T,H,V], final_state [B,H,K,V] fp32)."""
+    T = q.shape[1]
+    if kernel_backend(q) == "fla":
+        from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+        fn = chunk_delta_rule
+        if T <= 64 and not _needs_grad(q, k, v, beta, initial_state):
+            fn = fused_recurrent_delta_rule
+        return fn(q=q, k=k, v=v, beta=beta, scale=scale,
+                  initial_state=None if initial_state is None else initial_state.float(),
+                  output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+    fn = _dr.recurrent_delta_rule if T == 1 else _dr.chunk_delta_rule
+    return fn(q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=True,
+              use_qk_l2norm=use_qk_l2norm)
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state: Optional[torch.Tensor] = None,
+                     use_qk_l2norm: bool = True, scale: Optional[float] = None):
+    """Gated delta rule with log decay g [B,T,HV]; q/k may have H heads dividing HV (value head hv
+    reads q/k head hv // (HV // H), as fla's kernels do). Returns (o, final_state fp32)."""
+    T = q.shape[1]
+    if kernel_backend(q) == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        h0 = None if initial_state is None else initial_state.float()
+        if T <= 64 and not _needs_grad(q, k, v, g, beta, initial_state):
+            return fused_recurrent_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
+                                                    output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+        return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
+                                      output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+    H, HV = q.shape[2], v.shape[2]
+    if HV != H:
+        q, k = q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
+    fn = _dr.recurrent_gated_delta_rule if T == 1 else _dr.chunk_gated_delta_rule
+    return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=True,
+              use_qk_l2norm=use_qk_l2norm)
+
+
+def short_conv(x, weight, bias=None, cache: Optional[torch.Tensor] = None, activation: Optional[str] = None):
+    """Causal depthwise conv; returns (y [B,T,D], new cache [B,D,W-1]). The new cache is always
+    computed in PyTorch (a slice), so it is differentiable on both backends."""
+    if kernel_backend(x) == "fla":
+        from fla.modules.causal_conv1d import causal_conv1d
+        B, T, D = x.shape
+        W = weight.shape[-1]
+        h0 = None if cache is None else torch.cat([cache.new_zeros(B, D, 1), cache.to(x.dtype)], -1)
+        y, _ = causal_conv1d(x=x, weight=weight.reshape(D, W), bias=bias, initial_state=h0,
+                             output_final_state=False, activation=activation)
+        prev = x.new_zeros(B, D, W - 1) if cache is None else cache.to(x.dtype)
+        hist = torch.cat([prev, x.transpose(1, 2)], dim=-1)
+        return y, hist[..., hist.shape[-1] - (W - 1):]
+    return _conv.causal_conv1d(x, weight, bias, cache, activation)
+
+
+def rms_norm(x, weight, eps: float):
+    if kernel_backend(x) == "fla":
+        from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+        return fla_rms_norm(x, weight, None, eps=eps)
+    return _pw.rms_norm(x, weight, eps)
+
+
+def rms_norm_gated(x, g, weight, eps: float, activation: str = "swish"):
+    if kernel_backend(x) == "fla":
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated as fla_rms_norm_gated
+        return fla_rms_norm_gated(x, g, weight, None, activation=activation, eps=eps)
+    return _pw.rms_norm_gated(x, g, weight, eps, activation)
+
+
+def swiglu(gate, up):
+    if kernel_backend(gate) == "fla":
+        from fla.modules.activations import swiglu as fla_swiglu
+        return fla_swiglu(gate, up)
+    return _pw.swiglu(gate, up)
