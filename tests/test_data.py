@@ -1,0 +1,84 @@
+"""Corpus loading on the real LongBench parquet and on malformed files."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from refine_ray.batches import DocBatch, LearnBatch
+from refine_ray.config import DataConfig
+from refine_ray.data import DataError, DocumentStream, load_tokenizer, read_texts
+
+
+def test_stream_real_parquet_resumes_exactly(shared_data, tokenizer):
+    cfg = DataConfig(path=str(shared_data / "longbench" / "gov_report_16384.parquet"), max_length=256, batch_size=2)
+    stream = DocumentStream(cfg, tokenizer, min_tokens=64)
+    first = stream.next_batch(3)
+    assert all(len(d.ids) == 256 and d.ids.dtype == np.int64 for d in first)   # gov reports are long
+    saved = stream.state_dict()
+    expected = [d.doc_id for d in stream.next_batch(20)]                        # crosses the epoch (16 rows)
+    again = DocumentStream(cfg, tokenizer, min_tokens=64)
+    again.load_state_dict(saved)
+    assert [d.doc_id for d in again.next_batch(20)] == expected
+    assert stream.epoch == 1
+
+
+def test_shards_are_disjoint(shared_data, tokenizer):
+    cfg = DataConfig(path=str(shared_data / "longbench" / "gov_report_16384.parquet"), max_length=32, shuffle=True)
+    a = DocumentStream(cfg, tokenizer, shard=0, num_shards=2).next_batch(8)
+    b = DocumentStream(cfg, tokenizer, shard=1, num_shards=2).next_batch(8)
+    assert not {d.doc_id for d in a} & {d.doc_id for d in b}
+    assert len({d.doc_id for d in a} | {d.doc_id for d in b}) == 16
+
+
+def test_short_documents_are_counted_not_lost(tmp_path, tokenizer):
+    path = tmp_path / "mixed.parquet"
+    pd.DataFrame({"text": ["short", "word " * 100, "tiny", "more words " * 60]}).to_parquet(path)
+    stream = DocumentStream(DataConfig(path=str(path), text_column="text", shuffle=False), tokenizer, min_tokens=50)
+    docs = stream.next_batch(2)
+    assert [d.doc_id for d in docs] == [1, 3] and stream.skipped == 2
+
+
+@pytest.mark.parametrize("frame, column, message", [
+    (pd.DataFrame({"other": ["a"]}), "text", "data.text_column: 'text' not in"),
+    (pd.DataFrame({"text": pd.Series([], dtype=str)}), "text", "has no rows"),
+    (pd.DataFrame({"text": [1, 2]}), "text", "row 0 of"),
+])
+def test_bad_parquet(tmp_path, tokenizer, frame, column, message):
+    path = tmp_path / "bad.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(DataError, match=message):
+        read_texts(DataConfig(path=str(path), text_column=column))
+
+
+def test_bad_paths(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        read_texts(DataConfig(path=str(tmp_path / "nope.parquet")))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="holds no"):
+        read_texts(DataConfig(path=str(tmp_path)))
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not a parquet file at all")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        read_texts(DataConfig(path=str(garbage)))
+    with pytest.raises(DataError, match="tokenizer.path"):
+        load_tokenizer(str(tmp_path / "no-tokenizer"))
+
+
+def test_all_too_short_is_an_error(tmp_path, tokenizer):
+    path = tmp_path / "short.jsonl"
+    path.write_text('{"text": "a b"}\n{"text": "c"}\n')
+    stream = DocumentStream(DataConfig(path=str(path), text_column="text"), tokenizer, min_tokens=100)
+    with pytest.raises(DataError, match="no document .* has the 100 tokens needed"):
+        stream.next_batch(1)
+
+
+def test_learn_batch_shards_keep_documents_whole():
+    docs = DocBatch.from_lists([10, 11, 12, 13], [np.arange(n) for n in (5, 6, 7, 8)])
+    n, G, k = 2, 3, 4
+    rows = len(docs) * n * G
+    batch = LearnBatch(docs=docs, cuts=np.tile([[1, 2]], (4, 1)), responses=np.arange(rows * k).reshape(rows, k),
+                       old_logprobs=np.zeros((rows, k)), advantages=np.arange(rows, dtype=np.float32),
+                       versions=np.zeros(rows, np.int64), samples_per_prefix=G)
+    s1 = batch.shard(1, 2)
+    assert list(s1.docs.doc_ids) == [11, 13]
+    assert list(s1.docs.doc(1)) == list(range(8))
+    assert list(s1.advantages) == list(range(6, 12)) + list(range(18, 24))
