@@ -1,0 +1,122 @@
+"""Where each actor runs: one placement group per role, or one shared group.
+
+* ``disaggregated``: every role gets its own placement group, one bundle per
+  actor (``{"GPU": gpus_per_actor, "CPU": cpus_per_actor}``), so roles never
+  compete for a device.
+* ``colocated``: one group of whole-GPU bundles, one per learner rank; learner
+  rank i sits on bundle i and the inference actors are spread round-robin over
+  the same bundles with their fractional ``gpus_per_actor``. The shares on each
+  bundle must add up to at most one GPU.
+
+On a CPU-only machine, a local cluster started with logical GPUs
+(``system.num_gpus``) runs exactly the same placement code.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from refine_ray.config import ConfigError, ExperimentConfig
+
+INFERENCE_ROLES = ("scorer", "rollout", "reward", "reference")
+
+
+@dataclass
+class Slot:
+    role: str
+    index: int
+    bundle: int
+    gpus: float
+    cpus: float
+    group: str                     # which placement group ("shared" or the role name)
+
+
+def plan_slots(cfg: ExperimentConfig) -> list[Slot]:
+    """Pure planning (no Ray): every actor's bundle and resource share; validates shares."""
+    slots: list[Slot] = []
+    roles = [(name, getattr(cfg, name)) for name in INFERENCE_ROLES if getattr(cfg, name).enabled]
+    if cfg.system.placement == "disaggregated":
+        for i in range(cfg.learner.num_ranks):
+            slots.append(Slot("learner", i, i, cfg.learner.gpus_per_rank, cfg.learner.cpus_per_rank, "learner"))
+        for name, rc in roles:
+            for i in range(rc.num_actors):
+                slots.append(Slot(name, i, i, rc.gpus_per_actor, rc.cpus_per_actor, name))
+        return slots
+    n_bundles = cfg.learner.num_ranks
+    for i in range(n_bundles):
+        slots.append(Slot("learner", i, i, cfg.learner.gpus_per_rank, cfg.learner.cpus_per_rank, "shared"))
+    nxt = 0
+    for name, rc in roles:
+        for i in range(rc.num_actors):
+            slots.append(Slot(name, i, nxt % n_bundles, rc.gpus_per_actor, rc.cpus_per_actor, "shared"))
+            nxt += 1
+    load = defaultdict(float)
+    for s in slots:
+        load[s.bundle] += s.gpus
+    for b, total in load.items():
+        if total > 1.0 + 1e-9:
+            names = ", ".join(f"{s.role}[{s.index}]={s.gpus:g}" for s in slots if s.bundle == b)
+            raise ConfigError(f"system.placement=colocated: GPU shares on bundle {b} add up to {total:g} > 1 "
+                              f"({names}); lower learner.gpus_per_rank or <role>.gpus_per_actor")
+    return slots
+
+
+def bundle_specs(slots: list[Slot]) -> dict[str, list[dict[str, float]]]:
+    """Bundles per placement group: a shared bundle holds one whole GPU (if any actor
+    uses GPUs) and the sum of its actors' CPUs; a role's bundle holds its one actor."""
+    grouped: dict[str, dict[int, list[Slot]]] = defaultdict(lambda: defaultdict(list))
+    for s in slots:
+        grouped[s.group][s.bundle].append(s)
+    uses_gpu = any(s.gpus > 0 for s in slots)
+    specs = {}
+    for group, by_index in grouped.items():
+        spec = []
+        for i in sorted(by_index):
+            members = by_index[i]
+            gpu = (1.0 if uses_gpu else 0.0) if group == "shared" else max(s.gpus for s in members)
+            cpu = sum(s.cpus for s in members)
+            spec.append({k: v for k, v in (("GPU", gpu), ("CPU", cpu)) if v > 0} or {"CPU": 0.01})
+        specs[group] = spec
+    return specs
+
+
+def spec_str(spec: list[dict[str, float]]) -> str:
+    return ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}" for b in spec)
+
+
+class Placement:
+    """Creates the placement groups for a plan and hands out actor options."""
+
+    def __init__(self, cfg: ExperimentConfig, timeout_s: float = 120.0):
+        self.slots = plan_slots(cfg)
+        specs = bundle_specs(self.slots)
+        need = sum(b.get("GPU", 0.0) for spec in specs.values() for b in spec)
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if need > have:
+            raise ConfigError(f"system.placement: the layout needs {need:g} GPUs but the Ray cluster has {have:g}; "
+                              f"on a CPU machine set system.num_gpus to declare logical GPUs, or set "
+                              f"learner.gpus_per_rank and <role>.gpus_per_actor to 0")
+        self.groups = {group: placement_group(spec, strategy="PACK") for group, spec in specs.items()}
+        for group, pg in self.groups.items():
+            ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+            if not ready:
+                raise RuntimeError(f"placement group for '{group}' not schedulable within {timeout_s:.0f}s "
+                                   f"(bundles {spec_str(specs[group])}; cluster has {ray.cluster_resources()})")
+
+    def options(self, role: str, index: int) -> dict:
+        (slot,) = [s for s in self.slots if s.role == role and s.index == index]
+        return {
+            "num_gpus": slot.gpus, "num_cpus": slot.cpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.groups[slot.group], placement_group_bundle_index=slot.bundle),
+        }
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups.values():
+            remove_placement_group(pg)

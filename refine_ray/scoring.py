@@ -1,0 +1,89 @@
+"""Step 1-4 of REFINE for one document: scoring pass, cuts, ground truth, cut states.
+
+One no-grad pass over the unpadded document gives the last-layer hidden states
+and (chunked over the sequence) the per-token entropy. The pass runs in segments
+of ``state_stride`` tokens; when the rollout will start from cached states
+(prefix sharing), the state at every segment boundary is kept, and the state at
+each cut is reached from the boundary before it in fewer than ``state_stride``
+extra tokens, instead of re-encoding every prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from refine_ray.algo import gather_targets, sample_cuts, token_entropy_from_hidden
+from refine_ray.config import RefineConfig
+from refine_ray.models.base import ModelState
+
+
+@dataclass
+class DocumentScore:
+    cuts: torch.Tensor            # [n]
+    gt_ids: torch.Tensor          # [n, k]
+    gt_hidden: torch.Tensor       # [n, k, D]
+    cut_entropy: torch.Tensor     # [n] entropy of the first continuation token's prediction
+    cut_hidden: torch.Tensor      # [n, D] hidden at cut-1 (predicts the first continuation token)
+    cut_states: Optional[list[ModelState]] = None  # one per cut (batch 1 each)
+
+
+def min_document_tokens(cfg: RefineConfig) -> int:
+    """The fewest tokens a document needs for ``n_chunks`` cuts of ``response_length``."""
+    return max(cfg.min_prefix, 1) + (cfg.n_chunks + 1) * cfg.response_length - 1
+
+
+@torch.no_grad()
+def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optional[torch.Generator] = None,
+                   with_states: bool = False, state_stride: int = 256) -> DocumentScore:
+    """Score one unpadded document ``ids [L]`` and choose its cuts."""
+    boundaries: dict[int, Optional[ModelState]] = {0: None}
+    hidden_parts, state = [], None
+    for start in range(0, ids.shape[0], state_stride):
+        out = model.forward_segment(ids[None, start:start + state_stride], state, return_logits=False)
+        hidden_parts.append(out.hidden[0])
+        state = out.state
+        if with_states:
+            boundaries[start + out.hidden.shape[1]] = state
+    hidden = torch.cat(hidden_parts, 0)
+    head = model.lm_head
+    entropy = token_entropy_from_hidden(hidden, head.weight, lm_head_bias=getattr(head, "bias", None))
+    cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.sampling, cfg.min_prefix,
+                       generator=generator)
+    gt_ids, gt_hidden = gather_targets(ids, hidden, cuts, cfg.response_length)
+    score = DocumentScore(cuts=cuts, gt_ids=gt_ids, gt_hidden=gt_hidden.float(),
+                          cut_entropy=entropy[cuts - 1], cut_hidden=hidden[cuts - 1].float())
+    if with_states:
+        states = []
+        for c in cuts.tolist():
+            base = (c // state_stride) * state_stride
+            st = boundaries[base]
+            if c > base:
+                st = model.forward_segment(ids[None, base:c], st, return_logits=False).state
+            states.append(st)
+        score.cut_states = states
+    return score
+
+
+def pack_states(states: list[ModelState]) -> dict[str, np.ndarray]:
+    """Cut states for transport: one flat dict of numpy arrays, keys ``"<row>:<key>"``.
+
+    Rows keep their own offsets (cuts sit at different positions, which matters
+    for models with positions or chunk phase, e.g. LaCT), so they are not merged
+    into one batched state here; the rollout batches rows that share an offset.
+    """
+    out: dict[str, np.ndarray] = {}
+    for row, st in enumerate(states):
+        for key, arr in st.to_numpy().items():
+            out[f"{row}:{key}"] = arr
+    return out
+
+
+def unpack_states(arrays: dict[str, np.ndarray], device=None) -> list[ModelState]:
+    rows: dict[int, dict[str, np.ndarray]] = {}
+    for key, arr in arrays.items():
+        row, sub = key.split(":", 1)
+        rows.setdefault(int(row), {})[sub] = arr
+    return [ModelState.from_numpy(rows[r], device) for r in sorted(rows)]

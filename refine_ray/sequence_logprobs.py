@@ -1,0 +1,93 @@
+"""Log-probs of sampled continuations (and the NTP loss) for one document.
+
+Two ways to get the same numbers, chosen by ``refine.prefix_sharing``:
+
+* ``reencode`` (the reference's method): every row is the prefix ``ids[:c]``
+  followed by its continuation, run from scratch. Costs n·G full prefix passes.
+* ``shared``: one trunk pass over the document, split at the cuts with the
+  recurrent state carried between segments (gradients flow through the carried
+  states into earlier segments, so every branch still trains the fast-weight
+  writes of its prefix). Each cut's G continuations run from the trunk state at
+  that cut. The NTP loss reads the same trunk. Costs one pass + n·G·k tokens.
+
+Both return identical losses and gradients up to float rounding (tested).
+The log-prob of continuation token i is read from the position whose input is
+the token before it: the trunk's position c-1 for the first token, the branch's
+position i-1 for the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from refine_ray.algo import logprobs_from_logits, ntp_loss_from_hidden
+from refine_ray.models.base import ModelState
+
+
+@dataclass
+class DocumentLogprobs:
+    logprobs: torch.Tensor                # [n*G, k]
+    ntp_loss: Optional[torch.Tensor]      # scalar, None when not requested
+
+
+def document_logprobs(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch.Tensor,
+                      samples_per_prefix: int, temperature: float = 1.0, shared: bool = True,
+                      with_ntp: bool = True) -> DocumentLogprobs:
+    """``ids [L]``, ``cuts [n]``, ``responses [n*G, k]`` (row = cut*G + sample)."""
+    if shared:
+        return _shared(model, ids, cuts, responses, samples_per_prefix, temperature, with_ntp)
+    return _reencode(model, ids, cuts, responses, samples_per_prefix, temperature, with_ntp)
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(hidden)
+
+
+def _ntp(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    head = model.lm_head
+    return ntp_loss_from_hidden(hidden[None], head.weight, ids[None], lm_head_bias=getattr(head, "bias", None))
+
+
+def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:
+    k = responses.shape[1]
+    bounds = sorted(set(int(c) for c in cuts.tolist()))
+    # Trunk: segments [0, b1), [b1, b2), ..., [b_last, L) with the state carried.
+    states: dict[int, ModelState] = {}
+    hidden_parts, state, start = [], None, 0
+    for end in bounds + [ids.shape[0]]:
+        if end > start:
+            out = model.forward_segment(ids[None, start:end], state, return_logits=False)
+            hidden_parts.append(out.hidden[0])
+            state = out.state
+        states[end] = state
+        start = end
+    hidden = torch.cat(hidden_parts, 0)                                   # [L, D]
+    logps = []
+    for j, c in enumerate(cuts.tolist()):
+        rows = responses[j * G:(j + 1) * G]                               # [G, k]
+        first = _head(model, hidden[c - 1]).expand(G, -1)[:, None]         # [G, 1, V]
+        if k > 1:
+            branch = model.forward_segment(rows[:, :k - 1], states[c].repeat_interleave(G), return_logits=True)
+            logits = torch.cat([first, branch.logits], 1)
+        else:
+            logits = first
+        logps.append(logprobs_from_logits(logits, rows, temperature))
+    ntp = _ntp(model, hidden, ids) if with_ntp else None
+    return DocumentLogprobs(torch.cat(logps, 0), ntp)
+
+
+def _reencode(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:
+    k = responses.shape[1]
+    logps = []
+    for j, c in enumerate(cuts.tolist()):
+        rows = responses[j * G:(j + 1) * G]
+        seq = torch.cat([ids[:c].expand(G, -1), rows], 1)                  # [G, c+k]
+        out = model.forward_segment(seq, None, return_logits=False)
+        logits = _head(model, out.hidden[:, c - 1:c + k - 1])
+        logps.append(logprobs_from_logits(logits, rows, temperature))
+    ntp = None
+    if with_ntp:
+        ntp = _ntp(model, model.forward_segment(ids[None], None, return_logits=False).hidden[0], ids)
+    return DocumentLogprobs(torch.cat(logps, 0), ntp)
