@@ -138,6 +138,7 @@ def _check_right_padding(mask: torch.Tensor) -> None:
 
 class _CausalLM(_PreTrained, FastWeightLM):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    offset_free_state = True  # the state never depends on ModelState.offset (no RoPE, no chunk phase)
 
     def __init__(self, config):
         super().__init__(config)
