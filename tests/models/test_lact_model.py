@@ -191,3 +191,32 @@ def test_default_config_is_lact_760m():
     assert (cfg.lact_chunk_size, cfg.window_size, cfg.w0_w2_low_rank) == (2048, 2048, 32)
     assert cfg.use_momentum and not cfg.use_muon and cfg.learnable_ttt_scale
     assert (cfg.rope_theta, cfg.intermediate_size, cfg.vocab_size) == (1e6, 4096, 32000)
+
+
+def test_gradient_checkpointing_gives_same_grads():
+    model = make_model()
+    model.train()
+    ids = ids_for(model, 2, 37)
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.model.gradient_checkpointing = True
+    ckpt = grads()
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_low_precision_state_and_empty_segment():
+    model = make_model()
+    ids = ids_for(model, 1, 30)
+    with torch.no_grad():
+        st = model.forward_segment(ids[:, :20]).state
+        ref = model.forward_segment(ids[:, 20:], st).logits
+        low = model.forward_segment(ids[:, 20:], st.to(dtype=torch.bfloat16)).logits
+    assert (low - ref).abs().max() < 0.2  # a bf16-rounded state still runs (upcast inside)
+    with pytest.raises(ValueError, match="T >= 1"):
+        model.forward_segment(ids[:, :0], st)

@@ -12,7 +12,9 @@ Deliberate choices:
     ``ttt_prenorm=False``: the fast weights are renormalised *after* each update.
   * RoPE on the fast q/k reuses the attention rotary (dim = attention head dim),
     applied to each head_dim-wide slice of a fast-weight head, as upstream does.
-  * The fast-weight branch always runs in float32 and casts its output back.
+  * The fast-weight branch keeps its inputs and state in float32 (a state cast to
+    bf16 is upcast again) and casts its output back; under an autocast context the
+    matmuls follow autocast, as upstream's bf16-autocast kernels do.
   * Layer state (all batch-first): fast weights ``w0,w1,w2`` [B,H,...], momentum
     ``m0,m1,m2``, pending chunk ``pk,pv`` [B,H,P,d], ``plr`` [B,H,P,3],
     ``pgate`` [B,H,P], window cache ``attn_k,attn_v`` [B,nh,L,hd] holding the
@@ -49,13 +51,18 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Non-interleaved RoPE on the last dim of x [B, T, n, d] at absolute ``positions`` [T]."""
+def rope_tables(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """(cos, sin) [T, dim] for non-interleaved RoPE at absolute ``positions`` [T]; shared by all layers."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    ang = positions.to(torch.float32)[:, None] * inv_freq[None]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, rope) -> torch.Tensor:
+    """Apply RoPE tables (cos, sin) [T, d] to x [B, T, n, d]."""
+    cos, sin = (t[None, :, None].to(x.dtype) for t in rope)
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = positions.to(torch.float32)[:, None] * inv_freq[None]          # [T, d/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(x.dtype)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -171,11 +178,13 @@ class LaCTLayer(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_fw_heads, -1).transpose(1, 2).reshape(B * self.num_fw_heads, T, -1).float()
 
-    def forward(self, x: torch.Tensor, state: Optional[dict], offset: int, need_state: bool = True):
+    def forward(self, x: torch.Tensor, state: Optional[dict], offset: int, need_state: bool = True, rope=None):
+        """x [B,T,D] at positions offset..; ``rope`` = rope_tables(...) for those positions."""
         B, T, D = x.shape
         if state is None:
             state = self.empty_state(B, x.device, x.dtype)
-        pos = torch.arange(offset, offset + T, device=x.device)
+        if rope is None:
+            rope = rope_tables(torch.arange(offset, offset + T, device=x.device), self.head_dim, self.rope_theta, torch.float32)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if self.attn_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -184,8 +193,8 @@ class LaCTLayer(nn.Module):
         fv = v
 
         # (a) sliding-window attention over [cached window | this segment]
-        qa = rotary(q.view(B, T, self.num_heads, self.head_dim), pos, self.rope_theta).transpose(1, 2)
-        ka = rotary(k.view(B, T, self.num_heads, self.head_dim), pos, self.rope_theta).transpose(1, 2)
+        qa = rotary(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)
+        ka = rotary(k.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)
         va = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_all = torch.cat([state["attn_k"].to(ka.dtype), ka], 2)
         v_all = torch.cat([state["attn_v"].to(va.dtype), va], 2)
@@ -201,8 +210,8 @@ class LaCTLayer(nn.Module):
         fq = fq / (fq.norm(dim=-1, keepdim=True) + 1e-5)
         fk = fk / (fk.norm(dim=-1, keepdim=True) + 1e-5)
         if not self.ttt_nope:
-            fq = rotary(fq.reshape(B, T, self.num_heads, self.head_dim), pos, self.rope_theta)
-            fk = rotary(fk.reshape(B, T, self.num_heads, self.head_dim), pos, self.rope_theta)
+            fq = rotary(fq.reshape(B, T, self.num_heads, self.head_dim), rope)
+            fk = rotary(fk.reshape(B, T, self.num_heads, self.head_dim), rope)
         fq, fk, fv = (self._heads(t.reshape(B, T, D)) for t in (fq, fk, fv))
         lr = F.softplus(self.lr_proj(x).float() + self.base_lr_inv)          # [B, T, H*3], head-major
         lr = lr.view(B, T, self.num_fw_heads, 3).transpose(1, 2).reshape(-1, T, 3)
@@ -211,7 +220,7 @@ class LaCTLayer(nn.Module):
             gate = self.momentum_proj(x).float().transpose(1, 2).reshape(-1, T)
         w_init = self.initial_fast_weights()
         norms = initial_row_norms(*w_init, B)
-        scan_in = {k: state[k].flatten(0, 1) for k in state if not k.startswith("attn_")}
+        scan_in = {k: state[k].flatten(0, 1).float() for k in state if not k.startswith("attn_")}
         fo, scan_out = fast_weight_scan(fq, fk, fv, lr, gate, scan_in, norms, self.chunk_size,
                                         final_update=need_state)
         fo = self.ttt_norm(fo).view(B, self.num_fw_heads, T, self.fw_head_dim)
@@ -252,8 +261,8 @@ class LaCTBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = LaCTMLP(config)
 
-    def forward(self, x, state: Optional[dict], offset: int, need_state: bool = True):
-        h, new_state = self.attn(self.attn_norm(x), state, offset, need_state)
+    def forward(self, x, state: Optional[dict], offset: int, need_state: bool = True, rope=None):
+        h, new_state = self.attn(self.attn_norm(x), state, offset, need_state, rope)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state

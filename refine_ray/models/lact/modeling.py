@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..base import FastWeightLM, ModelState, SegmentOutput
 from .config import LaCTConfig
-from .layer import LaCTBlock, LaCTLayer, LowRankFastWeight, RMSNorm
+from .layer import LaCTBlock, LaCTLayer, LowRankFastWeight, RMSNorm, rope_tables
 
 try:
     from transformers import initialization as _init
@@ -87,6 +87,8 @@ class LaCTModel(LaCTPreTrainedModel):
         """Returns (normed last hidden [B,T,D], new ModelState or None, all hidden states or None)."""
         offset = 0 if state is None else state.offset
         x = self.embeddings(input_ids)
+        pos = torch.arange(offset, offset + input_ids.shape[1], device=x.device)
+        rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta, torch.float32)
         all_hidden = [] if output_hidden_states else None
         new_layers = []
         for i, block in enumerate(self.layers):
@@ -94,9 +96,9 @@ class LaCTModel(LaCTPreTrainedModel):
                 all_hidden.append(x)
             layer_state = None if state is None else state.layers[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, st = checkpoint(block, x, layer_state, offset, need_state, use_reentrant=False)
+                x, st = checkpoint(block, x, layer_state, offset, need_state, rope, use_reentrant=False)
             else:
-                x, st = block(x, layer_state, offset, need_state)
+                x, st = block(x, layer_state, offset, need_state, rope)
             new_layers.append(st)
         x = self.norm(x)
         if all_hidden is not None:
@@ -152,8 +154,8 @@ class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
         at any cut, so segments can be split anywhere and chained. Gradients flow
         through the state.
         """
-        if input_ids.dim() != 2:
-            raise ValueError("input_ids must be [B, T]")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
         if state is not None and state.batch_size not in (0, input_ids.shape[0]):
             raise ValueError(f"state has batch {state.batch_size}, input_ids {input_ids.shape[0]}")
         hidden, new_state, _ = self.model.run(input_ids, state, need_state=True)
