@@ -104,9 +104,10 @@ def fast_weight_scan(q, k, v, lr, gate, state: dict, norms, chunk_size: int,
         pos += n
         if P + n == chunk_size and (pos < T or final_update):
             ws, moms = chunk_update(ws, moms, pk, pv, plr, pgate, norms)
-            pk, pv, plr = pk[:, :0], pv[:, :0], plr[:, :0]
+            # fresh empties, not [:, :0] views that would pin the chunk's storage
+            pk, pv, plr = (t.new_zeros(t.shape[0], 0, *t.shape[2:]) for t in (pk, pv, plr))
             if pgate is not None:
-                pgate = pgate[:, :0]
+                pgate = pgate.new_zeros(pgate.shape[0], 0)
     out = torch.cat(outs, 1) if outs else q.new_zeros(q.shape[0], 0, ws[1].shape[1])
     new_state = {"w0": ws[0], "w1": ws[1], "w2": ws[2], "pk": pk, "pv": pv, "plr": plr}
     if moms is not None:

@@ -202,7 +202,7 @@ class LaCTLayer(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, D)
 
         # (b) fast-weight branch: silu -> per-head L2 norm -> RoPE
-        fq, fk, fv = (t.view(B, T, self.num_fw_heads, self.fw_head_dim) for t in (fq, fk, fv))
+        fq, fk, fv = (t.float().view(B, T, self.num_fw_heads, self.fw_head_dim) for t in (fq, fk, fv))
         if self.qkv_silu:
             fq, fk = F.silu(fq), F.silu(fk)
             if not self.no_v_silu:
@@ -233,8 +233,9 @@ class LaCTLayer(nn.Module):
         if need_state:
             new_state = {k: t.unflatten(0, (B, self.num_fw_heads)) for k, t in scan_out.items()}
             keep = k_all.shape[2] if not self.window else min(k_all.shape[2], self.window - 1)
-            new_state["attn_k"] = k_all[:, :, k_all.shape[2] - keep:]
-            new_state["attn_v"] = v_all[:, :, v_all.shape[2] - keep:]
+            # clone: a view would keep the whole segment's keys alive in every stored state
+            new_state["attn_k"] = k_all[:, :, k_all.shape[2] - keep:].clone()
+            new_state["attn_v"] = v_all[:, :, v_all.shape[2] - keep:].clone()
         return out, new_state
 
 
