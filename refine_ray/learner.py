@@ -1,0 +1,133 @@
+"""One DeepSpeed rank of the learner: NTP + GRPO/PPO losses and the optimizer step.
+
+Each rank owns whole documents (a document's trunk pass is never split across
+ranks). Every document is one DeepSpeed micro-batch, so gradient accumulation
+over a rank's documents is DeepSpeed's own and ZeRO 0-3 work unchanged. Per
+document the loss is ``c_ntp * NTP + c_pg * PPO(token-mean over its n·G·k
+tokens) + c_kl * KL``.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from refine_ray.algo import kl_penalty, ppo_clip_loss, refine_loss
+from refine_ray.batches import LearnBatch
+from refine_ray.config import ExperimentConfig
+from refine_ray.policy import build_policy
+from refine_ray.sequence_logprobs import document_logprobs
+
+
+def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
+    zero: dict = {"stage": cfg.learner.zero_stage}
+    if cfg.learner.zero_stage == 3:
+        # Gather the full weights on save/publish rather than keeping fp16 shards only.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": docs_per_rank,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu and cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class RefineLearner:
+    """A DeepSpeed engine around the policy; call on every rank in lockstep."""
+
+    def __init__(self, cfg: ExperimentConfig, vocab_size: int):
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        model = build_policy(cfg.model, vocab_size)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+        warmup = cfg.optim.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        self.docs_per_rank = cfg.data.batch_size // self.world
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optim, lr_scheduler=sched,
+            config=deepspeed_config(cfg, self.docs_per_rank, on_gpu))
+        self.version = 0
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def train_step(self, batch: LearnBatch) -> dict[str, float]:
+        """One optimizer step over this rank's documents; returns rank-local mean metrics."""
+        if len(batch.docs) != self.docs_per_rank:
+            raise ValueError(f"learner rank {self.rank}: got {len(batch.docs)} documents, "
+                             f"expected {self.docs_per_rank} (data.batch_size / learner.num_ranks)")
+        r, G = self.cfg.refine, batch.samples_per_prefix
+        per_doc = batch.cuts.shape[1] * G
+        self.engine.train()
+        sums: dict[str, float] = defaultdict(float)
+        for d in range(len(batch.docs)):
+            rows = slice(d * per_doc, (d + 1) * per_doc)
+            ids = torch.from_numpy(batch.docs.doc(d)).to(self.device)
+            resp = torch.from_numpy(batch.responses[rows]).to(self.device)
+            out = document_logprobs(self.engine.module, ids, torch.from_numpy(batch.cuts[d]), resp, G,
+                                    r.temperature, shared=r.prefix_sharing, with_ntp=r.ntp_coef > 0)
+            old = torch.from_numpy(batch.old_logprobs[rows]).to(self.device)
+            adv = torch.from_numpy(batch.advantages[rows]).to(self.device)
+            mask = torch.ones_like(old)
+            pg, pg_metrics = ppo_clip_loss(out.logprobs, old, adv, mask, r.clip_low, r.clip_high, r.dual_clip)
+            kl = None
+            if r.kl_coef > 0:
+                ref = torch.from_numpy(batch.ref_logprobs[rows]).to(self.device)
+                kl = kl_penalty(out.logprobs, ref, r.kl_type).mean()
+                sums["kl"] += float(kl)
+            ntp = out.ntp_loss if out.ntp_loss is not None else torch.zeros((), device=self.device)
+            loss = refine_loss(ntp, pg, kl, r.ntp_coef, r.pg_coef, r.kl_coef)
+            self.engine.backward(loss)
+            self.engine.step()
+            sums["loss"] += float(loss)
+            sums["ntp_loss"] += float(ntp)
+            sums["pg_loss"] += float(pg)
+            for name, value in pg_metrics.items():
+                sums[name] += float(value)
+        metrics = {name: value / len(batch.docs) for name, value in sums.items()}
+        metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        self.version += 1
+        return metrics
+
+    def full_state_dict(self) -> Optional[dict[str, np.ndarray]]:
+        """Full float32 weights as numpy on rank 0 (None elsewhere). Collective under ZeRO-3."""
+        module = self.engine.module
+        if self.cfg.learner.zero_stage == 3:
+            import deepspeed
+
+            out = {}
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    if self.rank == 0:
+                        out[name] = p.detach().float().cpu().numpy().copy()
+            for name, b in module.named_buffers():
+                if self.rank == 0:
+                    out[name] = b.detach().float().cpu().numpy().copy()
+            return out if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {name: t.detach().float().cpu().numpy().copy() for name, t in module.state_dict().items()}
+
+    def save(self, path: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(path, tag="latest", client_state=client_state)
+
+    def load(self, path: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(path, tag="latest")
+        return client_state or {}

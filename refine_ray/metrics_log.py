@@ -1,0 +1,48 @@
+"""Where step metrics go: TensorBoard scalars, a JSONL file, and a summary plot at the end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        self.history: list[dict] = []
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        row = {"step": step, **metrics}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.jsonl.close()
+        if self.history:
+            self.plot(self.dir / "summary.png")
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [k for k in ("loss", "ntp_loss", "pg_loss", "reward/mean", "cut_entropy", "time/step_s")
+                  if any(k in row for row in self.history)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+        for ax, key in zip(axes[0], panels):
+            pts = [(r["step"], r[key]) for r in self.history if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

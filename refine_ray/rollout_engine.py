@@ -1,0 +1,67 @@
+"""Step 3 of REFINE: G continuations of k tokens per prefix, with behaviour log-probs.
+
+Two backends behind :class:`RolloutEngine`:
+
+* :class:`FastWeightRollout`, our engine for fast-weight models: either prefill
+  each prefix once (re-encode) or start directly from the cut states the scorer
+  cached (prefix sharing), then k O(1) recurrent decode steps. It also returns
+  the policy's hidden states at the sampled tokens, which the cosine reward needs.
+* :class:`VLLMRollout` (refine_ray.vllm_rollout) for architectures vLLM supports.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+
+from refine_ray.batches import RolloutBatch, ScoredBatch
+from refine_ray.config import RefineConfig
+from refine_ray.models.base import ModelState
+from refine_ray.models.generation import prefill, sample_continuations
+from refine_ray.scoring import unpack_states
+
+
+class RolloutEngine(Protocol):
+    def generate(self, batch: ScoredBatch, version: int) -> RolloutBatch: ...
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+
+class FastWeightRollout:
+    def __init__(self, model, cfg: RefineConfig, seed: int = 0):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        from refine_ray.policy import load_numpy_weights
+
+        load_numpy_weights(self.model, weights)
+
+    @torch.no_grad()
+    def generate(self, batch: ScoredBatch, version: int) -> RolloutBatch:
+        G, k = self.cfg.samples_per_prefix, batch.k
+        prefixes: list[tuple[ModelState, torch.Tensor]] = []
+        if batch.cut_states is not None:
+            states = unpack_states(batch.cut_states, self.device)
+            hidden = torch.from_numpy(batch.cut_hidden).to(self.device)
+            prefixes = [(st, hidden[i:i + 1]) for i, st in enumerate(states)]
+        else:
+            prompts = [torch.from_numpy(batch.docs.doc(d)[:c]).to(self.device)
+                       for d in range(len(batch.docs)) for c in batch.cuts[d].tolist()]
+            for p in prompts:  # one row at a time: no padding ever enters a state
+                prefixes.append(prefill(self.model, [p]))
+        tokens, logprobs, hiddens = [], [], []
+        for state, last_hidden in prefixes:
+            last_hidden = last_hidden.to(next(self.model.parameters()).dtype)
+            out = sample_continuations(self.model, state.repeat_interleave(G), last_hidden.repeat_interleave(G, 0),
+                                       k, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                       generator=self.generator)
+            tokens.append(out.tokens)
+            logprobs.append(out.logprobs)
+            hiddens.append(out.hidden.float())
+        n_rows = len(prefixes) * G
+        return RolloutBatch(tokens=torch.cat(tokens).cpu().numpy(), logprobs=torch.cat(logprobs).float().cpu().numpy(),
+                            versions=np.full(n_rows, version, dtype=np.int64),
+                            hidden=torch.cat(hiddens).cpu().numpy(), samples_per_prefix=G)

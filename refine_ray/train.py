@@ -1,0 +1,41 @@
+"""Run a REFINE training job from a config: the loop around :class:`RefineTrainer`."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from refine_ray.config import ExperimentConfig, to_dict
+from refine_ray.data import load_tokenizer
+
+log = logging.getLogger("refine_ray")
+
+
+def run_training(cfg: ExperimentConfig) -> list[dict]:
+    """Train for ``cfg.train.steps`` steps; returns the per-step metrics."""
+    from refine_ray.driver import RefineTrainer
+
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    from refine_ray.metrics_log import MetricsLogger
+
+    logger = MetricsLogger(out)
+    trainer = RefineTrainer(cfg, len(tokenizer))
+    history = []
+    try:
+        bar = tqdm(range(cfg.train.steps), desc=f"{cfg.name} [{cfg.system.mode}]", unit="step")
+        for step in bar:
+            metrics = trainer.step()
+            history.append(metrics)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+                logger.log(step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics['reward/mean']:.3f}",
+                            v=int(metrics["version"]))
+    finally:
+        trainer.shutdown()
+        logger.close()
+    return history
