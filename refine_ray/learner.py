@@ -90,14 +90,14 @@ class RefineLearner:
             if r.kl_coef > 0:
                 ref = torch.from_numpy(batch.ref_logprobs[rows]).to(self.device)
                 kl = kl_penalty(out.logprobs, ref, r.kl_type).mean()
-                sums["kl"] += float(kl)
+                sums["kl"] += float(kl.detach())
             ntp = out.ntp_loss if out.ntp_loss is not None else torch.zeros((), device=self.device)
             loss = refine_loss(ntp, pg, kl, r.ntp_coef, r.pg_coef, r.kl_coef)
             self.engine.backward(loss)
             self.engine.step()
-            sums["loss"] += float(loss)
-            sums["ntp_loss"] += float(ntp)
-            sums["pg_loss"] += float(pg)
+            sums["loss"] += float(loss.detach())
+            sums["ntp_loss"] += float(ntp.detach())
+            sums["pg_loss"] += float(pg.detach())
             for name, value in pg_metrics.items():
                 sums[name] += float(value)
         metrics = {name: value / len(batch.docs) for name, value in sums.items()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -9,6 +10,8 @@ import torch
 
 def setup_process(seed: int = 0) -> torch.device:
     """Per-actor process set-up: device, threads, determinism."""
+    # Arrays fetched from the object store are read-only views by design; roles only read them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     if not torch.cuda.is_available():
         # Ray gives each CPU actor a fraction of 2 cores: one BLAS thread each avoids thrashing.
         torch.set_num_threads(int(os.environ.get("REFINE_TORCH_THREADS", "1")))

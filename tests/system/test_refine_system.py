@@ -74,3 +74,20 @@ def test_stale_batches_are_regenerated(cluster, tmp_path):
         _check_experience(trainer, cfg, 1)
     finally:
         trainer.shutdown()
+
+
+@pytest.mark.parametrize("model_type", ["lact", "gated_deltanet"])
+def test_prefix_shared_refine_on_other_models(cluster, tmp_path, model_type):
+    """LaCT and GatedDeltaNet through the whole system, rollouts decoding from cached cut states."""
+    cfg = load_config("configs/tiny_deltanet_mid.yaml", [
+        f"model.type={model_type}", "refine.prefix_sharing=true", "refine.reward=hybrid",
+        "data.max_length=200", "refine.n_chunks=3", "learner.num_ranks=1", "learner.gpus_per_rank=0.25",
+        f"train.output_dir={tmp_path}"])
+    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    try:
+        history = [trainer.step(), trainer.step()]
+        _check_experience(trainer, cfg, 1)
+        assert all(np.isfinite(h["loss"]) for h in history)
+        assert history[-1]["reward/exact_mean"] >= 0 and "reward/cosine_mean" in history[-1]
+    finally:
+        trainer.shutdown()
