@@ -10,7 +10,9 @@ Deliberate decisions for the fla backend:
     are computed in PyTorch and passed in log / post-sigmoid space: same math as fla's
     in-kernel variants, one code path for both backends.
   * Fused-recurrent kernels serve short segments (T <= 64) only when no gradient is
-    needed, as fla's layers do at inference; everything else uses the chunk kernels.
+    needed, as fla's layers do at inference; everything else uses the chunk kernels,
+    except fp32 DeltaNet: fla 0.6.0's chunk_delta_rule rejects fp32, so fp32 uses the
+    fused-recurrent kernel (with its backward) at any length.
   * States are fp32 in [B,H,K,V] layout on both backends, so a state produced by one
     backend can be consumed by the other.
 """
@@ -66,7 +68,9 @@ def delta_rule(q, k, v, beta, initial_state: Optional[torch.Tensor] = None, use_
     if kernel_backend(q) == "fla":
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
         fn = chunk_delta_rule
-        if T <= 64 and not _needs_grad(q, k, v, beta, initial_state):
+        # fla 0.6.0's chunk_delta_rule asserts q is not fp32; its fused-recurrent kernel
+        # (forward and backward, incl. initial/final-state grads) takes fp32.
+        if q.dtype == torch.float32 or (T <= 64 and not _needs_grad(q, k, v, beta, initial_state)):
             fn = fused_recurrent_delta_rule
         return fn(q=q, k=k, v=v, beta=beta, scale=scale,
                   initial_state=None if initial_state is None else initial_state.float(),
