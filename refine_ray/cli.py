@@ -1,4 +1,11 @@
-"""``refine-ray`` command line: ``refine-ray train [--config FILE] [key.path=value ...]``."""
+"""``refine-ray`` command line.
+
+    refine-ray train  [--config FILE] [key.path=value ...]
+    refine-ray eval   --model PATH|tiny:TYPE --data FILE [--data ...] [--niah VARIANT:LEN:N] [--limit N]
+                      [--ttt none|ntp|refine] [--out results/run.json] [--name RUN] [--config FILE]
+                      [key.path=value | eval.key=value ...]
+    refine-ray export --from CKPT|HF_DIR|tiny:TYPE --out DIR [--run-config RUN/config.json] [--overwrite]
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +16,119 @@ from refine_ray.config import ConfigError, load_config
 DEFAULT_CONFIG = "configs/tiny_deltanet_mid.yaml"
 
 
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="answer and score LongBench / RULER / NIAH (optionally with TTT)")
+    ev.add_argument("--model", required=True, help="local HF model dir, or tiny:TYPE for a random tiny model")
+    ev.add_argument("--data", action="append", default=[], help="LongBench or RULER parquet file (repeatable)")
+    ev.add_argument("--niah", action="append", default=[], help="generated NIAH set VARIANT:LENGTH:N (repeatable)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N rows of each file")
+    ev.add_argument("--ttt", choices=["none", "ntp", "refine"], help="test-time training mode (default none)")
+    ev.add_argument("--ttt-steps", type=int, help="optimizer steps per prompt batch")
+    ev.add_argument("--ttt-batch-size", type=int, help="prompts adapted on together")
+    ev.add_argument("--accumulate", action="store_true", default=None,
+                    help="keep adapting across prompts (the reference); default: restore after each batch")
+    ev.add_argument("--max-gen-tokens", type=int, help="cap LongBench's per-row max_gen_tokens (reference: 32)")
+    ev.add_argument("--max-prompt-tokens", type=int, help="truncate longer prompts from the middle")
+    ev.add_argument("--config", help="experiment YAML for refine/optim/tokenizer/model-shape settings")
+    ev.add_argument("--tokenizer", help="tokenizer dir (default: the model dir's, else the offline MiniLM one)")
+    ev.add_argument("--out", help="result JSON (default results/<name>.json)")
+    ev.add_argument("--name", help="run name in the result (default <model>-<ttt>)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides: refine.n_chunks=4, eval.ttt.steps=2, ...")
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="write a Hugging Face checkpoint directory (atomic)")
+    ex.add_argument("--from", dest="source", required=True,
+                    help="DeepSpeed checkpoint dir, state-dict file, HF dir, or tiny:TYPE")
+    ex.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    ex.add_argument("--tokenizer", help="tokenizer dir to save with the model (default: the run's / MiniLM)")
+    ex.add_argument("--run-config", help="the run's config.json (ExperimentConfig) for checkpoints/state dicts")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from refine_ray.data import DataError
+    from refine_ray.eval.data import DataError as EvalDataError
+    from refine_ray.evaluate import (EvalError, build_eval_model, load_eval_sets, parse_eval_config, run_eval,
+                                     summary_line)
+
+    raw: dict = {}
+    exp_overrides = []
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not key.startswith("eval."):
+            exp_overrides.append(item)
+            continue
+        if not sep:
+            print(f"refine-ray: config error: override '{item}': expected key.path=value", file=sys.stderr)
+            return 2
+        node = raw
+        parts = key.split(".")[1:]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    flags = {"limit": args.limit, "max_gen_tokens": args.max_gen_tokens, "max_prompt_tokens": args.max_prompt_tokens}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    ttt_flags = {"mode": args.ttt, "steps": args.ttt_steps, "batch_size": args.ttt_batch_size,
+                 "accumulate": args.accumulate}
+    raw.setdefault("ttt", {}).update({k: v for k, v in ttt_flags.items() if v is not None})
+    try:
+        cfg = load_config(args.config, exp_overrides)
+        ecfg = parse_eval_config(raw)
+        model, tok = build_eval_model(args.model, cfg, args.tokenizer)
+        sets = load_eval_sets(args.data, args.niah, tok, ecfg.limit)
+        label = args.model.replace("tiny:", "tiny_") if args.model.startswith("tiny:") else Path(args.model).name
+        name = args.name or f"{label}-{ecfg.ttt.mode}"
+        out = Path(args.out) if args.out else Path("results") / f"{name}.json"
+        result = run_eval(model, tok, cfg, ecfg, sets, name, out, show_progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"refine-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except (EvalError, DataError, EvalDataError) as e:
+        print(f"refine-ray: {e}", file=sys.stderr)
+        return 2
+    print(summary_line(result, out))
+    return 0
+
+
+def _export(args) -> int:
+    from refine_ray.data import DataError
+    from refine_ray.export import ExportError, export_model
+
+    try:
+        model = export_model(args.source, args.out, args.tokenizer, args.run_config, args.dtype, args.overwrite)
+    except (ExportError, DataError, ConfigError) as e:
+        print(f"refine-ray: {e}", file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {model.config.model_type} ({n / 1e6:.1f}M params, {args.dtype}) from {args.source} to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refine-ray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="refine-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a REFINE training job")
     train.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. refine.n_chunks=4 train.steps=10")
-    args = parser.parse_args(argv)
+    _add_eval(sub)
+    _add_export(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # eval's dotted overrides may follow its options; anything else is an error as before
+        if args.command != "eval" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "export":
+        return _export(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
