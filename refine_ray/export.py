@@ -1,0 +1,237 @@
+"""``refine-ray export``: write a Hugging Face checkpoint directory, atomically.
+
+    refine-ray export --from SOURCE --out DIR [--tokenizer TOK] [--run-config RUN/config.json]
+                      [--dtype float32|bfloat16] [--overwrite]
+
+Supported SOURCEs:
+  * ``tiny:TYPE`` (delta_net, gated_deltanet, lact): a random tiny model (seeded) sized for
+    the tokenizer; for smoke tests.
+  * a local HF directory (``config.json`` with a supported ``model_type``): re-saved.
+  * a DeepSpeed checkpoint directory written by ``RefineLearner.save`` (``engine.
+    save_checkpoint(path, tag=...)``): the tag is read from the ``latest`` file, or is the
+    only sub-directory holding ``mp_rank_00_model_states.pt`` (e.g. ``latest/``). With ZeRO
+    optimizer shards (stage 1-3) the fp32 master weights are consolidated with DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint``; with stage 0 the module weights of
+    ``mp_rank_00_model_states.pt`` are used.
+  * a plain state-dict file (``.pt``/``.bin``/``.safetensors``; a ``module.`` prefix is stripped).
+For the last two the architecture comes from the run's ``config.json`` (the
+ExperimentConfig as JSON, ``outputs/<run>/config.json``): ``--run-config``, else the first
+``config.json`` found in the source's directory or its two parents. The state dict must
+match the architecture exactly (no missing or unexpected keys).
+
+Output: ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer
+files (``tokenizer.save_pretrained``). ``delta_net`` / ``gated_deltanet`` directories load
+with fla's own classes (``import fla`` then ``AutoModelForCausalLM.from_pretrained(DIR)``,
+identical parameter names) and with ours (``registry.load_model``); ``lact`` after
+``import refine_ray.models.lact``. Saving is atomic: everything is written to
+``DIR.tmp-XXXX`` beside ``DIR``, reloaded and compared tensor by tensor, and only then
+renamed to ``DIR`` with ``os.replace``; any failure removes the temporary directory, so a
+half-written ``DIR`` never exists. An existing ``DIR`` is replaced only with ``--overwrite``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict
+from refine_ray.models import registry
+
+__all__ = ["ExportError", "load_source", "save_atomic", "export_model"]
+
+STATE_FILES = (".pt", ".bin", ".pth", ".safetensors")
+
+
+class ExportError(ValueError):
+    """A bad export source or destination; the message is one line."""
+
+
+def _tokenizer(path: Optional[str]):
+    from refine_ray.data import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _is_hf_dir(d: Path) -> bool:
+    try:
+        return "model_type" in json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def _find_run_config(src: Path, run_config: Optional[str]) -> ExperimentConfig:
+    if run_config is not None:
+        candidates = [Path(run_config)]
+        if not candidates[0].is_file():
+            raise ExportError(f"--run-config: '{run_config}' does not exist")
+    else:
+        base = src if src.is_dir() else src.parent
+        candidates = [d / "config.json" for d in (base, base.parent, base.parent.parent)]
+    for c in candidates:
+        if not c.is_file():
+            continue
+        try:
+            raw = json.loads(c.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{c}: not valid JSON ({e})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+            try:
+                return from_dict(ExperimentConfig, raw, "")
+            except ConfigError as e:
+                raise ExportError(f"{c}: not an ExperimentConfig ({e})") from None
+    raise ExportError(f"{src}: no run config.json found (looked in {', '.join(str(c) for c in candidates)}); "
+                      f"pass --run-config outputs/<run>/config.json")
+
+
+def _architecture(cfg: ModelConfig, vocab_size: int):
+    """A float32 CPU model with the run's architecture (weights are overwritten)."""
+    if cfg.path is not None:
+        if not Path(cfg.path).is_dir():
+            raise ExportError(f"run config model.path '{cfg.path}' is not a directory here; the architecture "
+                              f"comes from its config.json")
+        return registry.load_model(cfg.path).float()
+    return registry.build_model(cfg.type, seed=cfg.seed, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+                                num_hidden_layers=cfg.num_hidden_layers, num_heads=cfg.num_heads).float()
+
+
+def _deepspeed_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    latest = src / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+    else:
+        tags = sorted(d.name for d in src.iterdir() if (d / "mp_rank_00_model_states.pt").is_file())
+        if len(tags) != 1:
+            raise ExportError(f"{src}: expected one DeepSpeed tag directory, found {tags or 'none'}")
+        tag = tags[0]
+    tag_dir = src / tag
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        raise ExportError(f"{src}: tag '{tag}' has no mp_rank_00_model_states.pt")
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(src), tag=tag))
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return dict(states["module"])
+
+
+def _plain_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    if src.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(src))
+    else:
+        sd = torch.load(src, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("module"), dict):
+        sd = sd["module"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ExportError(f"{src}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: Optional[str] = None,
+                seed: int = 0):
+    """(model on CPU in float32, tokenizer) for any supported source."""
+    if source.startswith("tiny:"):
+        mtype = source.split(":", 1)[1]
+        if mtype not in registry.SUPPORTED_TYPES:
+            raise ExportError(f"--from {source!r}: unknown type (supported: {', '.join(registry.SUPPORTED_TYPES)})")
+        tok = _tokenizer(tokenizer_path)
+        return registry.build_model(mtype, seed=seed, vocab_size=len(tok)).float(), tok
+    src = Path(source)
+    if not src.exists():
+        raise ExportError(f"--from '{source}': no such file or directory")
+    if src.is_dir() and _is_hf_dir(src):
+        try:
+            model = registry.load_model(str(src)).float()
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise ExportError(f"--from '{source}': {str(e).splitlines()[0]}") from None
+        tok = _tokenizer(tokenizer_path or (str(src) if _has_tokenizer(src) else None))
+        return model, tok
+    if src.is_dir():
+        sd = _deepspeed_state_dict(src)
+    elif src.suffix in STATE_FILES:
+        sd = _plain_state_dict(src)
+    else:
+        raise ExportError(f"--from '{source}': expected tiny:TYPE, an HF dir, a DeepSpeed checkpoint dir "
+                          f"or a state-dict file ({'/'.join(STATE_FILES)})")
+    cfg = _find_run_config(src, run_config)
+    tok = _tokenizer(tokenizer_path or cfg.tokenizer.path)
+    model = _architecture(cfg.model, len(tok))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ExportError(f"{source}: state dict does not match the run's {cfg.model.type} architecture "
+                          f"({len(missing)} missing e.g. {missing[:2]}, {len(unexpected)} unexpected e.g. {unexpected[:2]})")
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ExportError(f"{source}: state dict does not match the run's {cfg.model.type} architecture "
+                          f"({detail})") from None
+    return model, tok
+
+
+def _verify(tmp: Path, model) -> None:
+    back = registry.load_model(str(tmp))
+    ours = model.state_dict()
+    theirs = back.state_dict()
+    if set(ours) != set(theirs):
+        raise ExportError(f"export check: reloaded keys differ ({sorted(set(ours) ^ set(theirs))[:3]})")
+    for k, v in ours.items():
+        if not torch.equal(theirs[k].to(v.dtype), v):
+            raise ExportError(f"export check: tensor {k} differs after reload")
+
+
+def save_atomic(model, tokenizer, out: str | Path, overwrite: bool = False,
+                check: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``out`` via a temporary sibling directory; ``check(tmp)`` may veto by raising."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out '{out}' already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out '{out}' exists and is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"--out '{out}': cannot write beside it ({e.strerror or e})") from None
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        _verify(tmp, model)
+        if check is not None:
+            check(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_model(source: str, out: str | Path, tokenizer_path: Optional[str] = None,
+                 run_config: Optional[str] = None, dtype: str = "float32", overwrite: bool = False,
+                 check: Optional[Callable[[Path], None]] = None):
+    """Load ``source`` and save it to ``out`` atomically; returns the exported model."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ExportError(f"--dtype {dtype!r}: expected float32 or bfloat16")
+    model, tok = load_source(source, tokenizer_path, run_config)
+    if model.config.vocab_size < len(tok):
+        raise ExportError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}")
+    model = model.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    save_atomic(model, tok, out, overwrite, check)
+    return model
