@@ -7,16 +7,18 @@ Supported SOURCEs:
   * ``tiny:TYPE`` (delta_net, gated_deltanet, lact): a random tiny model (seeded) sized for
     the tokenizer; for smoke tests.
   * a local HF directory (``config.json`` with a supported ``model_type``): re-saved.
-  * a DeepSpeed checkpoint directory written by ``RefineLearner.save`` (``engine.
-    save_checkpoint(path, tag=...)``): the tag is read from the ``latest`` file, or is the
-    only sub-directory holding ``mp_rank_00_model_states.pt`` (e.g. ``latest/``). With ZeRO
+  * a DeepSpeed checkpoint written by ``RefineLearner.save`` (``engine.save_checkpoint(path,
+    tag=...)``), given as that save_dir, or as the run dir / ``checkpoints/step_N`` dir of the
+    run-checkpoint layout (``<run>/checkpoints/latest`` -> ``step_N/learner/ds``). The tag is
+    read from the save_dir's ``latest`` file, or is the only sub-directory holding
+    ``mp_rank_00_model_states.pt``. With ZeRO
     optimizer shards (stage 1-3) the fp32 master weights are consolidated with DeepSpeed's
     ``get_fp32_state_dict_from_zero_checkpoint``; with stage 0 the module weights of
     ``mp_rank_00_model_states.pt`` are used.
   * a plain state-dict file (``.pt``/``.bin``/``.safetensors``; a ``module.`` prefix is stripped).
 For the last two the architecture comes from the run's ``config.json`` (the
 ExperimentConfig as JSON, ``outputs/<run>/config.json``): ``--run-config``, else the first
-``config.json`` found in the source's directory or its two parents. The state dict must
+such ``config.json`` found in the checkpoint's directory or its five parents. The state dict must
 match the architecture exactly (no missing or unexpected keys).
 
 Output: ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer
@@ -75,7 +77,7 @@ def _find_run_config(src: Path, run_config: Optional[str]) -> ExperimentConfig:
             raise ExportError(f"--run-config: '{run_config}' does not exist")
     else:
         base = src if src.is_dir() else src.parent
-        candidates = [d / "config.json" for d in (base, base.parent, base.parent.parent)]
+        candidates = [d / "config.json" for d in [base, *list(base.parents)[:5]]]
     for c in candidates:
         if not c.is_file():
             continue
@@ -101,6 +103,27 @@ def _architecture(cfg: ModelConfig, vocab_size: int):
         return registry.load_model(cfg.path).float()
     return registry.build_model(cfg.type, seed=cfg.seed, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
                                 num_hidden_layers=cfg.num_hidden_layers, num_heads=cfg.num_heads).float()
+
+
+def _resolve_deepspeed_dir(d: Path) -> Path:
+    """Follow a run dir / checkpoint dir down to the DeepSpeed save_dir.
+
+    ``<run>/checkpoints/latest`` (a file naming ``step_N``) -> ``step_N/learner/ds`` (the
+    learner's save_dir) -> its ``latest`` file naming the DeepSpeed tag.
+    """
+    for _ in range(6):
+        root_ptr = d / "checkpoints" / "latest"
+        latest = d / "latest"
+        if root_ptr.is_file():
+            d = d / "checkpoints" / root_ptr.read_text().strip()
+        elif (d / "learner" / "ds").is_dir():
+            d = d / "learner" / "ds"
+        elif latest.is_file() and (d / latest.read_text().strip()).is_dir() \
+                and not (d / latest.read_text().strip() / "mp_rank_00_model_states.pt").is_file():
+            d = d / latest.read_text().strip()
+        else:
+            break
+    return d
 
 
 def _deepspeed_state_dict(src: Path) -> dict[str, torch.Tensor]:
@@ -157,6 +180,7 @@ def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: O
         tok = _tokenizer(tokenizer_path or (str(src) if _has_tokenizer(src) else None))
         return model, tok
     if src.is_dir():
+        src = _resolve_deepspeed_dir(src)
         sd = _deepspeed_state_dict(src)
     elif src.suffix in STATE_FILES:
         sd = _plain_state_dict(src)

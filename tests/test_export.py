@@ -120,24 +120,26 @@ DS_SCRIPT = textwrap.dedent("""
     out = engine.module.forward_segment(torch.arange(20)[None])
     engine.backward(out.logits.float().square().mean())
     engine.step()
-    engine.save_checkpoint(sys.argv[1], tag="global_step1")
+    engine.save_checkpoint(sys.argv[1], tag=sys.argv[4])
     torch.save({k: v.float() for k, v in engine.module.state_dict().items()}, os.path.join(sys.argv[1], "expected.pt"))
 """)
 
 
 def test_export_deepspeed_zero_checkpoint(tmp_path, tokenizer):
+    # The run-checkpoint layout: <run>/checkpoints/latest -> step_N/learner/ds (DeepSpeed save_dir, tag 'ds').
     run = tmp_path / "run"
-    ckpt = run / "checkpoints"
-    run.mkdir()
+    ckpt = run / "checkpoints" / "step_000001" / "learner" / "ds"
+    ckpt.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(to_dict(ExperimentConfig())))
+    (run / "checkpoints" / "latest").write_text("step_000001")
     port = str(29500 + (hash(str(tmp_path)) % 400))
-    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(ckpt), str(len(tokenizer)), port],
+    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(ckpt), str(len(tokenizer)), port, "ds"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (ckpt / "latest").read_text() == "global_step1"
+    assert (ckpt / "latest").read_text() == "ds"
     expected = torch.load(ckpt / "expected.pt")
     (ckpt / "expected.pt").unlink()
-    model = export_model(str(ckpt), tmp_path / "hf")                 # ZeRO-1: fp32 master weights
+    model = export_model(str(run), tmp_path / "hf")                  # ZeRO-1: fp32 master weights
     back = registry.load_model(str(tmp_path / "hf"))
     for k, v in expected.items():
         assert torch.equal(back.state_dict()[k], v), k
