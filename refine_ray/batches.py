@@ -46,7 +46,8 @@ class ScoredBatch:
     gt_hidden: np.ndarray        # [B*n, k, D] full-pass hidden at the positions whose input is gt_ids
     cut_entropy: np.ndarray      # [B*n] entropy of the prediction of the first continuation token
     version: int                 # policy weight version used for scoring
-    skipped: int = 0             # documents skipped so far as too short
+    step: int = 0                # training step (keys the sampling seeds)
+    compute_s: float = 0.0       # scorer time spent on this batch
     cut_hidden: Optional[np.ndarray] = None       # [B*n, D] hidden at cut-1 (prefix sharing)
     cut_states: Optional[dict[str, np.ndarray]] = None  # scoring.pack_states of the B*n cut states
 
@@ -66,12 +67,14 @@ class RolloutBatch:
     versions: np.ndarray         # [N] weight version that produced each sample
     hidden: Optional[np.ndarray] = None  # [N, k, D] policy hidden at the sampled tokens (None for vLLM)
     samples_per_prefix: int = 1
+    compute_s: float = 0.0
 
 
 @dataclass
 class RewardBatch:
     rewards: np.ndarray          # [N] the configured reward
     components: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. cosine, exact, [N] each
+    compute_s: float = 0.0
 
 
 @dataclass

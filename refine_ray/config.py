@@ -139,6 +139,12 @@ class RoleConfig:
 @dataclass
 class RolloutConfig(RoleConfig):
     backend: Literal["fast_weight", "vllm"] = "fast_weight"
+    max_actors: int = 0                   # > num_actors: grow elastically while the cluster has room
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.max_actors and self.max_actors < self.num_actors:
+            raise ConfigError(f"{key}.max_actors: {self.max_actors} < num_actors={self.num_actors} (0 disables)")
 
 
 @dataclass
@@ -167,6 +173,9 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     log_every: int = 1
     save_every: int = 0                   # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True                   # continue from <output_dir>/checkpoints/latest if present
+    max_retries: int = 2                  # re-issues of a step's work after an inference actor dies
 
     def validate(self, key: str) -> None:
         _positive(self, key, "steps", "log_every")

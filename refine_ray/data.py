@@ -103,52 +103,66 @@ class Document:
     answer: object = None
 
 
-class DocumentStream:
-    """Epoch-wise shuffled stream of tokenised documents with a resumable position."""
+class Corpus:
+    """The rows of a corpus, tokenised on demand (no special tokens, right-truncated)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, min_tokens: int = 0, shard: int = 0, num_shards: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer):
         self.cfg = cfg
-        self.shard, self.num_shards = shard, num_shards   # scorer i reads positions i, i+S, ...
         self.tokenizer = tokenizer
         self.texts, self.answers = read_texts(cfg)
-        self.min_tokens = max(min_tokens, cfg.min_length)
-        self.epoch = 0
-        self.position = 0
-        self.skipped = 0        # documents too short for the configured cuts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def document(self, row: int) -> Document:
+        ids = self.tokenizer(self.texts[row], add_special_tokens=False, truncation=True,
+                             max_length=self.cfg.max_length)["input_ids"]
+        return Document(int(row), np.asarray(ids, dtype=np.int64), self.answers[row])
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every row (after truncation): the index the cursor filters on.
+
+        Computed once per run by one scorer; for very large corpora pre-filter by length offline.
+        """
+        return np.asarray([len(self.document(i).ids) for i in range(len(self))], dtype=np.int64)
+
+
+class DataCursor:
+    """Which rows come next: epoch-wise shuffled, too-short rows skipped and counted, resumable.
+
+    Holds only integers, so the driver can own the data position while scorers
+    (which may die and restart) only tokenise and score the rows they are given.
+    """
+
+    def __init__(self, lengths: np.ndarray, min_tokens: int, shuffle: bool = True, seed: int = 0,
+                 shard: int = 0, num_shards: int = 1, source: str = "data.path"):
+        self.lengths, self.min_tokens = np.asarray(lengths), int(min_tokens)
+        self.shuffle, self.seed = shuffle, seed
+        self.shard, self.num_shards = shard, num_shards   # shard i reads positions i, i+S, ...
+        if not (self.lengths[shard::num_shards] >= self.min_tokens).any():
+            raise DataError(f"{source}: no document has the {self.min_tokens} tokens needed "
+                            f"(min_prefix + (n_chunks + 1) x response_length - 1, or data.min_length)")
+        self.epoch = self.position = self.skipped = 0
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
-        n = len(self.texts)
-        order = np.arange(n) if not self.cfg.shuffle else np.random.default_rng(self.cfg.seed + self.epoch).permutation(n)
+        n = len(self.lengths)
+        order = np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
         return order[self.shard::self.num_shards]
 
-    def encode(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text, add_special_tokens=False, truncation=True,
-                             max_length=self.cfg.max_length)["input_ids"]
-        return np.asarray(ids, dtype=np.int64)
-
-    def next_batch(self, size: int) -> list[Document]:
-        """The next ``size`` usable documents; too-short ones are skipped and counted."""
-        out: list[Document] = []
-        skipped_this_epoch_scan = 0
-        while len(out) < size:
+    def next_rows(self, size: int) -> list[int]:
+        rows: list[int] = []
+        while len(rows) < size:
             if self.position >= len(self._order):
-                self.epoch += 1
-                self.position = 0
+                self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation()
-                if skipped_this_epoch_scan >= len(self._order):
-                    raise DataError(f"data.path: no document in '{self.cfg.path}' has the "
-                                    f"{self.min_tokens} tokens needed (n_chunks x response_length + min_prefix)")
-            idx = int(self._order[self.position])
+            row = int(self._order[self.position])
             self.position += 1
-            ids = self.encode(self.texts[idx])
-            if len(ids) < self.min_tokens:
+            if self.lengths[row] < self.min_tokens:
                 self.skipped += 1
-                skipped_this_epoch_scan += 1
                 continue
-            skipped_this_epoch_scan = 0
-            out.append(Document(idx, ids, self.answers[idx]))
-        return out
+            rows.append(row)
+        return rows
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
@@ -156,3 +170,38 @@ class DocumentStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
         self._order = self._permutation()
+
+
+class DocumentStream:
+    """A corpus and its cursor in one process: the next usable documents, resumable."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, min_tokens: int = 0, shard: int = 0, num_shards: int = 1):
+        self.corpus = Corpus(cfg, tokenizer)
+        self.cursor = DataCursor(self.corpus.lengths(), max(min_tokens, cfg.min_length), cfg.shuffle, cfg.seed,
+                                 shard, num_shards, source=f"data.path '{cfg.path}'")
+
+    @property
+    def skipped(self) -> int:
+        return self.cursor.skipped
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor.epoch
+
+    def next_batch(self, size: int) -> list[Document]:
+        return [self.corpus.document(r) for r in self.cursor.next_rows(size)]
+
+    def state_dict(self) -> dict:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor.load_state_dict(state)
+
+
+def row_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (e.g. run seed, purpose, step, document, cut).
+
+    Randomness keyed by what is being computed rather than by which actor computes
+    it makes a retried or resumed step reproduce exactly the same samples.
+    """
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -2,28 +2,41 @@
 
     score -> rollout -> reward (+ reference) -> advantages -> learn -> publish weights
 
-Every role is its own Ray actor; batches move between them as object refs. In
-``sync`` mode each step is exactly on-policy. In ``async`` mode the scoring,
-rollout and reward of step t+1 run while the learner trains on step t, with the
-weights of the last publication; the PPO ratio against the recorded behaviour
-log-probs corrects for the one-version lag, and batches older than
-``system.max_staleness`` versions are regenerated, never used.
+Every role is its own Ray actor; batches move between them as object refs. A
+step's documents are split into shards, one chain of calls per shard. In
+``sync`` mode each step is exactly on-policy. In ``async`` mode the experience of
+step t+1 is generated while the learner trains on step t, with the weights of
+the last publication; the PPO ratio against the recorded behaviour log-probs
+corrects for the lag, and batches older than ``system.max_staleness`` versions
+are regenerated on the same documents, never used.
+
+Faults: if an inference actor dies, it is replaced, receives the current
+weights, and its shards are issued again with the same documents and seeds, so
+no sample is lost or duplicated. A dead learner rank stops the job with a
+message naming the checkpoint to resume from.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayActorError, RayError
 
+from refine_ray import checkpoint as ckpt
+from refine_ray.actor_pool import RolePool
 from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.batches import DocBatch, LearnBatch, RewardBatch, RolloutBatch, ScoredBatch
-from refine_ray.config import ExperimentConfig
+from refine_ray.config import ExperimentConfig, to_dict
+from refine_ray.data import DataCursor
 from refine_ray.placement import Placement
 from refine_ray.rewarding import reward_metrics
+from refine_ray.scoring import min_document_tokens
 from refine_ray.weight_sync import ObjectStoreWeightSync
 from roles.learner import LearnerRankRole
 from roles.reference import ReferenceRole
@@ -31,34 +44,68 @@ from roles.reward import RewardRole
 from roles.rollout import RolloutRole
 from roles.scorer import ScorerRole
 
+log = logging.getLogger("refine_ray")
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died: the job stops and resumes from the last checkpoint."""
+
+
+@dataclass
+class Shard:
+    index: int
+    rows: list[int]
+    refs: list                      # [scored, rollout, reward] (+ reference log-probs)
+
 
 @dataclass
 class Generation:
-    """Refs of one step's experience, one entry per scorer shard."""
-    scored: list
-    rollouts: list
-    rewards: list
-    ref_logprobs: list
-    launched_at: float
+    step: int
+    shards: list[Shard] = field(default_factory=list)
+    ready: Optional[list] = None    # already-fetched shard values (restored from a checkpoint)
+
+
+@dataclass
+class Experience:
+    scored: ScoredBatch
+    rollout: RolloutBatch
+    rewards: RewardBatch
+    ref_logprobs: Optional[np.ndarray]
+    shard_values: list
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
     if ray.is_initialized():
         return
-    if cfg.system.ray_address:
-        ray.init(address=cfg.system.ray_address)
+    address = cfg.system.ray_address or os.environ.get("RAY_ADDRESS")   # `ray job submit` sets RAY_ADDRESS
+    if address:
+        ray.init(address=address)
     else:
         ray.init(num_cpus=cfg.system.num_cpus, num_gpus=cfg.system.num_gpus, include_dashboard=False)
 
 
-def concat_scored(parts: list[ScoredBatch]) -> ScoredBatch:
-    docs = DocBatch.from_lists([int(i) for p in parts for i in p.docs.doc_ids],
-                               [p.docs.doc(i) for p in parts for i in range(len(p.docs))])
-    return ScoredBatch(docs=docs, cuts=np.concatenate([p.cuts for p in parts]),
-                       gt_ids=np.concatenate([p.gt_ids for p in parts]),
-                       gt_hidden=np.concatenate([p.gt_hidden for p in parts]),
-                       cut_entropy=np.concatenate([p.cut_entropy for p in parts]),
-                       version=min(p.version for p in parts), skipped=sum(p.skipped for p in parts))
+def merge(values: list) -> Experience:
+    """Concatenate per-shard (scored, rollout, reward[, ref]) values in shard order."""
+    scored = [v[0] for v in values]
+    rolls = [v[1] for v in values]
+    rews = [v[2] for v in values]
+    docs = DocBatch.from_lists([int(i) for s in scored for i in s.docs.doc_ids],
+                               [s.docs.doc(i) for s in scored for i in range(len(s.docs))])
+    cat = np.concatenate
+    return Experience(
+        scored=ScoredBatch(docs=docs, cuts=cat([s.cuts for s in scored]), gt_ids=cat([s.gt_ids for s in scored]),
+                           gt_hidden=cat([s.gt_hidden for s in scored]),
+                           cut_entropy=cat([s.cut_entropy for s in scored]),
+                           version=min(s.version for s in scored), step=scored[0].step,
+                           compute_s=sum(s.compute_s for s in scored)),
+        rollout=RolloutBatch(tokens=cat([r.tokens for r in rolls]), logprobs=cat([r.logprobs for r in rolls]),
+                             versions=cat([r.versions for r in rolls]),
+                             samples_per_prefix=rolls[0].samples_per_prefix, compute_s=sum(r.compute_s for r in rolls)),
+        rewards=RewardBatch(rewards=cat([r.rewards for r in rews]),
+                            components={k: cat([r.components[k] for r in rews]) for k in rews[0].components},
+                            compute_s=sum(r.compute_s for r in rews)),
+        ref_logprobs=cat([v[3] for v in values]) if len(values[0]) > 3 else None,
+        shard_values=values)
 
 
 class RefineTrainer:
@@ -66,128 +113,196 @@ class RefineTrainer:
         self.cfg = cfg
         init_ray(cfg)
         self.placement = Placement(cfg)
-        self.version = 0
         self.learners = self._make_learners(vocab_size)
-        n_scorers = cfg.scorer.num_actors
-        self.scorers = [self._actor(ScorerRole, "scorer", i, cfg, i, i, n_scorers) for i in range(n_scorers)]
-        self.rollouts = [self._actor(RolloutRole, "rollout", i, cfg, i) for i in range(cfg.rollout.num_actors)]
-        self.rewarders = [self._actor(RewardRole, "reward", i, cfg, i) for i in range(cfg.reward.num_actors)]
-        self.references = ([self._actor(ReferenceRole, "reference", i, cfg, i)
-                            for i in range(cfg.reference.num_actors)] if cfg.reference.enabled else [])
-        ray.get([a.ping.remote() for a in self.scorers + self.rollouts + self.rewarders + self.references])
-        self.sync = ObjectStoreWeightSync(self.learners, self.scorers + self.rollouts)
-        # Version 0: every inference role starts from exactly the learner's initial weights.
-        ray.get(self.sync.publish(0).acks)
+        opts = self.placement.options
+        self.pools: dict[str, RolePool] = {
+            "scorer": RolePool("scorer", ScorerRole, lambda i: (cfg, i), lambda i: opts("scorer", i),
+                               cfg.scorer.num_actors, receives_weights=True),
+            "rollout": RolePool("rollout", RolloutRole, lambda i: (cfg, i),
+                                lambda i: opts("rollout", min(i, cfg.rollout.num_actors - 1)),
+                                cfg.rollout.num_actors, receives_weights=True),
+            "reward": RolePool("reward", RewardRole, lambda i: (cfg, i), lambda i: opts("reward", i),
+                               cfg.reward.num_actors, receives_weights=False),
+        }
+        if cfg.reference.enabled:
+            self.pools["reference"] = RolePool("reference", ReferenceRole, lambda i: (cfg, i),
+                                               lambda i: opts("reference", i), cfg.reference.num_actors,
+                                               receives_weights=False)
+        for pool in self.pools.values():
+            pool.ready()
+        lengths = ray.get(self.pools["scorer"][0].lengths.remote())
+        self.cursor = DataCursor(lengths, max(min_document_tokens(cfg.refine), cfg.data.min_length),
+                                 cfg.data.shuffle, cfg.data.seed, source=f"data.path '{cfg.data.path}'")
+        self.sync = ObjectStoreWeightSync(self.learners)
+        self.step_index = 0
+        self.version = 0
+        self.weights_ref = None
+        self.failures = 0
         self.pending: Optional[Generation] = None
-        self.last_experience: Optional[tuple[ScoredBatch, RolloutBatch, RewardBatch]] = None
-        self.docs_per_scorer = cfg.data.batch_size // n_scorers
-        if cfg.data.batch_size % n_scorers:
-            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by scorer.num_actors={n_scorers}")
+        self.last_experience: Optional[Experience] = None
+        resume = ckpt.latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
+        if resume is not None:
+            self.load(resume)
+        else:
+            self.publish(wait=True)   # version 0: every role starts from the learner's initial weights
 
-    def _actor(self, cls, role: str, index: int, *args):
-        return ray.remote(cls).options(**self.placement.options(role, index)).remote(*args)
-
+    # ------------------------------------------------------------ set-up
     def _make_learners(self, vocab_size: int) -> list:
         world = self.cfg.learner.num_ranks
-        ranks = [self._actor(LearnerRankRole, "learner", r, self.cfg, r, world) for r in range(world)]
+        ranks = [ray.remote(LearnerRankRole).options(**self.placement.options("learner", r)).remote(self.cfg, r, world)
+                 for r in range(world)]
         addr, port = ray.get(ranks[0].address.remote())
         ray.get([r.init.remote(addr, port, vocab_size) for r in ranks])
         return ranks
 
-    # ------------------------------------------------------------ the step
-    def launch_generation(self, redo: Optional[list] = None) -> Generation:
-        """Score -> rollout -> reward (+ reference) for one step, as a chain of refs.
+    def _learner_call(self, method: str, *args) -> list:
+        try:
+            return ray.get([getattr(r, method).remote(*args) for r in self.learners])
+        except RayActorError as e:
+            latest = ckpt.latest_checkpoint(self.cfg.train.output_dir)
+            where = f"checkpoint '{latest}'" if latest else "the start (no checkpoint yet)"
+            raise LearnerFailure(f"a learner rank died during '{method}' at step {self.step_index} "
+                                 f"({type(e).__name__}); stopping. Run the same command again to resume "
+                                 f"from {where}.") from None
 
-        ``redo``: the scored shards of a stale batch; their documents are scored and
-        sampled again with the current weights, so no document is skipped.
-        """
-        scored, rollouts, rewards, refs = [], [], [], []
-        for i, scorer in enumerate(self.scorers):
-            if redo is None:
-                s = scorer.next_batch.remote(self.docs_per_scorer)
-            else:
-                s = scorer.score.remote(redo[i].docs)
-            r = self.rollouts[i % len(self.rollouts)].generate.remote(s)
-            scored.append(s)
-            rollouts.append(r)
-            rewards.append(self.rewarders[i % len(self.rewarders)].score.remote(s, r))
-            if self.references:
-                refs.append(self.references[i % len(self.references)].logprobs.remote(s, r))
-        return Generation(scored, rollouts, rewards, refs, time.perf_counter())
+    def publish(self, wait: bool) -> float:
+        receivers = self.pools["scorer"].actors + self.pools["rollout"].actors
+        try:
+            pub = self.sync.publish(self.version, receivers)
+        except RayActorError:
+            self._learner_call("ping")      # raises LearnerFailure if a learner died
+            raise
+        self.weights_ref = pub.weights_ref
+        if wait:
+            self._wait_acks(pub.acks)
+        return pub.gather_s
 
-    def collect(self, gen: Generation):
-        """Fetch one step's experience; returns (scored, rollout, rewards, ref_logprobs, timings, scored shards)."""
-        t0 = time.perf_counter()
-        scored_parts = ray.get(gen.scored)
-        t_score = time.perf_counter()
-        roll_parts = ray.get(gen.rollouts)
-        t_roll = time.perf_counter()
-        reward_parts = ray.get(gen.rewards)
-        ref = np.concatenate(ray.get(gen.ref_logprobs)) if gen.ref_logprobs else None
-        t_reward = time.perf_counter()
-        scored = concat_scored(scored_parts)
-        rollout = RolloutBatch(tokens=np.concatenate([r.tokens for r in roll_parts]),
-                               logprobs=np.concatenate([r.logprobs for r in roll_parts]),
-                               versions=np.concatenate([r.versions for r in roll_parts]),
-                               samples_per_prefix=roll_parts[0].samples_per_prefix)
-        rewards = RewardBatch(rewards=np.concatenate([r.rewards for r in reward_parts]),
-                              components={k: np.concatenate([r.components[k] for r in reward_parts])
-                                          for k in reward_parts[0].components})
-        timings = {"time/wait_score_s": t_score - t0, "time/wait_rollout_s": t_roll - t_score,
-                   "time/wait_reward_s": t_reward - t_roll}
-        return scored, rollout, rewards, ref, timings, scored_parts
+    def _wait_acks(self, acks: list) -> None:
+        try:
+            ray.get(acks)
+        except RayError:
+            self.failures += self.heal()    # a receiver died: its replacement got the weights
 
-    def advantages(self, scored: ScoredBatch, rewards: RewardBatch) -> np.ndarray:
+    def heal(self) -> int:
+        return sum(pool.heal(self.version, self.weights_ref) for pool in self.pools.values())
+
+    # ------------------------------------------------------------ experience
+    def _launch_shard(self, index: int, rows: list[int], step: int) -> Shard:
+        p = self.pools
+        s = p["scorer"][index].score_rows.remote(rows, step)
+        r = p["rollout"][index].generate.remote(s)
+        refs = [s, r, p["reward"][index].score.remote(s, r)]
+        if "reference" in p:
+            refs.append(p["reference"][index].logprobs.remote(s, r))
+        return Shard(index, rows, refs)
+
+    def launch_generation(self, step: int, rows: Optional[list[int]] = None) -> Generation:
+        """Score -> rollout -> reward (+ reference) for one step's documents, as chains of refs."""
+        if rows is None:
+            rows = self.cursor.next_rows(self.cfg.data.batch_size)
+        n_shards = min(len(rows), max(len(self.pools["scorer"]), len(self.pools["rollout"])))
+        parts = np.array_split(np.asarray(rows), n_shards)
+        return Generation(step, [self._launch_shard(i, [int(x) for x in part], step) for i, part in enumerate(parts)])
+
+    def collect(self, gen: Generation) -> Experience:
+        if gen.ready is not None:
+            return merge(gen.ready)
+        values = []
+        for shard in gen.shards:
+            for attempt in range(self.cfg.train.max_retries + 1):
+                try:
+                    values.append(ray.get(shard.refs))
+                    break
+                except RayError:
+                    died = self.heal()
+                    if died == 0 or attempt == self.cfg.train.max_retries:
+                        raise
+                    self.failures += died
+                    shard = self._launch_shard(shard.index, shard.rows, gen.step)   # same rows, same seeds
+        return merge(values)
+
+    def advantages(self, exp: Experience) -> np.ndarray:
         G = self.cfg.refine.samples_per_prefix
-        groups = make_group_ids(len(scored.docs), scored.n_chunks, G)
-        adv = grpo_advantages(torch.from_numpy(rewards.rewards).double(), groups,
+        groups = make_group_ids(len(exp.scored.docs), exp.scored.n_chunks, G)
+        adv = grpo_advantages(torch.from_numpy(exp.rewards.rewards).double(), groups,
                               normalize_std=self.cfg.refine.normalize_adv_std)
         return adv.float().numpy()
 
+    # ------------------------------------------------------------ the step
     def step(self) -> dict[str, float]:
         t_start = time.perf_counter()
-        gen = self.pending or self.launch_generation()
+        step = self.step_index
+        if self.cfg.rollout.max_actors > len(self.pools["rollout"]):
+            rc = self.cfg.rollout
+            self.pools["rollout"].grow(rc.max_actors, {"num_cpus": rc.cpus_per_actor, "num_gpus": rc.gpus_per_actor},
+                                       self.version, self.weights_ref)
+        gen = self.pending or self.launch_generation(step)
         self.pending = None
-        scored, rollout, rewards, ref, timings, shards = self.collect(gen)
-        staleness = self.version - int(rollout.versions.min())
+        exp = self.collect(gen)
+        t_collected = time.perf_counter()
+        staleness = self.version - int(exp.rollout.versions.min())
         regenerated = 0
         while staleness > self.cfg.system.max_staleness:
             regenerated += 1       # too old to importance-correct: the same documents again, on-policy
-            scored, rollout, rewards, ref, timings, shards = self.collect(self.launch_generation(redo=shards))
-            staleness = self.version - int(rollout.versions.min())
+            exp = self.collect(self.launch_generation(gen.step, [int(i) for i in exp.scored.docs.doc_ids]))
+            staleness = self.version - int(exp.rollout.versions.min())
         if self.cfg.system.mode == "async":
-            self.pending = self.launch_generation()   # overlaps with the learner below
-        adv = self.advantages(scored, rewards)
-        self.last_experience = (scored, rollout, rewards)   # for inspection (tests, debugging)
-        batch = LearnBatch(docs=scored.docs, cuts=scored.cuts, responses=rollout.tokens,
-                           old_logprobs=rollout.logprobs, advantages=adv, versions=rollout.versions,
-                           samples_per_prefix=rollout.samples_per_prefix, ref_logprobs=ref)
+            self.pending = self.launch_generation(step + 1)   # overlaps with the learner below
+        adv = self.advantages(exp)
+        self.last_experience = exp
+        batch = LearnBatch(docs=exp.scored.docs, cuts=exp.scored.cuts, responses=exp.rollout.tokens,
+                           old_logprobs=exp.rollout.logprobs, advantages=adv, versions=exp.rollout.versions,
+                           samples_per_prefix=exp.rollout.samples_per_prefix, ref_logprobs=exp.ref_logprobs)
         t_learn = time.perf_counter()
-        batch_ref = ray.put(batch)
-        per_rank = ray.get([r.train_step.remote(batch_ref) for r in self.learners])
+        per_rank = self._learner_call("train_step", ray.put(batch))
         t_publish = time.perf_counter()
         self.version += 1
-        pub = self.sync.publish(self.version)
-        if self.cfg.system.mode == "sync":
-            ray.get(pub.acks)
+        self.step_index += 1
+        gather_s = self.publish(wait=self.cfg.system.mode == "sync")
         t_end = time.perf_counter()
         metrics = {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
-        metrics.update(reward_metrics(rewards))
-        metrics.update(timings)
+        metrics.update(reward_metrics(exp.rewards))
         metrics.update({
             "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(np.abs(adv).mean()),
-            "cut_entropy": float(scored.cut_entropy.mean()), "staleness": float(staleness),
-            "stale_regenerated": float(regenerated), "docs_skipped_total": float(scored.skipped),
-            "version": float(self.version), "samples": float(len(rollout.tokens)),
-            "time/learn_s": t_publish - t_learn, "time/publish_s": t_end - t_publish,
-            "time/weight_gather_s": pub.gather_s, "time/step_s": t_end - t_start,
-            "tokens_per_s": float(len(scored.docs.tokens) / max(t_end - t_start, 1e-9)),
+            "cut_entropy": float(exp.scored.cut_entropy.mean()), "staleness": float(staleness),
+            "stale_regenerated": float(regenerated), "docs_skipped_total": float(self.cursor.skipped),
+            "actor_failures_total": float(self.failures), "rollout_actors": float(len(self.pools["rollout"])),
+            "version": float(self.version), "samples": float(len(exp.rollout.tokens)),
+            "time/wait_experience_s": t_collected - t_start, "time/learn_s": t_publish - t_learn,
+            "time/publish_s": t_end - t_publish, "time/weight_gather_s": gather_s,
+            "time/scorer_compute_s": exp.scored.compute_s, "time/rollout_compute_s": exp.rollout.compute_s,
+            "time/reward_compute_s": exp.rewards.compute_s, "time/step_s": t_end - t_start,
+            "tokens_per_s": float(len(exp.scored.docs.tokens) / max(t_end - t_start, 1e-9)),
         })
         return metrics
 
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """Atomic checkpoint of learner state, data position, version and pending experience."""
+        tmp, final = ckpt.begin_save(self.cfg.train.output_dir, self.step_index)
+        pending = None
+        if self.pending is not None:       # async: keep the in-flight experience, not regenerate it
+            pending = self.collect(self.pending).shard_values
+            self.pending = Generation(self.pending.step, ready=pending)
+        self._learner_call("save", str(tmp / "learner"), {})
+        state = {"step": self.step_index, "version": self.version, "cursor": self.cursor.state_dict(),
+                 "failures": self.failures, "pending": pending,
+                 "pending_step": None if self.pending is None else self.pending.step, "config": to_dict(self.cfg)}
+        return str(ckpt.commit_save(tmp, final, state, self.cfg.train.keep_checkpoints))
+
+    def load(self, path) -> None:
+        state = ckpt.load_trainer_state(path)
+        self._learner_call("load", str(path / "learner"))
+        self.step_index, self.version, self.failures = state["step"], state["version"], state["failures"]
+        self.cursor.load_state_dict(state["cursor"])
+        if state["pending"] is not None:
+            self.pending = Generation(state["pending_step"], ready=state["pending"])
+        self.publish(wait=True)
+        log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.version)
+
     def shutdown(self) -> None:
-        if self.pending is not None:
-            ray.get(self.pending.rewards)
-        for actor in self.learners + self.scorers + self.rollouts + self.rewarders + self.references:
+        for actor in self.learners:
             ray.kill(actor)
+        for pool in self.pools.values():
+            pool.kill_all()
         self.placement.remove()

@@ -126,8 +126,8 @@ class RefineLearner:
         return {name: t.detach().float().cpu().numpy().copy() for name, t in module.state_dict().items()}
 
     def save(self, path: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(path, tag="latest", client_state=client_state)
+        self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
 
     def load(self, path: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(path, tag="latest")
+        _, client_state = self.engine.load_checkpoint(path, tag="ds")
         return client_state or {}

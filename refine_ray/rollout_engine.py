@@ -17,9 +17,13 @@ import torch
 
 from refine_ray.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import RefineConfig
+from refine_ray.data import row_seed
 from refine_ray.models.base import ModelState
 from refine_ray.models.generation import prefill, sample_continuations
 from refine_ray.scoring import unpack_states
+
+
+ROLLOUT_STREAM = 2
 
 
 class RolloutEngine(Protocol):
@@ -31,8 +35,8 @@ class FastWeightRollout:
     def __init__(self, model, cfg: RefineConfig, seed: int = 0):
         self.model = model.eval()
         self.cfg = cfg
+        self.seed = seed
         self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         from refine_ray.policy import load_numpy_weights
@@ -53,11 +57,14 @@ class FastWeightRollout:
             for p in prompts:  # one row at a time: no padding ever enters a state
                 prefixes.append(prefill(self.model, [p]))
         tokens, logprobs, hiddens = [], [], []
-        for state, last_hidden in prefixes:
+        n = batch.n_chunks
+        for p, (state, last_hidden) in enumerate(prefixes):
+            # Seeded by (run, step, document, cut): a retried request samples the same tokens.
+            gen = torch.Generator(device=self.device).manual_seed(
+                row_seed(self.seed, ROLLOUT_STREAM, batch.step, int(batch.docs.doc_ids[p // n]), p % n))
             last_hidden = last_hidden.to(next(self.model.parameters()).dtype)
             out = sample_continuations(self.model, state.repeat_interleave(G), last_hidden.repeat_interleave(G, 0),
-                                       k, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                       generator=self.generator)
+                                       k, temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=gen)
             tokens.append(out.tokens)
             logprobs.append(out.logprobs)
             hiddens.append(out.hidden.float())

@@ -25,16 +25,27 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
 
     logger = MetricsLogger(out)
     trainer = RefineTrainer(cfg, len(tokenizer))
+    from refine_ray.ray_metrics import RayMetricsExporter
+
+    exporter = RayMetricsExporter(cfg.name)     # headline figures on the Ray dashboard / Prometheus
     history = []
     try:
-        bar = tqdm(range(cfg.train.steps), desc=f"{cfg.name} [{cfg.system.mode}]", unit="step")
+        start = trainer.step_index
+        if start:
+            log.warning("resuming at step %d of %d", start, cfg.train.steps)
+        bar = tqdm(range(start, cfg.train.steps), desc=f"{cfg.name} [{cfg.system.mode}]", unit="step",
+                   initial=start, total=cfg.train.steps)
         for step in bar:
             metrics = trainer.step()
+            exporter.record(metrics)
             history.append(metrics)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
                 logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics['reward/mean']:.3f}",
                             v=int(metrics["version"]))
+            last = step == cfg.train.steps - 1
+            if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                trainer.save()
     finally:
         trainer.shutdown()
         logger.close()

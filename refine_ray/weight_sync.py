@@ -20,6 +20,7 @@ import ray
 @dataclass
 class Publication:
     version: int
+    weights_ref: object = None                    # the published weights (re-sent to replaced actors)
     acks: list = field(default_factory=list)     # refs of update_weights calls
     gather_s: float = 0.0                         # learner gather + ray.put
 
@@ -27,11 +28,10 @@ class Publication:
 class ObjectStoreWeightSync:
     """Weights travel through the Ray object store (CPU and GPU; no NCCL group needed)."""
 
-    def __init__(self, learner_ranks: list, receivers: list):
+    def __init__(self, learner_ranks: list):
         self.learner_ranks = learner_ranks
-        self.receivers = receivers
 
-    def publish(self, version: int) -> Publication:
+    def publish(self, version: int, receivers: list) -> Publication:
         t0 = time.perf_counter()
         # Every rank must take part (ZeRO-3 gathers are collective); rank 0 returns the dict.
         refs = [r.full_state_dict.remote() for r in self.learner_ranks]
@@ -39,8 +39,5 @@ class ObjectStoreWeightSync:
         ray.get(refs[1:])
         weights_ref = ray.put(weights)
         gather_s = time.perf_counter() - t0
-        acks = [actor.update_weights.remote(version, weights_ref) for actor in self.receivers]
-        return Publication(version, acks, gather_s)
-
-    def set_receivers(self, receivers: list) -> None:
-        self.receivers = receivers
+        acks = [actor.update_weights.remote(version, weights_ref) for actor in receivers]
+        return Publication(version, weights_ref, acks, gather_s)

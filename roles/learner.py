@@ -43,3 +43,6 @@ class LearnerRankRole:
 
     def load(self, path: str) -> dict:
         return self.learner.load(path)
+
+    def ping(self) -> bool:
+        return True

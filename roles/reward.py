@@ -1,6 +1,8 @@
 """Reward role: self-supervised sequence rewards (policy hidden states, frozen encoder, exact match)."""
 from __future__ import annotations
 
+import time
+
 from refine_ray.batches import RewardBatch, RolloutBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.data import load_tokenizer
@@ -16,7 +18,10 @@ class RewardRole:
                                          encoder_path=cfg.reward.encoder)
 
     def score(self, scored: ScoredBatch, rollout: RolloutBatch) -> RewardBatch:
-        return self.rewarder(scored, rollout)
+        t0 = time.perf_counter()
+        out = self.rewarder(scored, rollout)
+        out.compute_s = time.perf_counter() - t0
+        return out
 
     def ping(self) -> bool:
         return True

@@ -1,6 +1,8 @@
 """Rollout role: G sampled continuations of k tokens per prefix, stamped with the weight version."""
 from __future__ import annotations
 
+import time
+
 from refine_ray.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.data import load_tokenizer
@@ -19,10 +21,13 @@ class RolloutRole(VersionedWeights):
             self.engine = VLLMRollout(cfg, vocab)
         else:
             self.engine = FastWeightRollout(build_policy(cfg.model, vocab, self.device), cfg.refine,
-                                            seed=cfg.train.seed + 2000 + seed)
+                                            seed=cfg.train.seed)
 
     def generate(self, batch: ScoredBatch) -> RolloutBatch:
-        return self.engine.generate(batch, self.version)
+        t0 = time.perf_counter()
+        out = self.engine.generate(batch, self.version)
+        out.compute_s = time.perf_counter() - t0
+        return out
 
     def _load_weights(self, weights) -> None:
         self.engine.load_weights(weights)

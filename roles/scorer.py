@@ -1,39 +1,52 @@
-"""Data + entropy scorer role: reads and tokenises the corpus, scores documents, picks cuts."""
+"""Data + entropy scorer role: tokenises the rows it is given, scores them, picks cuts.
+
+The driver owns the data position (a :class:`~refine_ray.data.DataCursor`); a scorer
+holds the corpus and the current weights only, so a restarted scorer can redo
+any request. Cut sampling is seeded by (run seed, step, document): a redone
+request picks the same cuts.
+"""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 
 from refine_ray.batches import DocBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
-from refine_ray.data import DocumentStream, load_tokenizer
+from refine_ray.data import Corpus, load_tokenizer, row_seed
 from refine_ray.policy import build_policy
-from refine_ray.scoring import min_document_tokens, pack_states, score_document
+from refine_ray.scoring import pack_states, score_document
 from roles.common import VersionedWeights, setup_process
+
+CUT_STREAM = 1
 
 
 class ScorerRole(VersionedWeights):
-    def __init__(self, cfg: ExperimentConfig, seed: int = 0, shard: int = 0, num_shards: int = 1):
+    def __init__(self, cfg: ExperimentConfig, seed: int = 0):
         self.device = setup_process(cfg.train.seed + seed)
         self.cfg = cfg
         tokenizer = load_tokenizer(cfg.tokenizer.path)
-        self.stream = DocumentStream(cfg.data, tokenizer, min_tokens=min_document_tokens(cfg.refine),
-                                     shard=shard, num_shards=num_shards)
+        self.corpus = Corpus(cfg.data, tokenizer)
         self.model = build_policy(cfg.model, len(tokenizer), self.device).eval()
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1000 + seed)
 
-    def next_batch(self, size: int) -> ScoredBatch:
-        """Score the next ``size`` usable documents with the current weights."""
-        docs = self.stream.next_batch(size)
-        return self.score(DocBatch.from_lists([d.doc_id for d in docs], [d.ids for d in docs]))
+    def lengths(self) -> np.ndarray:
+        return self.corpus.lengths()
 
-    def score(self, docs: DocBatch) -> ScoredBatch:
-        """Score given documents (also used to regenerate a stale batch on the same documents)."""
+    def score_rows(self, rows: list[int], step: int) -> ScoredBatch:
+        docs = [self.corpus.document(r) for r in rows]
+        return self.score(DocBatch.from_lists(rows, [d.ids for d in docs]), step)
+
+    def score(self, docs: DocBatch, step: int) -> ScoredBatch:
+        """Score documents with the current weights and choose their cuts."""
+        t0 = time.perf_counter()
         with_states = self.cfg.refine.prefix_sharing
         cuts, gt_ids, gt_hidden, entropy, cut_hidden, states = [], [], [], [], [], []
         for i in range(len(docs)):
             ids = torch.from_numpy(docs.doc(i)).to(self.device)
-            s = score_document(self.model, ids, self.cfg.refine, self.generator, with_states=with_states)
+            gen = torch.Generator(device=self.device).manual_seed(
+                row_seed(self.cfg.train.seed, CUT_STREAM, step, int(docs.doc_ids[i])))
+            s = score_document(self.model, ids, self.cfg.refine, gen, with_states=with_states)
             cuts.append(s.cuts.cpu().numpy())
             gt_ids.append(s.gt_ids.cpu().numpy())
             gt_hidden.append(s.gt_hidden.cpu().numpy())
@@ -42,15 +55,7 @@ class ScorerRole(VersionedWeights):
             if with_states:
                 states.extend(s.cut_states)
         return ScoredBatch(
-            docs=docs,
-            cuts=np.stack(cuts), gt_ids=np.concatenate(gt_ids), gt_hidden=np.concatenate(gt_hidden),
-            cut_entropy=np.concatenate(entropy), version=self.version, skipped=self.stream.skipped,
+            docs=docs, cuts=np.stack(cuts), gt_ids=np.concatenate(gt_ids), gt_hidden=np.concatenate(gt_hidden),
+            cut_entropy=np.concatenate(entropy), version=self.version, step=step,
             cut_hidden=np.concatenate(cut_hidden) if with_states else None,
-            cut_states=pack_states(states) if with_states else None)
-
-    def data_state(self) -> dict:
-        return {"stream": self.stream.state_dict(), "generator": self.generator.get_state()}
-
-    def load_data_state(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
-        self.generator.set_state(state["generator"])
+            cut_states=pack_states(states) if with_states else None, compute_s=time.perf_counter() - t0)

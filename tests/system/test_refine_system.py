@@ -18,7 +18,8 @@ def _weights(trainer):
 
 
 def _check_experience(trainer, cfg, expected_version):
-    scored, rollout, rewards = trainer.last_experience
+    exp = trainer.last_experience
+    scored, rollout, rewards = exp.scored, exp.rollout, exp.rewards
     B, n, G, k = cfg.data.batch_size, cfg.refine.n_chunks, cfg.refine.samples_per_prefix, cfg.refine.response_length
     assert scored.cuts.shape == (B, n) and len(set(scored.docs.doc_ids.tolist())) == B
     # every selected cut produced exactly G scored samples: none lost, none duplicated
@@ -55,7 +56,8 @@ def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
         changed = [name for name in before if not np.array_equal(before[name], after[name])]
         assert len(changed) > len(before) // 2, "the learner's weights did not change"
         # inference roles switched to the newest publication
-        assert ray.get([a.get_version.remote() for a in trainer.rollouts + trainer.scorers]) == [3, 3]
+        receivers = trainer.pools["rollout"].actors + trainer.pools["scorer"].actors
+        assert ray.get([a.get_version.remote() for a in receivers]) == [3, 3]
         assert history[-1]["version"] == 3
         if mode == "async":
             assert [h["staleness"] for h in history] == [0, 1, 1]
