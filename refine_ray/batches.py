@@ -48,6 +48,7 @@ class ScoredBatch:
     version: int                 # policy weight version used for scoring
     step: int = 0                # training step (keys the sampling seeds)
     compute_s: float = 0.0       # scorer time spent on this batch
+    answers: Optional[DocBatch] = None   # task answer tokens per document (post-training)
     cut_hidden: Optional[np.ndarray] = None       # [B*n, D] hidden at cut-1 (prefix sharing)
     cut_states: Optional[dict[str, np.ndarray]] = None  # scoring.pack_states of the B*n cut states
 
@@ -89,6 +90,7 @@ class LearnBatch:
     versions: np.ndarray         # [B*n*G]
     samples_per_prefix: int
     ref_logprobs: Optional[np.ndarray] = None
+    answers: Optional[DocBatch] = None   # task SFT targets (post-training)
 
     def shard(self, rank: int, world: int) -> "LearnBatch":
         """Documents rank::world go to ``rank`` (documents never split across ranks)."""
@@ -99,4 +101,5 @@ class LearnBatch:
             docs=self.docs.select(docs), cuts=self.cuts[docs], responses=self.responses[rows],
             old_logprobs=self.old_logprobs[rows], advantages=self.advantages[rows],
             versions=self.versions[rows], samples_per_prefix=self.samples_per_prefix,
-            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows])
+            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
+            answers=None if self.answers is None else self.answers.select(docs))

@@ -51,14 +51,16 @@ class DataConfig:
     path: str = "../shared/data/longbench"  # a file (parquet/jsonl/json/txt) or a directory of them
     text_column: str = "prompt"
     answer_column: Optional[str] = None   # post-training: the task answers (list or str)
+    answer_max_tokens: int = 32           # the first answer, truncated to this many tokens
     max_length: int = 1024                # longer documents are truncated to this many tokens
+    truncation: Literal["right", "left", "middle"] = "right"  # which part of a long document to drop
     min_length: int = 0                   # documents shorter than this are skipped (counted)
     batch_size: int = 2                   # documents per training step
     shuffle: bool = True
     seed: int = 0
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "max_length", "batch_size")
+        _positive(self, key, "max_length", "batch_size", "answer_max_tokens")
         if not self.text_column:
             raise ConfigError(f"{key}.text_column: must be a non-empty column name")
 
@@ -82,10 +84,12 @@ class RefineConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float = 3.0
-    prefix_sharing: bool = False          # one trunk pass per document (fast-weight state at cuts)
+    prefix_sharing: bool = True           # one trunk pass per document (fast-weight state at cuts);
+                                          # false: re-encode every prefix, the reference's method
+    state_stride: int = 512               # scoring keeps the state every this many tokens (prefix sharing)
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature")
+        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature", "state_stride")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{key}.top_p: {self.top_p} is not in (0, 1]")
         if self.dual_clip <= 1.0:
@@ -176,6 +180,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True                   # continue from <output_dir>/checkpoints/latest if present
     max_retries: int = 2                  # re-issues of a step's work after an inference actor dies
+    task_update: Literal["none", "sft"] = "none"  # post-training: task SFT on prompt+answer after REFINE
+    task_coef: float = 1.0
 
     def validate(self, key: str) -> None:
         _positive(self, key, "steps", "log_every")
@@ -203,6 +209,8 @@ class ExperimentConfig:
                               f"learner.num_ranks={self.learner.num_ranks}")
         if self.refine.kl_coef > 0 and not self.reference.enabled:
             raise ConfigError("refine.kl_coef: > 0 needs reference.enabled=true")
+        if self.train.task_update == "sft" and not self.data.answer_column:
+            raise ConfigError("train.task_update: 'sft' needs data.answer_column (the task answers)")
         if self.rollout.backend == "vllm" and self.refine.prefix_sharing:
             raise ConfigError("refine.prefix_sharing: needs rollout.backend=fast_weight (vLLM cannot start from cut states)")
 

@@ -48,6 +48,9 @@ def data_files(path: str | Path) -> tuple[str, list[str]]:
     files = sorted(f for f in p.iterdir() if f.suffix in SUPPORTED) if p.is_dir() else [p]
     if not files:
         raise DataError(f"data.path: '{p}' holds no {'/'.join(SUPPORTED)} files")
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"data.path: '{f}' is not a regular file (expected a {f.suffix or 'data'} file)")
     kinds = {SUPPORTED.get(f.suffix) for f in files}
     if None in kinds or len(kinds) != 1:
         raise DataError(f"data.path: '{p}': expected files of one type among {', '.join(SUPPORTED)}, "
@@ -62,11 +65,17 @@ def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
     builder, files = data_files(cfg.path)
     if builder == "parquet" and _parquet_rows(files) == 0:
         raise DataError(f"data.path: '{cfg.path}' has no rows")
+    if builder != "parquet" and all(Path(f).stat().st_size == 0 for f in files):
+        raise DataError(f"data.path: '{cfg.path}' has no rows (empty file)")
     datasets.disable_progress_bars()
-    try:
+    verbosity = datasets.logging.get_verbosity()
+    try:   # datasets also logs parse errors it raises; the DataError below is the one line shown
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
         ds = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:  # datasets wraps parse errors in many types
-        raise DataError(f"data.path: cannot read '{cfg.path}' as {builder} ({str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"data.path: cannot read '{cfg.path}' as {builder} ({_reason(e)})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     column = "text" if builder == "text" else cfg.text_column
     if column not in ds.column_names:
         raise DataError(f"data.text_column: '{column}' not in {cfg.path} (columns: {', '.join(ds.column_names)})")
@@ -81,6 +90,18 @@ def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
             raise DataError(f"data.text_column: row {i} of '{cfg.path}' is {type(t).__name__}, expected text")
     answers = ds[cfg.answer_column] if cfg.answer_column else [None] * len(texts)
     return texts, answers
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why: the innermost non-empty message of an exception chain (datasets wraps causes)."""
+    reasons = []
+    while e is not None and len(reasons) < 8:
+        text = str(e).strip()
+        reasons.append(text.splitlines()[0][:200] if text else type(e).__name__)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    generic = ("An error occurred while generating the dataset", "StopIteration")
+    specific = [r for r in reasons if r not in generic]
+    return specific[0] if specific else reasons[0]
 
 
 def _parquet_rows(files: list[str]) -> int:
@@ -101,6 +122,33 @@ class Document:
     doc_id: int                 # row index in the corpus: stable across resumes
     ids: np.ndarray             # int64 token ids, no padding
     answer: object = None
+    answer_ids: Optional[np.ndarray] = None   # the first answer's tokens (post-training)
+
+
+def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
+    """Keep ``max_length`` tokens: drop the end (right), the start (left) or the middle.
+
+    QA prompts put the question last, so post-training and evaluation keep the end
+    ("left" or "middle", LongBench's convention); mid-training keeps the start.
+    """
+    if len(ids) <= max_length:
+        return ids
+    if side == "right":
+        return ids[:max_length]
+    if side == "left":
+        return ids[len(ids) - max_length:]
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head):]
+
+
+def first_answer(answer, column: str, row: int) -> str:
+    """The answer trained on: a string, or the first of a list (as the reference)."""
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, (list, tuple, np.ndarray)) and len(answer) and isinstance(answer[0], str):
+        return answer[0]
+    raise DataError(f"data.answer_column: row {row} of '{column}' is {type(answer).__name__} "
+                    f"{answer!r:.60}, expected a string or a non-empty list of strings")
 
 
 class Corpus:
@@ -115,9 +163,15 @@ class Corpus:
         return len(self.texts)
 
     def document(self, row: int) -> Document:
-        ids = self.tokenizer(self.texts[row], add_special_tokens=False, truncation=True,
-                             max_length=self.cfg.max_length)["input_ids"]
-        return Document(int(row), np.asarray(ids, dtype=np.int64), self.answers[row])
+        ids = truncate(self.tokenizer(self.texts[row], add_special_tokens=False)["input_ids"],
+                       self.cfg.max_length, self.cfg.truncation)
+        answer = self.answers[row]
+        answer_ids = None
+        if self.cfg.answer_column is not None:
+            first = first_answer(answer, self.cfg.answer_column, row)
+            answer_ids = np.asarray(self.tokenizer(first, add_special_tokens=False)["input_ids"]
+                                    [:self.cfg.answer_max_tokens], dtype=np.int64)
+        return Document(int(row), np.asarray(ids, dtype=np.int64), answer, answer_ids)
 
     def lengths(self) -> np.ndarray:
         """Token count of every row (after truncation): the index the cursor filters on.

@@ -97,7 +97,10 @@ def merge(values: list) -> Experience:
                            gt_hidden=cat([s.gt_hidden for s in scored]),
                            cut_entropy=cat([s.cut_entropy for s in scored]),
                            version=min(s.version for s in scored), step=scored[0].step,
-                           compute_s=sum(s.compute_s for s in scored)),
+                           compute_s=sum(s.compute_s for s in scored),
+                           answers=None if scored[0].answers is None else DocBatch.from_lists(
+                               [int(i) for s in scored for i in s.answers.doc_ids],
+                               [s.answers.doc(i) for s in scored for i in range(len(s.answers))])),
         rollout=RolloutBatch(tokens=cat([r.tokens for r in rolls]), logprobs=cat([r.logprobs for r in rolls]),
                              versions=cat([r.versions for r in rolls]),
                              samples_per_prefix=rolls[0].samples_per_prefix, compute_s=sum(r.compute_s for r in rolls)),
@@ -252,7 +255,8 @@ class RefineTrainer:
         self.last_experience = exp
         batch = LearnBatch(docs=exp.scored.docs, cuts=exp.scored.cuts, responses=exp.rollout.tokens,
                            old_logprobs=exp.rollout.logprobs, advantages=adv, versions=exp.rollout.versions,
-                           samples_per_prefix=exp.rollout.samples_per_prefix, ref_logprobs=exp.ref_logprobs)
+                           samples_per_prefix=exp.rollout.samples_per_prefix, ref_logprobs=exp.ref_logprobs,
+                           answers=exp.scored.answers)
         t_learn = time.perf_counter()
         per_rank = self._learner_call("train_step", ray.put(batch))
         t_publish = time.perf_counter()

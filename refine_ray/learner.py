@@ -19,7 +19,7 @@ from refine_ray.algo import kl_penalty, ppo_clip_loss, refine_loss
 from refine_ray.batches import LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.policy import build_policy
-from refine_ray.sequence_logprobs import document_logprobs
+from refine_ray.sequence_logprobs import answer_nll, document_logprobs
 
 
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
@@ -55,8 +55,12 @@ class RefineLearner:
         optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
         warmup = cfg.optim.warmup_steps
+        # DeepSpeed steps the scheduler at every optimizer step; post-training makes two
+        # updates per training step (REFINE, then task SFT). Counting training steps keeps
+        # the schedule per step (the reference stepped it twice per post-training step).
+        updates = 2 if cfg.train.task_update == "sft" else 1
         sched = torch.optim.lr_scheduler.LambdaLR(
-            optim, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+            optim, lambda n: min(1.0, (n // updates + 1) / warmup) if warmup > 0 else 1.0)
         self.docs_per_rank = cfg.data.batch_size // self.world
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched,
@@ -102,9 +106,26 @@ class RefineLearner:
                 sums[name] += float(value)
         metrics = {name: value / len(batch.docs) for name, value in sums.items()}
         metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        if self.cfg.train.task_update == "sft":
+            metrics.update(self._task_sft(batch))
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
         self.version += 1
         return metrics
+
+    def _task_sft(self, batch: LearnBatch) -> dict[str, float]:
+        """Post-training's outer update: CE on the answer after the prompt, one optimizer step."""
+        if batch.answers is None:
+            raise ValueError("train.task_update=sft but the batch carries no answers (data.answer_column)")
+        total = 0.0
+        for d in range(len(batch.docs)):
+            prompt = torch.from_numpy(batch.docs.doc(d)).to(self.device)
+            answer = torch.from_numpy(batch.answers.doc(d)).to(self.device)
+            loss = self.cfg.train.task_coef * answer_nll(self.engine.module, prompt, answer)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += float(loss.detach())
+        return {"task_sft_loss": total / len(batch.docs),
+                "task_grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
 
     def full_state_dict(self) -> Optional[dict[str, np.ndarray]]:
         """Full float32 weights as numpy on rank 0 (None elsewhere). Collective under ZeRO-3."""

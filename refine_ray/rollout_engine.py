@@ -56,15 +56,14 @@ class FastWeightRollout:
                        for d in range(len(batch.docs)) for c in batch.cuts[d].tolist()]
             for p in prompts:  # one row at a time: no padding ever enters a state
                 prefixes.append(prefill(self.model, [p]))
+        dtype = next(self.model.parameters()).dtype
+        groups = self._batches(prefixes, batch)
         tokens, logprobs, hiddens = [], [], []
-        n = batch.n_chunks
-        for p, (state, last_hidden) in enumerate(prefixes):
-            # Seeded by (run, step, document, cut): a retried request samples the same tokens.
-            gen = torch.Generator(device=self.device).manual_seed(
-                row_seed(self.seed, ROLLOUT_STREAM, batch.step, int(batch.docs.doc_ids[p // n]), p % n))
-            last_hidden = last_hidden.to(next(self.model.parameters()).dtype)
-            out = sample_continuations(self.model, state.repeat_interleave(G), last_hidden.repeat_interleave(G, 0),
-                                       k, temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=gen)
+        for state, last_hidden, seed in groups:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            out = sample_continuations(self.model, state.repeat_interleave(G),
+                                       last_hidden.to(dtype).repeat_interleave(G, 0), k,
+                                       temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=gen)
             tokens.append(out.tokens)
             logprobs.append(out.logprobs)
             hiddens.append(out.hidden.float())
@@ -72,3 +71,20 @@ class FastWeightRollout:
         return RolloutBatch(tokens=torch.cat(tokens).cpu().numpy(), logprobs=torch.cat(logprobs).float().cpu().numpy(),
                             versions=np.full(n_rows, version, dtype=np.int64),
                             hidden=torch.cat(hiddens).cpu().numpy(), samples_per_prefix=G)
+
+    def _batches(self, prefixes: list[tuple[ModelState, torch.Tensor]], batch: ScoredBatch):
+        """Decode batches with their sampling seeds, rows in prefix order.
+
+        Offset-free states (DeltaNet, GatedDeltaNet) decode all prefixes of the request in
+        one batch; states tied to their position (LaCT) decode one prefix at a time.
+        Seeds are keyed by (run, step, documents[, cut]), never by the actor, so a
+        re-issued request samples exactly the same tokens.
+        """
+        docs = [int(d) for d in batch.docs.doc_ids]
+        if getattr(self.model, "offset_free_state", False):
+            state = ModelState.cat([ModelState(s.layers, 0) for s, _ in prefixes])
+            hidden = torch.cat([h for _, h in prefixes], 0)
+            return [(state, hidden, row_seed(self.seed, ROLLOUT_STREAM, batch.step, *docs))]
+        n = batch.n_chunks
+        return [(s, h, row_seed(self.seed, ROLLOUT_STREAM, batch.step, docs[p // n], p % n))
+                for p, (s, h) in enumerate(prefixes)]

@@ -64,12 +64,19 @@ def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLo
         states[end] = state
         start = end
     hidden = torch.cat(hidden_parts, 0)                                   # [L, D]
-    logps = []
-    for j, c in enumerate(cuts.tolist()):
-        rows = responses[j * G:(j + 1) * G]                               # [G, k]
-        first = _head(model, hidden[c - 1]).expand(G, -1)[:, None]         # [G, 1, V]
+    if getattr(model, "offset_free_state", False):
+        # All n·G branches in one batch: states at different positions can share a batch.
+        groups = [(cuts.tolist(), ModelState.cat([ModelState(states[c].layers, 0) for c in cuts.tolist()]))]
+    else:
+        groups = [([c], states[c]) for c in cuts.tolist()]
+    logps, row = [], 0
+    for group_cuts, state in groups:
+        rows = responses[row:row + len(group_cuts) * G]                   # [m*G, k]
+        row += len(group_cuts) * G
+        idx = torch.tensor(group_cuts, device=hidden.device) - 1
+        first = _head(model, hidden[idx]).repeat_interleave(G, 0)[:, None]  # [m*G, 1, V]
         if k > 1:
-            branch = model.forward_segment(rows[:, :k - 1], states[c].repeat_interleave(G), return_logits=True)
+            branch = model.forward_segment(rows[:, :k - 1], state.repeat_interleave(G), return_logits=True)
             logits = torch.cat([first, branch.logits], 1)
         else:
             logits = first
@@ -91,3 +98,17 @@ def _reencode(model, ids, cuts, responses, G, temperature, with_ntp) -> Document
     if with_ntp:
         ntp = _ntp(model, model.forward_segment(ids[None], None, return_logits=False).hidden[0], ids)
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
+
+
+def answer_nll(model, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``answer [A]`` given ``prompt [L]``: answer tokens only in the loss.
+
+    The prompt runs as one segment without logits; the answer continues from its
+    state, so no [L, V] logits are built for the prompt.
+    """
+    out = model.forward_segment(prompt[None], None, return_logits=False)
+    logits = _head(model, out.hidden[:, -1:])                             # predicts answer[0]
+    if answer.shape[0] > 1:
+        branch = model.forward_segment(answer[None, :-1], out.state, return_logits=True)
+        logits = torch.cat([logits, branch.logits], 1)
+    return torch.nn.functional.cross_entropy(logits[0].float(), answer.long())

@@ -35,7 +35,10 @@ class ScorerRole(VersionedWeights):
 
     def score_rows(self, rows: list[int], step: int) -> ScoredBatch:
         docs = [self.corpus.document(r) for r in rows]
-        return self.score(DocBatch.from_lists(rows, [d.ids for d in docs]), step)
+        scored = self.score(DocBatch.from_lists(rows, [d.ids for d in docs]), step)
+        if self.cfg.data.answer_column is not None:
+            scored.answers = DocBatch.from_lists(rows, [d.answer_ids for d in docs])
+        return scored
 
     def score(self, docs: DocBatch, step: int) -> ScoredBatch:
         """Score documents with the current weights and choose their cuts."""
@@ -46,7 +49,8 @@ class ScorerRole(VersionedWeights):
             ids = torch.from_numpy(docs.doc(i)).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(
                 row_seed(self.cfg.train.seed, CUT_STREAM, step, int(docs.doc_ids[i])))
-            s = score_document(self.model, ids, self.cfg.refine, gen, with_states=with_states)
+            s = score_document(self.model, ids, self.cfg.refine, gen, with_states=with_states,
+                               state_stride=self.cfg.refine.state_stride)
             cuts.append(s.cuts.cpu().numpy())
             gt_ids.append(s.gt_ids.cpu().numpy())
             gt_hidden.append(s.gt_hidden.cpu().numpy())

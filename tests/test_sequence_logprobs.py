@@ -48,3 +48,13 @@ def test_response_of_one_token():
     b = document_logprobs(model, ids, cuts, resp, 1, shared=False, with_ntp=False)
     assert a.ntp_loss is None
     torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_answer_nll_counts_answer_tokens_only():
+    from refine_ray.sequence_logprobs import answer_nll
+
+    model = build_model("delta_net", seed=2, vocab_size=60)
+    prompt, answer = torch.randint(0, 60, (25,)), torch.randint(0, 60, (6,))
+    logits = model(torch.cat([prompt, answer])[None]).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[24:30], answer)   # positions predicting the answer
+    torch.testing.assert_close(answer_nll(model, prompt, answer), expected, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ def cluster():
 def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
     cfg = load_config("configs/tiny_deltanet_mid.yaml", [
         f"system.mode={mode}", "reference.enabled=true", "refine.kl_coef=0.05", "train.steps=3",
+        f"refine.prefix_sharing={mode == 'async'}",          # sync re-encodes prefixes (the reference)
         "data.max_length=256", "refine.n_chunks=3", f"train.output_dir={tmp_path}"])
     trainer = RefineTrainer(cfg, len(load_tokenizer()))
     try:
@@ -91,5 +92,22 @@ def test_prefix_shared_refine_on_other_models(cluster, tmp_path, model_type):
         _check_experience(trainer, cfg, 1)
         assert all(np.isfinite(h["loss"]) for h in history)
         assert history[-1]["reward/exact_mean"] >= 0 and "reward/cosine_mean" in history[-1]
+    finally:
+        trainer.shutdown()
+
+
+def test_post_training_refine_then_task_sft(cluster, tmp_path):
+    """RULER QA post-training: inner REFINE update, then task SFT on the answers (ZeRO-2)."""
+    cfg = load_config("configs/tiny_deltanet_post.yaml", [f"train.output_dir={tmp_path}", "optim.warmup_steps=4"])
+    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    try:
+        history = [trainer.step(), trainer.step()]
+        exp = trainer.last_experience
+        assert exp.scored.answers is not None and len(exp.scored.answers) == cfg.data.batch_size
+        assert all(0 < len(exp.scored.answers.doc(i)) <= 32 for i in range(cfg.data.batch_size))
+        assert all(np.isfinite(h["task_sft_loss"]) and h["task_sft_loss"] > 0 for h in history)
+        # warm-up counts training steps, not optimizer updates (two per post-training step):
+        # the lr for step t+1 is (t+1)/4 of the peak, not (2t+1)/4
+        assert [h["lr"] for h in history] == pytest.approx([0.5 * cfg.optim.lr, 0.75 * cfg.optim.lr])
     finally:
         trainer.shutdown()
