@@ -33,7 +33,11 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    path = root / name
+    if not name or not path.is_dir():
+        raise FileNotFoundError(f"checkpoint pointer '{pointer}' names {name!r}, which is not a checkpoint "
+                                f"directory in '{root}' (expected step_N)")
     if not (path / "trainer.pt").is_file():
         raise FileNotFoundError(f"checkpoint '{path}' named by '{pointer}' is incomplete (no trainer.pt)")
     return path

@@ -112,6 +112,10 @@ def _export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path, and errors stay one line
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     parser = argparse.ArgumentParser(prog="refine-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "train":
         from refine_ray.data import DataError
+        from refine_ray.preflight import PreflightError
         from refine_ray.train import run_training
 
         try:
             history = run_training(cfg)
-        except (DataError, ConfigError) as e:
+        except (DataError, ConfigError, PreflightError) as e:
             print(f"refine-ray: {e}", file=sys.stderr)
             return 2
         last = history[-1]

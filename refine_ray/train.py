@@ -8,19 +8,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from refine_ray.config import ExperimentConfig, to_dict
-from refine_ray.data import load_tokenizer
 
 log = logging.getLogger("refine_ray")
 
 
 def run_training(cfg: ExperimentConfig) -> list[dict]:
     """Train for ``cfg.train.steps`` steps; returns the per-step metrics."""
+    from refine_ray.preflight import preflight
+
+    tokenizer = preflight(cfg).tokenizer   # bad inputs stop here, one line, before Ray or any file is touched
     from refine_ray.driver import RefineTrainer
 
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
     from refine_ray.metrics_log import MetricsLogger
 
     logger = MetricsLogger(out)

@@ -1,0 +1,173 @@
+"""Check a training job's inputs in the driver process, before Ray or any actor starts.
+
+    report = preflight(cfg)      # raises ConfigError / DataError / PreflightError, one line each
+
+Every input an actor would read is opened here first, so a bad input stops the
+job with one line naming the key or file and what was expected, instead of a
+``RayTaskError`` traceback from inside an actor (and before the output
+directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest first:
+
+  * the output directory: not an existing file; a resume pointer
+    (``checkpoints/latest``) that names a complete, loadable checkpoint;
+  * ``data.max_length`` leaves room for ``refine.n_chunks`` cuts of
+    ``refine.response_length`` tokens after ``refine.min_prefix``;
+  * the tokenizer loads;
+  * the model: ``model.path`` holds a ``config.json`` with a supported
+    ``model_type``, weights, and a vocabulary that covers the tokenizer; a random
+    ``model.type`` has its classes importable and its config builds;
+  * the corpus: readable, the text column present, every value text, not all
+    empty, post-training answers (``data.answer_column``) usable, and at least
+    one document long enough (the rule of the driver's
+    :class:`~refine_ray.data.DataCursor`).
+
+Only the model's ``config.json`` is read (weights are not loaded), and lengths are
+computed with one batched tokeniser call, so the check costs seconds for corpora
+of thousands of documents.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from refine_ray import checkpoint as ckpt
+from refine_ray.config import ConfigError, ExperimentConfig
+from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer
+from refine_ray.models import registry
+from refine_ray.scoring import min_document_tokens
+
+__all__ = ["PreflightError", "PreflightReport", "preflight"]
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class PreflightError(ValueError):
+    """A bad output directory or checkpoint; the message is one line naming the path."""
+
+
+@dataclass
+class PreflightReport:
+    tokenizer: object
+    vocab_size: int             # len(tokenizer)
+    rows: int                   # documents in the corpus
+    usable: int                 # documents with at least ``min_tokens`` tokens
+    min_tokens: int
+    resume_from: object = None  # Path of the checkpoint a resume would load, or None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def check_output(cfg: ExperimentConfig):
+    """The output dir is usable; returns the checkpoint a resume would load (or None)."""
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PreflightError(f"train.output_dir: '{out}' exists and is not a directory")
+    if not cfg.train.resume or not out.is_dir():
+        return None
+    try:
+        path = ckpt.latest_checkpoint(out)
+    except (OSError, UnicodeDecodeError) as e:
+        raise PreflightError(f"train.resume: {_first_line(e)}") from None
+    if path is None:
+        return None
+    try:
+        state = ckpt.load_trainer_state(path)
+    except Exception as e:  # torch.load raises many types for a corrupt file
+        raise PreflightError(f"train.resume: checkpoint '{path}': trainer.pt is unreadable ({_first_line(e)}); "
+                             f"set train.resume=false or point '{ckpt.checkpoint_root(out) / ckpt.LATEST}' "
+                             f"at a good checkpoint") from None
+    missing = [k for k in ("step", "version", "cursor", "failures", "pending") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        raise PreflightError(f"train.resume: checkpoint '{path}': trainer.pt lacks {', '.join(missing)} "
+                             f"(not written by refine-ray)")
+    if not (path / "learner").is_dir():
+        raise PreflightError(f"train.resume: checkpoint '{path}' has no learner/ directory (incomplete checkpoint)")
+    return path
+
+
+def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> None:
+    m = cfg.model
+    if m.path is None:
+        try:
+            registry.tiny_config(m.type, vocab_size, hidden_size=m.hidden_size,
+                                 num_hidden_layers=m.num_hidden_layers, num_heads=m.num_heads)
+        except ImportError as e:
+            raise ConfigError(f"model.type: {_first_line(e)}") from None
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"model: cannot build a {m.type} model from hidden_size={m.hidden_size}, "
+                              f"num_hidden_layers={m.num_hidden_layers}, num_heads={m.num_heads} "
+                              f"({_first_line(e)})") from None
+        return
+    d = Path(m.path)
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"model.path: '{d}' has no config.json (expected a local HF model directory: "
+                          f"config.json + weights)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.path: '{cfg_file}' is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.path: '{cfg_file}' is not a JSON object")
+    model_type = raw.get("model_type")
+    if model_type not in registry.SUPPORTED_TYPES:
+        raise ConfigError(f"model.path: '{cfg_file}' has model_type {model_type!r}; "
+                          f"supported: {', '.join(registry.SUPPORTED_TYPES)}")
+    try:
+        registry._classes(model_type)
+    except ImportError as e:
+        raise ConfigError(f"model.path: {_first_line(e)}") from None
+    if not any((d / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"model.path: '{d}' has no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    model_vocab = raw.get("vocab_size")
+    if isinstance(model_vocab, bool) or not isinstance(model_vocab, int) or model_vocab <= 0:
+        raise ConfigError(f"model.path: '{cfg_file}' has vocab_size={model_vocab!r} (expected a positive integer)")
+    if model_vocab < vocab_size:
+        raise ConfigError(f"model.path: '{d}' has vocab_size={model_vocab} but the tokenizer ({tokenizer_name}) "
+                          f"has {vocab_size} tokens (tokenizer.path must match the model)")
+
+
+def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, int]:
+    """(rows, usable rows); raises DataError naming the file and what was expected."""
+    d = cfg.data
+    corpus = Corpus(d, tokenizer)        # reads the file(s), checks the column and that every value is text
+    n = len(corpus)
+    if not any(t.strip() for t in corpus.texts):
+        raise DataError(f"data.text_column: all {n} '{d.text_column}' values in '{d.path}' are empty "
+                        f"(expected document text)")
+    if d.answer_column is not None:       # post-training answers, checked as the scorer reads them
+        for i, answer in enumerate(corpus.answers):
+            first_answer(answer, d.answer_column, i)
+    enc = tokenizer(list(corpus.texts), add_special_tokens=False, truncation=True, max_length=d.max_length)["input_ids"]
+    lengths = np.asarray([len(ids) for ids in enc], dtype=np.int64)
+    usable = int((lengths >= min_tokens).sum())
+    if usable == 0:
+        rule = (f"data.min_length={d.min_length}" if d.min_length >= min_document_tokens(cfg.refine) else
+                f"refine.min_prefix={cfg.refine.min_prefix} + (refine.n_chunks={cfg.refine.n_chunks} + 1) x "
+                f"refine.response_length={cfg.refine.response_length} - 1")
+        raise DataError(f"data.path '{d.path}': no document has the {min_tokens} tokens needed ({rule}); "
+                        f"the longest of {n} has {int(lengths.max())} tokens")
+    DataCursor(lengths, min_tokens, d.shuffle, d.seed, source=f"data.path '{d.path}'")   # the driver's rule
+    return n, usable
+
+
+def preflight(cfg: ExperimentConfig) -> PreflightReport:
+    """Open every input of a training job in this process; raise one-line errors, start nothing."""
+    resume_from = check_output(cfg)
+    need = min_document_tokens(cfg.refine)
+    if cfg.data.max_length < need:
+        raise ConfigError(f"data.max_length: {cfg.data.max_length} is below the {need} tokens a document needs "
+                          f"(refine.min_prefix + (refine.n_chunks + 1) x refine.response_length - 1)")
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    vocab = len(tokenizer)
+    check_model(cfg, vocab, f"'{cfg.tokenizer.path}'" if cfg.tokenizer.path else "the default MiniLM one")
+    min_tokens = max(need, cfg.data.min_length)
+    rows, usable = check_data(cfg, tokenizer, min_tokens)
+    return PreflightReport(tokenizer, vocab, rows, usable, min_tokens, resume_from)
