@@ -55,32 +55,19 @@ def _eval(args) -> int:
 
     from refine_ray.data import DataError
     from refine_ray.eval.data import DataError as EvalDataError
-    from refine_ray.evaluate import (EvalError, build_eval_model, load_eval_sets, parse_eval_config, run_eval,
+    from refine_ray.evaluate import (EvalError, build_eval_model, load_eval_sets, run_eval,
                                      summary_line)
 
-    raw: dict = {}
-    exp_overrides = []
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not key.startswith("eval."):
-            exp_overrides.append(item)
-            continue
-        if not sep:
-            print(f"refine-ray: config error: override '{item}': expected key.path=value", file=sys.stderr)
-            return 2
-        node = raw
-        parts = key.split(".")[1:]
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    flags = {"limit": args.limit, "max_gen_tokens": args.max_gen_tokens, "max_prompt_tokens": args.max_prompt_tokens}
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    ttt_flags = {"mode": args.ttt, "steps": args.ttt_steps, "batch_size": args.ttt_batch_size,
-                 "accumulate": args.accumulate}
-    raw.setdefault("ttt", {}).update({k: v for k, v in ttt_flags.items() if v is not None})
+    # Flags are shorthands for eval.* overrides; everything lands in one typed config.
+    flags = {"eval.limit": args.limit, "eval.max_gen_tokens": args.max_gen_tokens,
+             "eval.max_prompt_tokens": args.max_prompt_tokens, "eval.ttt.mode": args.ttt,
+             "eval.ttt.steps": args.ttt_steps, "eval.ttt.batch_size": args.ttt_batch_size,
+             "eval.ttt.accumulate": args.accumulate}
+    overrides = list(args.overrides) + [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                        for k, v in flags.items() if v is not None]
     try:
-        cfg = load_config(args.config, exp_overrides)
-        ecfg = parse_eval_config(raw)
+        cfg = load_config(args.config, overrides)
+        ecfg = cfg.eval
         model, tok = build_eval_model(args.model, cfg, args.tokenizer)
         sets = load_eval_sets(args.data, args.niah, tok, ecfg.limit)
         label = args.model.replace("tiny:", "tiny_") if args.model.startswith("tiny:") else Path(args.model).name

@@ -188,6 +188,35 @@ class TrainConfig:
 
 
 @dataclass
+class TTTConfig:
+    """Test-time training during evaluation: adapt on each batch of prompts, answer, restore."""
+    mode: Literal["none", "ntp", "refine"] = "none"
+    steps: int = 1                        # optimizer steps per batch of prompts
+    batch_size: int = 1                   # prompts adapted on together (the reference: 8 per val batch)
+    accumulate: bool = False              # true: never restore (the reference's behaviour)
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "steps", "batch_size")
+
+
+@dataclass
+class EvalConfig:
+    max_prompt_tokens: int = 16352        # middle truncation (reference max_prompt_length for TTT)
+    max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (reference: 32)
+    ruler_gen_tokens: int = 32
+    niah_gen_tokens: int = 64
+    limit: Optional[int] = None           # first N rows of each file
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "max_prompt_tokens", "ruler_gen_tokens", "niah_gen_tokens")
+        for name in ("max_gen_tokens", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be > 0")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "refine"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +231,7 @@ class ExperimentConfig:
     reference: RoleConfig = field(default_factory=lambda: RoleConfig(enabled=False))
     system: SystemConfig = field(default_factory=SystemConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, key: str = "") -> None:
         if self.data.batch_size % self.learner.num_ranks:
@@ -244,7 +274,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{item}': expected key.path=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     cfg = from_dict(ExperimentConfig, raw, "")
-    _validate_all(cfg, "")
+    validate_config(cfg, "")
     return cfg
 
 
@@ -318,11 +348,12 @@ def _coerce(tp: Any, value: Any, key: str):
     raise ConfigError(f"{key}: unsupported config type {tp}")  # pragma: no cover - programming error
 
 
-def _validate_all(obj: Any, key: str) -> None:
+def validate_config(obj: Any, key: str) -> None:
+    """Run ``validate`` of every nested section (innermost first), then of ``obj``."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate_all(value, f"{key}.{f.name}" if key else f.name)
+            validate_config(value, f"{key}.{f.name}" if key else f.name)
     if hasattr(obj, "validate"):
         obj.validate(key)
 

@@ -265,6 +265,7 @@ class RefineTrainer:
         gather_s = self.publish(wait=self.cfg.system.mode == "sync")
         t_end = time.perf_counter()
         metrics = {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
+        metrics["time/learner_compute_s"] = max(m["time/learner_compute_s"] for m in per_rank)  # slowest rank
         metrics.update(reward_metrics(exp.rewards))
         metrics.update({
             "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(np.abs(adv).mean()),

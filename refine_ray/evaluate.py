@@ -33,11 +33,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, _validate_all, from_dict
+from refine_ray.config import ConfigError, EvalConfig, ExperimentConfig, ModelConfig, from_dict, validate_config
 from refine_ray.eval import metrics as M
 from refine_ray.eval.data import load_longbench, load_ruler, ruler_file_info
 from refine_ray.eval.niah import ESSAY_HAYSTACK, VARIANTS, generate_niah, score_niah
-from refine_ray.ttt import TestTimeTrainer, TTTConfig
+from refine_ray.ttt import TestTimeTrainer
 
 __all__ = ["EvalConfig", "EvalError", "EvalSet", "truncate_middle", "load_eval_sets", "build_eval_model",
            "run_eval", "write_json_atomic"]
@@ -45,31 +45,6 @@ __all__ = ["EvalConfig", "EvalError", "EvalSet", "truncate_middle", "load_eval_s
 
 class EvalError(ValueError):
     """Bad evaluation input; the message is one line naming the file or option."""
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation settings (proposed as ``ExperimentConfig.eval``)."""
-    max_prompt_tokens: int = 16352        # middle truncation (reference max_prompt_length for TTT)
-    max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (reference: 32)
-    ruler_gen_tokens: int = 32
-    niah_gen_tokens: int = 64
-    limit: Optional[int] = None           # first N rows of each file
-    ttt: TTTConfig = field(default_factory=TTTConfig)
-
-    def validate(self, key: str) -> None:
-        for name in ("max_prompt_tokens", "ruler_gen_tokens", "niah_gen_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be > 0")
-        for name in ("max_gen_tokens", "limit"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be > 0")
-
-
-def parse_eval_config(raw: dict) -> EvalConfig:
-    cfg = from_dict(EvalConfig, raw, "eval")
-    _validate_all(cfg, "eval")
-    return cfg
 
 
 @dataclass
@@ -162,7 +137,7 @@ def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[
                    num_heads=m.num_heads, seed=m.seed, dtype="float32")
         try:
             mcfg = from_dict(ModelConfig, raw, "model")
-            _validate_all(mcfg, "model")
+            validate_config(mcfg, "model")
         except ConfigError as e:
             raise EvalError(f"--model {spec!r}: {e}") from None
         tok = load_tokenizer(tokenizer_path or cfg.tokenizer.path)

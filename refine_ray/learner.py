@@ -9,6 +9,7 @@ tokens) + c_kl * KL``.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from typing import Optional
 
@@ -76,6 +77,7 @@ class RefineLearner:
         if len(batch.docs) != self.docs_per_rank:
             raise ValueError(f"learner rank {self.rank}: got {len(batch.docs)} documents, "
                              f"expected {self.docs_per_rank} (data.batch_size / learner.num_ranks)")
+        t0 = time.perf_counter()
         r, G = self.cfg.refine, batch.samples_per_prefix
         per_doc = batch.cuts.shape[1] * G
         self.engine.train()
@@ -109,6 +111,7 @@ class RefineLearner:
         if self.cfg.train.task_update == "sft":
             metrics.update(self._task_sft(batch))
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["time/learner_compute_s"] = time.perf_counter() - t0
         self.version += 1
         return metrics
 

@@ -28,26 +28,11 @@ from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
-from refine_ray.config import ConfigError, ExperimentConfig
+from refine_ray.config import ExperimentConfig, TTTConfig
 from refine_ray.local_step import LocalRefineStep
 from refine_ray.models.generation import generate
 
 __all__ = ["TTTConfig", "TestTimeTrainer"]
-
-
-@dataclass
-class TTTConfig:
-    """Test-time-training settings (proposed as ``ExperimentConfig.ttt``)."""
-    mode: Literal["none", "ntp", "refine"] = "none"
-    steps: int = 1                        # optimizer steps per batch of prompts
-    batch_size: int = 1                   # prompts adapted on together (the reference: 8 per val batch)
-    accumulate: bool = False              # true: never restore (the reference's behaviour)
-    seed: int = 0
-
-    def validate(self, key: str) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be > 0")
 
 
 Hook = Callable[[str, int, "TestTimeTrainer"], None]

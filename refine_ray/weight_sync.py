@@ -34,10 +34,12 @@ class ObjectStoreWeightSync:
     def publish(self, version: int, receivers: list) -> Publication:
         t0 = time.perf_counter()
         # Every rank must take part (ZeRO-3 gathers are collective); rank 0 returns the dict.
+        # Its return value already lives in the object store and is owned by this driver:
+        # receivers fetch it from there, it never travels through the driver process.
         refs = [r.full_state_dict.remote() for r in self.learner_ranks]
-        weights = ray.get(refs[0])
         ray.get(refs[1:])
-        weights_ref = ray.put(weights)
+        ray.wait([refs[0]], fetch_local=False)
+        weights_ref = refs[0]
         gather_s = time.perf_counter() - t0
         acks = [actor.update_weights.remote(version, weights_ref) for actor in receivers]
         return Publication(version, weights_ref, acks, gather_s)

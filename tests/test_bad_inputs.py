@@ -113,11 +113,11 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
     if name == "max_length_below_need":
         return argv, ["data.max_length=8"]
     if name == "unknown_model_type":
-        return argv, ["model.type=llama"]
+        return argv, ["model.type=mamba2"]
     if name == "model_path_unknown_model_type":
-        d = tmp / "llama"
+        d = tmp / "mamba2"
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": vocab}))
+        (d / "config.json").write_text(json.dumps({"model_type": "mamba2", "vocab_size": vocab}))
         return argv, [f"model.path={d}"]
     if name == "model_path_without_config_json":
         (tmp / "empty_model").mkdir()
@@ -182,8 +182,8 @@ TRAIN_CASES = {
     "bad_config_value": ["config error: refine.top_p: 1.5 is not in (0, 1]"],
     "unknown_config_key": ["config error: unknown config key 'refine.n_chunk'", "did you mean 'n_chunks'"],
     "max_length_below_need": ["data.max_length: 8 is below the 12 tokens"],
-    "unknown_model_type": ["config error: model.type: 'llama' is not one of 'delta_net'"],
-    "model_path_unknown_model_type": ["model.path:", "config.json' has model_type 'llama'; supported: delta_net"],
+    "unknown_model_type": ["config error: model.type: 'mamba2' is not one of 'delta_net'"],
+    "model_path_unknown_model_type": ["model.path:", "config.json' has model_type 'mamba2'; supported: delta_net"],
     "model_path_without_config_json": ["model.path:", "has no config.json"],
     "model_path_without_weights": ["model.path:", "has no weights (expected one of model.safetensors"],
     "tokenizer_model_vocab_mismatch": ["model.path:", "has vocab_size=1000 but the tokenizer",
@@ -244,7 +244,7 @@ EVAL = ["--model", "tiny:delta_net", "--no-progress", "--max-prompt-tokens", "64
     ("unknown_task", ["unknown LongBench task 'poetry'"]),
     ("answers_not_a_list", ["column 'answers' must be a list of strings"]),
     ("model_dir_without_config_json", ["--model", "not a local HF model directory (no config.json)"]),
-    ("model_dir_unknown_model_type", ["--model", "unknown model_type 'llama'"]),
+    ("model_dir_unknown_model_type", ["--model", "unknown model_type 'mamba2'"]),
 ])
 def test_eval_bad_input_is_one_line_and_writes_nothing(case, needles, tmp_path, capsys):
     rows = dict(prompt=["Question: what is two plus two?"], task=["qasper"], max_gen_tokens=[4])
@@ -259,7 +259,7 @@ def test_eval_bad_input_is_one_line_and_writes_nothing(case, needles, tmp_path, 
         data = _write_parquet(tmp_path / "qasper_16384.parquet", **dict(rows, answers=[["4"]]))
         (tmp_path / "m").mkdir()
         if case == "model_dir_unknown_model_type":
-            (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+            (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "mamba2", "vocab_size": 10}))
         model = ["--model", str(tmp_path / "m")]
     args = ["eval", *EVAL, *model, "--data", data, "--out", str(tmp_path / "res" / "r.json")]
     assert main(args) == 2
@@ -282,7 +282,7 @@ def test_export_onto_existing_dir_without_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("source, needle", [
-    ("tiny:llama", "--from 'tiny:llama': unknown type (supported: delta_net"),
+    ("tiny:mamba2", "--from 'tiny:mamba2': unknown type (supported: delta_net"),
     ("{tmp}/weights.txt", "expected tiny:TYPE, an HF dir, a DeepSpeed checkpoint dir or a state-dict file"),
     ("{tmp}/missing", "no such file or directory"),
 ])

@@ -49,7 +49,7 @@ def _run(cfg, vocab, steps, save_at=None):
     return out
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_resume_continues_exactly(cluster, tmp_path, vocab, mode):
     full = _run(_cfg(tmp_path / "full", f"system.mode={mode}"), vocab, 4)
     first = _run(_cfg(tmp_path / "split", f"system.mode={mode}"), vocab, 2, save_at=2)
@@ -78,7 +78,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(cluster, tmp_path, vocab):
         trainer.shutdown()
 
 
-@pytest.mark.parametrize("role", ["rollout", "reward", "reference", "scorer"])
+@pytest.mark.parametrize("role", ["rollout"] + [pytest.param(r, marks=pytest.mark.slow)
+                                                for r in ("reward", "reference", "scorer")])
 def test_actor_killed_mid_step_loses_nothing(cluster, tmp_path, vocab, role):
     """Kill an inference actor while the step's work is in flight: the step completes with
     exactly the samples (same documents, same tokens) of an undisturbed run."""
