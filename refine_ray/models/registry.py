@@ -1,7 +1,8 @@
 """Model registry: build a random model from config fields, load a local HF checkpoint.
 
-Supported model types: 'delta_net', 'gated_deltanet' (ours, on fla's config classes) and
-'lact' (refine_ray.models.lact, imported lazily; a clear error if it is absent).
+Supported model types: 'delta_net', 'gated_deltanet' (ours, on fla's config classes),
+'lact' (refine_ray.models.lact, imported lazily; a clear error if it is absent) and 'llama'
+(refine_ray.models.attention: softmax attention with a KV-cache state, for the vLLM backend).
 Deliberate decisions:
   * ``build_model`` starts from the :func:`tiny_config` preset and overrides it with the
     given fields, so ``build_model(t, vocab_size=V)`` is a tiny model and full configs are
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 
-SUPPORTED_TYPES = ("delta_net", "gated_deltanet", "lact")
+SUPPORTED_TYPES = ("delta_net", "gated_deltanet", "lact", "llama")
 
 
 def _classes(model_type: str):
@@ -35,6 +36,9 @@ def _classes(model_type: str):
         except ImportError as e:
             raise ImportError(f"model_type 'lact' needs refine_ray.models.lact (LaCTConfig, LaCTForCausalLM): {e}") from e
         return LaCTConfig, LaCTForCausalLM
+    if model_type == "llama":
+        from .attention import LlamaConfig, LlamaForCausalLM
+        return LlamaConfig, LlamaForCausalLM
     raise ValueError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
 
 
@@ -46,6 +50,9 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
             overrides["num_attn_heads"] = overrides.pop("num_heads")
         overrides.pop("num_heads", None)
         return config_cls.tiny(vocab_size=vocab_size, **overrides)
+    if model_type == "llama":
+        from .attention import tiny_config as tiny_llama
+        return tiny_llama(vocab_size, **overrides)
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_heads=2,
                   intermediate_size=128, conv_size=4, use_short_conv=True, norm_eps=1e-6,
                   tie_word_embeddings=False)
