@@ -3,7 +3,7 @@
 Inference roles hold no state the driver cannot give back (weights come from
 the latest publication, data positions live in the driver, sampling seeds are
 keyed by step and document), so a dead actor is simply replaced and its request
-issued again. Actors in the role's placement group are replaced in place; the
+issued again (after the driver re-publishes the current weights). Actors in the role's placement group are replaced in place; the
 elastic extras of the rollout role live outside placement groups, are added
 while the cluster has free resources and are dropped when their node leaves.
 """
@@ -20,10 +20,9 @@ log = logging.getLogger("refine_ray")
 
 class RolePool:
     def __init__(self, role: str, cls, args_for: Callable[[int], tuple], options_for: Callable[[int], dict],
-                 size: int, receives_weights: bool):
+                 size: int):
         self.role, self.cls = role, cls
         self.args_for, self.options_for = args_for, options_for
-        self.receives_weights = receives_weights
         self.actors = [self._create(i, options_for(i)) for i in range(size)]
         self.fixed = size                  # actors [0, fixed) sit in the placement group
         self.elastic_options: Optional[dict] = None
@@ -52,8 +51,11 @@ class RolePool:
                 out.append(i)
         return out
 
-    def heal(self, version: int, weights_ref) -> int:
-        """Replace dead placement-group actors, drop dead elastic ones; returns how many died."""
+    def heal(self) -> int:
+        """Replace dead placement-group actors, drop dead elastic ones; returns how many died.
+
+        Replacements start from initial weights: the caller re-publishes the current version.
+        """
         dead = self.dead()
         for i in sorted(dead, reverse=True):
             try:
@@ -64,15 +66,16 @@ class RolePool:
                 log.warning("%s[%d] (elastic) died; dropping it", self.role, i)
                 del self.actors[i]
                 continue
-            log.warning("%s[%d] died; replacing it and re-sending weights v%d", self.role, i, version)
+            log.warning("%s[%d] died; replacing it", self.role, i)
             self.actors[i] = self._create(i, self.options_for(i))
             self.restarts += 1
-            if self.receives_weights and weights_ref is not None:
-                ray.get(self.actors[i].update_weights.remote(version, weights_ref))
         return len(dead)
 
-    def grow(self, max_actors: int, options: dict, version: int, weights_ref) -> int:
-        """Add elastic actors (outside placement groups) while the cluster has room; returns how many."""
+    def grow(self, max_actors: int, options: dict) -> int:
+        """Add elastic actors (outside placement groups) while the cluster has room; returns how many.
+
+        New actors start from initial weights: the caller publishes the current version to them.
+        """
         added = 0
         while len(self.actors) < max_actors and _fits(options):
             i = len(self.actors)
@@ -82,8 +85,6 @@ class RolePool:
             except (RayActorError, GetTimeoutError):
                 ray.kill(actor)
                 break
-            if self.receives_weights and weights_ref is not None:
-                ray.get(actor.update_weights.remote(version, weights_ref))
             self.actors.append(actor)
             added += 1
             log.info("%s: elastic actor %d added (pool size %d)", self.role, i, len(self.actors))

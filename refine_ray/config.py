@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    type: Literal["delta_net", "gated_deltanet", "lact"] = "delta_net"
+    type: Literal["delta_net", "gated_deltanet", "lact", "llama"] = "delta_net"
     path: Optional[str] = None            # local HF directory; None builds a random tiny model
     hidden_size: int = 64                 # the fields below only shape a random model
     num_hidden_layers: int = 2
@@ -164,8 +164,12 @@ class SystemConfig:
     ray_address: Optional[str] = None     # None: start a local cluster in-process
     num_cpus: Optional[int] = None        # local cluster only
     num_gpus: Optional[int] = None        # local cluster only; logical GPUs let placement run on CPU
+    weight_sync: Literal["object_store", "collective"] = "object_store"  # collective: gloo (CPU) / NCCL (GPU)
+    weight_bucket_mb: float = 256.0       # collective: size of each broadcast bucket
+    weight_sync_timeout_s: float = 120.0
 
     def validate(self, key: str) -> None:
+        _positive(self, key, "weight_bucket_mb", "weight_sync_timeout_s")
         if self.max_staleness < 0:
             raise ConfigError(f"{key}.max_staleness: {self.max_staleness} must be >= 0")
 
@@ -241,6 +245,17 @@ class ExperimentConfig:
             raise ConfigError("refine.kl_coef: > 0 needs reference.enabled=true")
         if self.train.task_update == "sft" and not self.data.answer_column:
             raise ConfigError("train.task_update: 'sft' needs data.answer_column (the task answers)")
+        if self.rollout.backend == "vllm" and self.system.weight_sync == "collective":
+            raise ConfigError("system.weight_sync: 'collective' needs rollout.backend=fast_weight "
+                              "(vLLM reloads weights from files)")
+        if self.rollout.backend == "vllm" and self.model.type != "llama":
+            raise ConfigError(f"rollout.backend: vllm serves attention models (model.type=llama), "
+                              f"not {self.model.type}; use rollout.backend=fast_weight")
+        if self.rollout.backend == "vllm" and self.refine.top_p < 1:
+            raise ConfigError("refine.top_p: vLLM cannot return full-distribution log-probs under top-p; use 1.0")
+        if self.rollout.backend == "vllm" and self.refine.reward_source == "policy" and self.refine.reward != "exact":
+            raise ConfigError("refine.reward_source: vLLM returns no hidden states; use reward_source=encoder "
+                              "or reward=exact")
         if self.rollout.backend == "vllm" and self.refine.prefix_sharing:
             raise ConfigError("refine.prefix_sharing: needs rollout.backend=fast_weight (vLLM cannot start from cut states)")
 

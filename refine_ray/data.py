@@ -189,11 +189,10 @@ class DataCursor:
     """
 
     def __init__(self, lengths: np.ndarray, min_tokens: int, shuffle: bool = True, seed: int = 0,
-                 shard: int = 0, num_shards: int = 1, source: str = "data.path"):
+                 source: str = "data.path"):
         self.lengths, self.min_tokens = np.asarray(lengths), int(min_tokens)
         self.shuffle, self.seed = shuffle, seed
-        self.shard, self.num_shards = shard, num_shards   # shard i reads positions i, i+S, ...
-        if not (self.lengths[shard::num_shards] >= self.min_tokens).any():
+        if not (self.lengths >= self.min_tokens).any():
             raise DataError(f"{source}: no document has the {self.min_tokens} tokens needed "
                             f"(min_prefix + (n_chunks + 1) x response_length - 1, or data.min_length)")
         self.epoch = self.position = self.skipped = 0
@@ -201,8 +200,7 @@ class DataCursor:
 
     def _permutation(self) -> np.ndarray:
         n = len(self.lengths)
-        order = np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
-        return order[self.shard::self.num_shards]
+        return np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
 
     def next_rows(self, size: int) -> list[int]:
         rows: list[int] = []
@@ -224,32 +222,6 @@ class DataCursor:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
         self._order = self._permutation()
-
-
-class DocumentStream:
-    """A corpus and its cursor in one process: the next usable documents, resumable."""
-
-    def __init__(self, cfg: DataConfig, tokenizer, min_tokens: int = 0, shard: int = 0, num_shards: int = 1):
-        self.corpus = Corpus(cfg, tokenizer)
-        self.cursor = DataCursor(self.corpus.lengths(), max(min_tokens, cfg.min_length), cfg.shuffle, cfg.seed,
-                                 shard, num_shards, source=f"data.path '{cfg.path}'")
-
-    @property
-    def skipped(self) -> int:
-        return self.cursor.skipped
-
-    @property
-    def epoch(self) -> int:
-        return self.cursor.epoch
-
-    def next_batch(self, size: int) -> list[Document]:
-        return [self.corpus.document(r) for r in self.cursor.next_rows(size)]
-
-    def state_dict(self) -> dict:
-        return self.cursor.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cursor.load_state_dict(state)
 
 
 def row_seed(*parts: int) -> int:

@@ -37,7 +37,7 @@ from refine_ray.data import DataCursor
 from refine_ray.placement import Placement
 from refine_ray.rewarding import reward_metrics
 from refine_ray.scoring import min_document_tokens
-from refine_ray.weight_sync import ObjectStoreWeightSync
+from refine_ray.weight_sync import CollectiveWeightSync, ObjectStoreWeightSync
 from roles.learner import LearnerRankRole
 from roles.reference import ReferenceRole
 from roles.reward import RewardRole
@@ -120,26 +120,25 @@ class RefineTrainer:
         opts = self.placement.options
         self.pools: dict[str, RolePool] = {
             "scorer": RolePool("scorer", ScorerRole, lambda i: (cfg, i), lambda i: opts("scorer", i),
-                               cfg.scorer.num_actors, receives_weights=True),
+                               cfg.scorer.num_actors),
             "rollout": RolePool("rollout", RolloutRole, lambda i: (cfg, i),
                                 lambda i: opts("rollout", min(i, cfg.rollout.num_actors - 1)),
-                                cfg.rollout.num_actors, receives_weights=True),
+                                cfg.rollout.num_actors),
             "reward": RolePool("reward", RewardRole, lambda i: (cfg, i), lambda i: opts("reward", i),
-                               cfg.reward.num_actors, receives_weights=False),
+                               cfg.reward.num_actors),
         }
         if cfg.reference.enabled:
             self.pools["reference"] = RolePool("reference", ReferenceRole, lambda i: (cfg, i),
-                                               lambda i: opts("reference", i), cfg.reference.num_actors,
-                                               receives_weights=False)
+                                               lambda i: opts("reference", i), cfg.reference.num_actors)
         for pool in self.pools.values():
             pool.ready()
         lengths = ray.get(self.pools["scorer"][0].lengths.remote())
         self.cursor = DataCursor(lengths, max(min_document_tokens(cfg.refine), cfg.data.min_length),
                                  cfg.data.shuffle, cfg.data.seed, source=f"data.path '{cfg.data.path}'")
-        self.sync = ObjectStoreWeightSync(self.learners)
+        self.sync = (CollectiveWeightSync(self.learners, cfg.system, cfg.model.dtype)
+                     if cfg.system.weight_sync == "collective" else ObjectStoreWeightSync(self.learners))
         self.step_index = 0
         self.version = 0
-        self.weights_ref = None
         self.failures = 0
         self.pending: Optional[Generation] = None
         self.last_experience: Optional[Experience] = None
@@ -175,7 +174,6 @@ class RefineTrainer:
         except RayActorError:
             self._learner_call("ping")      # raises LearnerFailure if a learner died
             raise
-        self.weights_ref = pub.weights_ref
         if wait:
             self._wait_acks(pub.acks)
         return pub.gather_s
@@ -184,10 +182,17 @@ class RefineTrainer:
         try:
             ray.get(acks)
         except RayError:
-            self.failures += self.heal()    # a receiver died: its replacement got the weights
+            died = self.heal()              # a receiver died: its replacement gets the weights
+            if not died:
+                raise
+            self.failures += died
 
     def heal(self) -> int:
-        return sum(pool.heal(self.version, self.weights_ref) for pool in self.pools.values())
+        """Replace dead inference actors and give the replacements the current weights."""
+        died = sum(pool.heal() for pool in self.pools.values())
+        if died:
+            self.publish(wait=True)
+        return died
 
     # ------------------------------------------------------------ experience
     def _launch_shard(self, index: int, rows: list[int], step: int) -> Shard:
@@ -237,8 +242,9 @@ class RefineTrainer:
         step = self.step_index
         if self.cfg.rollout.max_actors > len(self.pools["rollout"]):
             rc = self.cfg.rollout
-            self.pools["rollout"].grow(rc.max_actors, {"num_cpus": rc.cpus_per_actor, "num_gpus": rc.gpus_per_actor},
-                                       self.version, self.weights_ref)
+            if self.pools["rollout"].grow(rc.max_actors, {"num_cpus": rc.cpus_per_actor,
+                                                          "num_gpus": rc.gpus_per_actor}):
+                self.publish(wait=True)     # the newcomers get the current weights
         gen = self.pending or self.launch_generation(step)
         self.pending = None
         exp = self.collect(gen)

@@ -149,6 +149,29 @@ class RefineLearner:
             return None
         return {name: t.detach().float().cpu().numpy().copy() for name, t in module.state_dict().items()}
 
+    def join_weight_group(self, host: str, port: int, world: int, group_id: int) -> None:
+        """Rank 0 joins the weight-broadcast group as its sender (rank 0 of that group)."""
+        from refine_ray.collective_sync import WeightGroup
+
+        self.weight_group = WeightGroup(host, port, world, 0, group_id, self.cfg.system.weight_sync_timeout_s)
+
+    def broadcast_weights(self) -> int:
+        """Send the full weights to the group in buckets; every learner rank calls this (ZeRO-3 gathers)."""
+        from refine_ray.collective_sync import sync_dtype, take_part_in_gathers
+
+        params = [p for _, p in self.engine.module.named_parameters()]
+        dtype, mb = sync_dtype(self.cfg.model.dtype), self.cfg.system.weight_bucket_mb
+        gather = None
+        if self.cfg.learner.zero_stage == 3:
+            import deepspeed
+
+            gather = lambda bucket: deepspeed.zero.GatheredParameters(bucket, modifier_rank=None)  # noqa: E731
+        if self.rank != 0:
+            if gather is not None:
+                take_part_in_gathers(params, dtype, mb, gather)
+            return 0
+        return self.weight_group.send(params, dtype, mb, gather)
+
     def save(self, path: str, client_state: dict) -> None:
         self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
 

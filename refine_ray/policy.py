@@ -25,8 +25,9 @@ def build_policy(cfg: ModelConfig, vocab_size: int, device: torch.device | str |
 
 def load_numpy_weights(model, weights: dict) -> None:
     """Load a ``{name: ndarray}`` state dict (weight sync) into ``model`` in place."""
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+    # state_dict: the persistent tensors, as the learner publishes them (non-persistent
+    # buffers such as rotary inv_freq are derived from the config and never travel)
+    params = model.state_dict(keep_vars=True)
     missing = set(params) - set(weights)
     if missing:
         raise KeyError(f"weight sync: {len(missing)} tensors missing, e.g. {sorted(missing)[:3]}")

@@ -46,8 +46,8 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _ntp(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    head = model.lm_head
-    return ntp_loss_from_hidden(hidden[None], head.weight, ids[None], lm_head_bias=getattr(head, "bias", None))
+    # The head module, not its weight: under ZeRO-3 only a module call sees the gathered weight.
+    return ntp_loss_from_hidden(hidden[None], model.lm_head, ids[None])
 
 
 def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:

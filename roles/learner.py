@@ -44,5 +44,12 @@ class LearnerRankRole:
     def load(self, path: str) -> dict:
         return self.learner.load(path)
 
+    def join_weight_group(self, host: str, port: int, world: int, group_id: int) -> bool:
+        self.learner.join_weight_group(host, port, world, group_id)
+        return True
+
+    def broadcast_weights(self, version: int) -> int:
+        return self.learner.broadcast_weights()
+
     def ping(self) -> bool:
         return True

@@ -31,3 +31,6 @@ class RolloutRole(VersionedWeights):
 
     def _load_weights(self, weights) -> None:
         self.engine.load_weights(weights)
+
+    def _weight_module(self):
+        return self.engine.model

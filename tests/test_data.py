@@ -5,36 +5,44 @@ import pytest
 
 from refine_ray.batches import DocBatch, LearnBatch
 from refine_ray.config import DataConfig
-from refine_ray.data import DataError, DocumentStream, load_tokenizer, read_texts
+from refine_ray.data import Corpus, DataCursor, DataError, load_tokenizer, read_texts
 
 
-def test_stream_real_parquet_resumes_exactly(shared_data, tokenizer):
+def _stream(cfg, tokenizer, min_tokens):
+    corpus = Corpus(cfg, tokenizer)
+    return corpus, DataCursor(corpus.lengths(), min_tokens, cfg.shuffle, cfg.seed)
+
+
+def test_cursor_on_real_parquet_resumes_exactly(shared_data, tokenizer):
     cfg = DataConfig(path=str(shared_data / "longbench" / "gov_report_16384.parquet"), max_length=256, batch_size=2)
-    stream = DocumentStream(cfg, tokenizer, min_tokens=64)
-    first = stream.next_batch(3)
+    corpus, cursor = _stream(cfg, tokenizer, 64)
+    first = [corpus.document(r) for r in cursor.next_rows(3)]
     assert all(len(d.ids) == 256 and d.ids.dtype == np.int64 for d in first)   # gov reports are long
-    saved = stream.state_dict()
-    expected = [d.doc_id for d in stream.next_batch(20)]                        # crosses the epoch (16 rows)
-    again = DocumentStream(cfg, tokenizer, min_tokens=64)
+    saved = cursor.state_dict()
+    expected = cursor.next_rows(20)                                              # crosses the epoch (16 rows)
+    _, again = _stream(cfg, tokenizer, 64)
     again.load_state_dict(saved)
-    assert [d.doc_id for d in again.next_batch(20)] == expected
-    assert stream.epoch == 1
+    assert again.next_rows(20) == expected
+    assert cursor.epoch == 1 and len(set(expected[:13])) == 13                  # no row twice in an epoch
 
 
-def test_shards_are_disjoint(shared_data, tokenizer):
-    cfg = DataConfig(path=str(shared_data / "longbench" / "gov_report_16384.parquet"), max_length=32, shuffle=True)
-    a = DocumentStream(cfg, tokenizer, shard=0, num_shards=2).next_batch(8)
-    b = DocumentStream(cfg, tokenizer, shard=1, num_shards=2).next_batch(8)
-    assert not {d.doc_id for d in a} & {d.doc_id for d in b}
-    assert len({d.doc_id for d in a} | {d.doc_id for d in b}) == 16
+def test_truncation_sides(tmp_path, tokenizer):
+    path = tmp_path / "t.parquet"
+    text = " ".join(f"w{i}" for i in range(50))
+    pd.DataFrame({"text": [text], "answer": [["w7", "other"]]}).to_parquet(path)
+    full = Corpus(DataConfig(path=str(path), text_column="text", max_length=10_000), tokenizer).document(0).ids
+    for side, expected in (("right", full[:9]), ("left", full[-9:]), ("middle", np.concatenate([full[:4], full[-5:]]))):
+        doc = Corpus(DataConfig(path=str(path), text_column="text", max_length=9, truncation=side,
+                                answer_column="answer", answer_max_tokens=1), tokenizer).document(0)
+        np.testing.assert_array_equal(doc.ids, expected)
+        assert len(doc.answer_ids) == 1                                          # first answer, truncated
 
 
 def test_short_documents_are_counted_not_lost(tmp_path, tokenizer):
     path = tmp_path / "mixed.parquet"
     pd.DataFrame({"text": ["short", "word " * 100, "tiny", "more words " * 60]}).to_parquet(path)
-    stream = DocumentStream(DataConfig(path=str(path), text_column="text", shuffle=False), tokenizer, min_tokens=50)
-    docs = stream.next_batch(2)
-    assert [d.doc_id for d in docs] == [1, 3] and stream.skipped == 2
+    _, cursor = _stream(DataConfig(path=str(path), text_column="text", shuffle=False), tokenizer, 50)
+    assert cursor.next_rows(2) == [1, 3] and cursor.skipped == 2
 
 
 @pytest.mark.parametrize("frame, column, message", [
@@ -67,7 +75,7 @@ def test_all_too_short_is_an_error(tmp_path, tokenizer):
     path = tmp_path / "short.jsonl"
     path.write_text('{"text": "a b"}\n{"text": "c"}\n')
     with pytest.raises(DataError, match="no document has the 100 tokens needed"):
-        DocumentStream(DataConfig(path=str(path), text_column="text"), tokenizer, min_tokens=100)
+        _stream(DataConfig(path=str(path), text_column="text"), tokenizer, 100)
 
 
 def test_learn_batch_shards_keep_documents_whole():

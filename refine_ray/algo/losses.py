@@ -139,8 +139,8 @@ def ntp_loss(logits: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tenso
     return (ce * valid).sum() / valid.sum().clamp(min=1)
 
 
-def _ce_sum(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, w, b).float()
+def _ce_sum(h: torch.Tensor, w, b: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    logits = (w(h) if isinstance(w, torch.nn.Module) else F.linear(h, w, b)).float()
     return F.cross_entropy(logits, y, reduction="sum")
 
 
@@ -154,6 +154,8 @@ def ntp_loss_from_hidden(
 ) -> torch.Tensor:
     """:func:`ntp_loss` of ``hidden @ lm_head_weight.T`` without materialising ``[T, V]``.
 
+    ``lm_head_weight`` may also be the LM head module itself: it is then called rather
+    than its weight read, which ZeRO-3 needs (it gathers partitioned weights in module hooks).
     Only counted target positions are projected, ``chunk_size`` rows at a time; each
     chunk's logits are recomputed in backward (activation checkpointing), so peak
     extra memory is ``[chunk_size, V]``. Same loss and gradients (w.r.t. hidden and
@@ -167,12 +169,13 @@ def ntp_loss_from_hidden(
     h = hidden[:, :-1][valid]  # [M, D]
     y = ids[:, 1:][valid].long()
     n = h.shape[0]
+    weight = lm_head_weight.weight if isinstance(lm_head_weight, torch.nn.Module) else lm_head_weight
     if n == 0:
-        return (hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0).float()
+        return (hidden.sum() * 0.0).float()
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, chunk_size):
         hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]
-        if torch.is_grad_enabled() and (hc.requires_grad or lm_head_weight.requires_grad):
+        if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
             total = total + checkpoint(_ce_sum, hc, lm_head_weight, lm_head_bias, yc, use_reentrant=False)
         else:
             total = total + _ce_sum(hc, lm_head_weight, lm_head_bias, yc)

@@ -184,8 +184,8 @@ def test_registry_build_tiny_and_errors(tmp_path):
     assert g.config.head_dim == 8 and g.forward_segment(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 50)
     with pytest.raises(ValueError, match="supported: delta_net, gated_deltanet, lact"):
         registry.build_model("mamba", vocab_size=50)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
+    with pytest.raises(ValueError, match="unknown model_type 'mamba2'"):
         registry.load_model(str(tmp_path))
 
 

@@ -14,7 +14,8 @@ from refine_ray.driver import RefineTrainer
 
 
 def _weights(trainer):
-    return ray.get(trainer.learners[0].full_state_dict.remote())
+    # every rank takes part: under ZeRO-3 the gather is collective; rank 0 returns the dict
+    return ray.get([r.full_state_dict.remote() for r in trainer.learners])[0]
 
 
 def _check_experience(trainer, cfg, expected_version):
@@ -109,5 +110,28 @@ def test_post_training_refine_then_task_sft(cluster, tmp_path):
         # warm-up counts training steps, not optimizer updates (two per post-training step):
         # the lr for step t+1 is (t+1)/4 of the peak, not (2t+1)/4
         assert [h["lr"] for h in history] == pytest.approx([0.5 * cfg.optim.lr, 0.75 * cfg.optim.lr])
+    finally:
+        trainer.shutdown()
+
+
+def test_collective_weight_sync_over_gloo(cluster, tmp_path):
+    """Bucketed gloo broadcast from learner rank 0 (ZeRO-3, 2 ranks) to scorer and rollout:
+    after each step both hold exactly the learner's weights."""
+    cfg = load_config("configs/tiny_deltanet_mid.yaml", [
+        "system.weight_sync=collective", "system.weight_bucket_mb=0.5", "learner.zero_stage=3",
+        "data.max_length=160", "refine.n_chunks=2", f"train.output_dir={tmp_path}"])
+    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    try:
+        for step in range(2):
+            trainer.step()
+            learner = _weights(trainer)
+            for role in ("scorer", "rollout"):
+                actor = trainer.pools[role].actors[0]
+                held = ray.get(actor.__ray_call__.remote(
+                    lambda self: {n: p.detach().numpy().copy() for n, p in self._weight_module().named_parameters()}))
+                assert held.keys() <= learner.keys() and len(held) > 10
+                for name, value in held.items():
+                    np.testing.assert_array_equal(value, learner[name], err_msg=f"{role} {name}")
+            assert ray.get(actor.get_version.remote()) == step + 1
     finally:
         trainer.shutdown()
