@@ -51,8 +51,6 @@ def _add_export(sub) -> None:
 def _eval(args) -> int:
     from pathlib import Path
 
-    import yaml
-
     from refine_ray.data import DataError
     from refine_ray.eval.data import DataError as EvalDataError
     from refine_ray.evaluate import (EvalError, build_eval_model, load_eval_sets, run_eval,

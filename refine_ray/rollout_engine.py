@@ -10,7 +10,7 @@ Two backends behind :class:`RolloutEngine`:
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -75,16 +75,26 @@ class FastWeightRollout:
     def _batches(self, prefixes: list[tuple[ModelState, torch.Tensor]], batch: ScoredBatch):
         """Decode batches with their sampling seeds, rows in prefix order.
 
-        Offset-free states (DeltaNet, GatedDeltaNet) decode all prefixes of the request in
-        one batch; states tied to their position (LaCT) decode one prefix at a time.
         Seeds are keyed by (run, step, documents[, cut]), never by the actor, so a
         re-issued request samples exactly the same tokens.
         """
         docs = [int(d) for d in batch.docs.doc_ids]
-        if getattr(self.model, "offset_free_state", False):
-            state = ModelState.cat([ModelState(s.layers, 0) for s, _ in prefixes])
-            hidden = torch.cat([h for _, h in prefixes], 0)
-            return [(state, hidden, row_seed(self.seed, ROLLOUT_STREAM, batch.step, *docs))]
+        groups = decode_batches(self.model, prefixes)
+        if len(groups) == 1 and len(prefixes) > 1:
+            return [(*groups[0], row_seed(self.seed, ROLLOUT_STREAM, batch.step, *docs))]
         n = batch.n_chunks
         return [(s, h, row_seed(self.seed, ROLLOUT_STREAM, batch.step, docs[p // n], p % n))
-                for p, (s, h) in enumerate(prefixes)]
+                for p, (s, h) in enumerate(groups)]
+
+
+def decode_batches(model, prefixes: list[tuple[ModelState, torch.Tensor]]) -> list[tuple[ModelState, torch.Tensor]]:
+    """Group per-prefix (state, last hidden) pairs into decode batches, rows in prefix order.
+
+    Offset-free states (DeltaNet, GatedDeltaNet) decode every prefix in one batch: k decode
+    steps for all cuts instead of k per cut. States tied to their position (LaCT: RoPE and
+    chunk phase) decode one prefix at a time.
+    """
+    if getattr(model, "offset_free_state", False) and len(prefixes) > 1:
+        state = ModelState.cat([ModelState(s.layers, 0) for s, _ in prefixes])
+        return [(state, torch.cat([h for _, h in prefixes], 0))]
+    return list(prefixes)

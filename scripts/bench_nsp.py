@@ -7,13 +7,10 @@ Variants (one document of L tokens, n cuts, G samples per cut, k tokens per samp
        sampling + old log-probs (document_logprobs(shared=False), no grad) + learner fwd+bwd via
        document_logprobs(shared=False) with NTP + PPO + step, accumulating per micro-batch (NTP, then
        one per cut, as the reference; ``--reencode-learner whole``: one call, as learner.py).
-  c    REFINE, prefix sharing: score_document(with_states=True) + sample_continuations from each
-       cut state (one call per cut, as FastWeightRollout) + behaviour log-probs from sampling +
-       document_logprobs(shared=True) fwd+bwd + step.
-  c+   c with two proposed library patches applied locally (only for models whose state ignores
-       the offset, the DeltaNet family): all n·G rollouts in ONE sample_continuations call (k decode
-       steps instead of n·k), and the learner's n branch passes batched into ONE forward_segment
-       (:func:`shared_logprobs_batched`, checked equal to document_logprobs(shared=True) at start).
+  c    REFINE, prefix sharing: score_document(with_states=True) + sample_continuations from the
+       cut states, batched as FastWeightRollout does (rollout_engine.decode_batches: one batch of
+       all cuts for offset-free states) + behaviour log-probs from sampling +
+       document_logprobs(shared=True) fwd+bwd (branches batched the same way) + step.
 Variants run interleaved in every repetition (rotating order); we report medians over reps after
 warm-up (total, per stage, per token) and peak memory: CUDA max_memory_allocated (absolute / above
 the step's start) or, on CPU, the peak-RSS rise of one extra untimed rep (VmHWM reset via
@@ -35,11 +32,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from refine_ray.algo import (cosine_reward, grpo_advantages, logprobs_from_logits, make_group_ids,  # noqa: E402
+from refine_ray.algo import (cosine_reward, grpo_advantages, make_group_ids,  # noqa: E402
                              ntp_loss_from_hidden, ppo_clip_loss, refine_loss)
 from refine_ray.config import RefineConfig  # noqa: E402
-from refine_ray.models.base import ModelState  # noqa: E402
 from refine_ray.models.generation import prefill, sample_continuations  # noqa: E402
+from refine_ray.rollout_engine import decode_batches  # noqa: E402
 from refine_ray.scoring import score_document  # noqa: E402
 from refine_ray.sequence_logprobs import document_logprobs  # noqa: E402
 
@@ -51,7 +48,7 @@ SIZES = {  # named sizes: explicit config fields over the registry's tiny preset
     "deltanet-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, intermediate_size=5632,
                           vocab_size=32000),
 }
-VARIANTS = ("a", "b", "c", "c+")
+VARIANTS = ("a", "b", "c")
 TARGET = 1.5
 
 
@@ -106,29 +103,6 @@ def _reset_hwm() -> bool:
             return f.write("5") > 0
     except (OSError, AttributeError):
         return False
-
-
-# proposed patch to refine_ray/sequence_logprobs.py (see docs/performance.md)
-def shared_logprobs_batched(model, ids, cuts, responses, G, temperature=1.0, with_ntp=True):
-    """document_logprobs(shared=True) with the n·G branches in one batch (offset-free states only)."""
-    k, cl = responses.shape[1], cuts.tolist()
-    states, parts, state, start = {}, [], None, 0
-    for end in sorted(set(cl)) + [ids.shape[0]]:  # the same trunk as the library
-        if end > start:
-            out = model.forward_segment(ids[None, start:end], state, return_logits=False)
-            parts.append(out.hidden[0])
-            state = out.state
-        states[end] = state
-        start = end
-    hidden = torch.cat(parts, 0)
-    logits = model.lm_head(hidden[cuts.to(hidden.device) - 1]).repeat_interleave(G, 0)[:, None]  # [nG,1,V]
-    if k > 1:
-        st = ModelState.cat([ModelState(states[c].layers, 0) for c in cl]).repeat_interleave(G)
-        logits = torch.cat([logits, model.forward_segment(responses[:, :k - 1], st).logits], 1)
-    head = model.lm_head
-    ntp = ntp_loss_from_hidden(hidden[None], head.weight, ids[None], lm_head_bias=getattr(head, "bias", None)) \
-        if with_ntp else None
-    return logprobs_from_logits(logits, responses, temperature), ntp
 
 
 class Bench:
@@ -202,23 +176,15 @@ class Bench:
         m.lap("learn")
         self._step(m)
 
-    def step_c(self, ids, m: Meter, batched: bool = False):
+    def step_c(self, ids, m: Meter):
         r, G = self.cfg, self.cfg.samples_per_prefix
         score = score_document(self.model, ids, r, self.gen, with_states=True, state_stride=self.a.state_stride)
         m.lap("score")
-        if batched:  # offset-free states: one batch of n rows, k decode steps in total
-            states = [ModelState.cat([ModelState(s.layers, 0) for s in score.cut_states])]
-            hiddens = [score.cut_hidden]
-        else:
-            states, hiddens = score.cut_states, [score.cut_hidden[i:i + 1] for i in range(score.cuts.numel())]
-        resp, old, resp_h = self._sample(states, hiddens, m)
+        groups = decode_batches(self.model, [(s, score.cut_hidden[i:i + 1]) for i, s in enumerate(score.cut_states)])
+        resp, old, resp_h = self._sample([g[0] for g in groups], [g[1] for g in groups], m)
         adv = self._advantages(score, resp_h)
-        if batched:
-            logprobs, ntp = shared_logprobs_batched(self.model, ids, score.cuts, resp, G, r.temperature)
-        else:
-            out = document_logprobs(self.model, ids, score.cuts, resp, G, r.temperature, shared=True)
-            logprobs, ntp = out.logprobs, out.ntp_loss
-        refine_loss(ntp, self._ppo(logprobs, old, adv), None, r.ntp_coef, r.pg_coef).backward()
+        out = document_logprobs(self.model, ids, score.cuts, resp, G, r.temperature, shared=True)
+        refine_loss(out.ntp_loss, self._ppo(out.logprobs, old, adv), None, r.ntp_coef, r.pg_coef).backward()
         m.lap("learn")
         self._step(m)
 
@@ -226,8 +192,7 @@ class Bench:
         self.model.train()
         m.start(probe_mem)
         try:
-            {"a": self.step_a, "b": self.step_b, "c": self.step_c,
-             "c+": lambda i, mm: self.step_c(i, mm, batched=True)}[variant](ids, m)
+            {"a": self.step_a, "b": self.step_b, "c": self.step_c}[variant](ids, m)
         except torch.cuda.OutOfMemoryError:
             self.opt.zero_grad(set_to_none=True), torch.cuda.empty_cache()
             return None
@@ -274,21 +239,6 @@ def stage_table(args, results, variants) -> list[str]:
                     + " |" for L in args.lengths for v in variants for st in [results[L][v]["stages"]]]
 
 
-@torch.no_grad()
-def check_batched(model, device, args):
-    """The locally patched learner path must equal the library's document_logprobs(shared=True)."""
-    g, V, G = torch.Generator().manual_seed(1), model.config.vocab_size, max(args.samples, 2)
-    cuts = torch.tensor([30, 77, 120, 160])
-    ids, resp = (torch.randint(0, V, shape, generator=g).to(device) for shape in ((200,), (4 * G, args.k)))
-    ref = document_logprobs(model, ids, cuts, resp, G, shared=True)
-    got, ntp = shared_logprobs_batched(model, ids, cuts, resp, G)
-    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    err = max((got - ref.logprobs).abs().max().item(), (ntp - ref.ntp_loss).abs().item())
-    if err > tol * max(1.0, ref.logprobs.abs().max().item()):
-        raise SystemExit(f"c+ check FAILED: batched branches differ from document_logprobs by {err:.2e}")
-    print(f"c+ check: batched branches == document_logprobs(shared=True) (max abs diff {err:.1e})")
-
-
 def profile(bench, variant, ids, m, sort):
     from torch.profiler import ProfilerActivity, profile as tprofile
     bench.run(variant, ids, m)  # warm-up
@@ -310,7 +260,7 @@ def main() -> int:
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--variants", nargs="+", default=None, help=f"subset of {VARIANTS} (a is always run)")
-    add("--state-stride", type=int, default=256, help="score_document's state_stride for c/c+")
+    add("--state-stride", type=int, default=512, help="score_document's state_stride for c (refine.state_stride)")
     add("--reencode-learner", default="microbatch", choices=["microbatch", "whole"])
     add("--threads", type=int, default=1, help="CPU threads (default 1: on shared cores 2 gave 10-100x outliers)")
     add("--no-cpu-mem", action="store_true", help="skip the extra untimed CPU peak-RSS rep")
@@ -327,11 +277,6 @@ def main() -> int:
     m = Meter(device, cpu_mem=not args.no_cpu_mem)
     bench = Bench(args, model, device)
     variants = ["a"] + [v for v in (args.variants or VARIANTS) if v != "a"]
-    if "c+" in variants and not getattr(model, "offset_free_state", False):
-        print("note: c+ skipped (this model's state depends on its offset)")
-        variants.remove("c+")
-    if "c+" in variants:
-        check_batched(model, device, args)
     nparams = sum(p.numel() for p in model.parameters())
     from refine_ray.models.ops import kernel_backend
     desc = (f"model {args.model_type}/{args.size} ({nparams / 1e6:.1f}M params, {args.dtype}) on {device}"
@@ -385,7 +330,7 @@ def main() -> int:
                for v in variants if (L0, v) in med and (L1, v) in med]
     verdict = [f"- {v}/a at L={L1}: {med[L1, v] / med[L1, 'a']:.2f} -> "
                f"{'MEETS' if med[L1, v] / med[L1, 'a'] <= TARGET else 'MISSES'} the target <= {TARGET}"
-               for v in ("c", "c+") if (L1, v) in med and (L1, "a") in med]
+               for v in ("c",) if (L1, v) in med and (L1, "a") in med]
     text = "\n".join([desc, "", *table(args, results, variants, device), "", "Per-stage medians (s):", "",
                       *stage_table(args, results, variants), "", "Scaling:", *scaling, "", "Target:", *verdict])
     print("\n" + text)

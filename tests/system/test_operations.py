@@ -3,8 +3,6 @@
 Real local Ray clusters (one with logical GPUs; a multi-node ray.cluster_utils.Cluster
 for elasticity), a real DeepSpeed learner over gloo, LongBench text.
 """
-import os
-import signal
 
 import numpy as np
 import pytest

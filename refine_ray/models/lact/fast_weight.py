@@ -16,7 +16,7 @@ through carried states into earlier segments.
 """
 from __future__ import annotations
 
-from typing import Optional
+
 
 import torch
 import torch.nn.functional as F
