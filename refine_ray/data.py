@@ -178,7 +178,8 @@ class Corpus:
 
         Computed once per run by one scorer; for very large corpora pre-filter by length offline.
         """
-        return np.asarray([len(self.document(i).ids) for i in range(len(self))], dtype=np.int64)
+        ids = self.tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]   # one batched call
+        return np.minimum(np.asarray([len(x) for x in ids], dtype=np.int64), self.cfg.max_length)
 
 
 class DataCursor:

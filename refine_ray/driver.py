@@ -112,7 +112,8 @@ def merge(values: list) -> Experience:
 
 
 class RefineTrainer:
-    def __init__(self, cfg: ExperimentConfig, vocab_size: int):
+    def __init__(self, cfg: ExperimentConfig, vocab_size: int, lengths: Optional[np.ndarray] = None):
+        """``lengths``: token count per corpus row if already known (preflight); else a scorer counts."""
         self.cfg = cfg
         init_ray(cfg)
         self.placement = Placement(cfg)
@@ -132,7 +133,8 @@ class RefineTrainer:
                                                lambda i: opts("reference", i), cfg.reference.num_actors)
         for pool in self.pools.values():
             pool.ready()
-        lengths = ray.get(self.pools["scorer"][0].lengths.remote())
+        if lengths is None:
+            lengths = ray.get(self.pools["scorer"][0].lengths.remote())
         self.cursor = DataCursor(lengths, max(min_document_tokens(cfg.refine), cfg.data.min_length),
                                  cfg.data.shuffle, cfg.data.seed, source=f"data.path '{cfg.data.path}'")
         self.sync = (CollectiveWeightSync(self.learners, cfg.system, cfg.model.dtype)

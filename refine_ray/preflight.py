@@ -56,6 +56,7 @@ class PreflightReport:
     usable: int                 # documents with at least ``min_tokens`` tokens
     min_tokens: int
     resume_from: object = None  # Path of the checkpoint a resume would load, or None
+    lengths: object = None      # token count per corpus row (the driver's data cursor reuses it)
 
 
 def _first_line(e: BaseException) -> str:
@@ -134,8 +135,8 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
                           f"has {vocab_size} tokens (tokenizer.path must match the model)")
 
 
-def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, int]:
-    """(rows, usable rows); raises DataError naming the file and what was expected."""
+def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, int, np.ndarray]:
+    """(rows, usable rows, token count per row); raises DataError naming the file and what was expected."""
     d = cfg.data
     corpus = Corpus(d, tokenizer)        # reads the file(s), checks the column and that every value is text
     n = len(corpus)
@@ -145,8 +146,7 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
     if d.answer_column is not None:       # post-training answers, checked as the scorer reads them
         for i, answer in enumerate(corpus.answers):
             first_answer(answer, d.answer_column, i)
-    enc = tokenizer(list(corpus.texts), add_special_tokens=False, truncation=True, max_length=d.max_length)["input_ids"]
-    lengths = np.asarray([len(ids) for ids in enc], dtype=np.int64)
+    lengths = corpus.lengths()
     usable = int((lengths >= min_tokens).sum())
     if usable == 0:
         rule = (f"data.min_length={d.min_length}" if d.min_length >= min_document_tokens(cfg.refine) else
@@ -155,7 +155,7 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
         raise DataError(f"data.path '{d.path}': no document has the {min_tokens} tokens needed ({rule}); "
                         f"the longest of {n} has {int(lengths.max())} tokens")
     DataCursor(lengths, min_tokens, d.shuffle, d.seed, source=f"data.path '{d.path}'")   # the driver's rule
-    return n, usable
+    return n, usable, lengths
 
 
 def preflight(cfg: ExperimentConfig) -> PreflightReport:
@@ -169,5 +169,5 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     vocab = len(tokenizer)
     check_model(cfg, vocab, f"'{cfg.tokenizer.path}'" if cfg.tokenizer.path else "the default MiniLM one")
     min_tokens = max(need, cfg.data.min_length)
-    rows, usable = check_data(cfg, tokenizer, min_tokens)
-    return PreflightReport(tokenizer, vocab, rows, usable, min_tokens, resume_from)
+    rows, usable, lengths = check_data(cfg, tokenizer, min_tokens)
+    return PreflightReport(tokenizer, vocab, rows, usable, min_tokens, resume_from, lengths)

@@ -16,7 +16,8 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
     """Train for ``cfg.train.steps`` steps; returns the per-step metrics."""
     from refine_ray.preflight import preflight
 
-    tokenizer = preflight(cfg).tokenizer   # bad inputs stop here, one line, before Ray or any file is touched
+    report = preflight(cfg)   # bad inputs stop here, one line, before Ray or any file is touched
+    tokenizer = report.tokenizer
     from refine_ray.driver import RefineTrainer
 
     out = Path(cfg.train.output_dir)
@@ -25,7 +26,7 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
     from refine_ray.metrics_log import MetricsLogger
 
     logger = MetricsLogger(out)
-    trainer = RefineTrainer(cfg, len(tokenizer))
+    trainer = RefineTrainer(cfg, len(tokenizer), lengths=report.lengths)
     from refine_ray.ray_metrics import RayMetricsExporter
 
     exporter = RayMetricsExporter(cfg.name)     # headline figures on the Ray dashboard / Prometheus
