@@ -223,9 +223,10 @@ class RefineTrainer:
                 try:
                     values.append(ray.get(shard.refs))
                     break
-                except RayError:
+                except RayError as e:
                     died = self.heal()
-                    if died == 0 or attempt == self.cfg.train.max_retries:
+                    # An actor death seen again by a later shard: the actor was already replaced.
+                    if attempt == self.cfg.train.max_retries or not (died or isinstance(e, RayActorError)):
                         raise
                     self.failures += died
                     shard = self._launch_shard(shard.index, shard.rows, gen.step)   # same rows, same seeds

@@ -81,8 +81,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(cluster, tmp_path, vocab):
 def test_actor_killed_mid_step_loses_nothing(cluster, tmp_path, vocab, role):
     """Kill an inference actor while the step's work is in flight: the step completes with
     exactly the samples (same documents, same tokens) of an undisturbed run."""
-    reference = _run(_cfg(tmp_path / "ref"), vocab, 1)
-    cfg = _cfg(tmp_path / "kill")
+    # rollout: two scorer shards feed the one rollout actor, so both shards see its death
+    extra = ["scorer.num_actors=2", "scorer.gpus_per_actor=0.075"] if role == "rollout" else []
+    reference = _run(_cfg(tmp_path / "ref", *extra), vocab, 1)
+    cfg = _cfg(tmp_path / "kill", *extra)
     trainer = RefineTrainer(cfg, vocab)
     try:
         gen = trainer.launch_generation(0)
