@@ -186,9 +186,16 @@ class TrainConfig:
     max_retries: int = 2                  # re-issues of a step's work after an inference actor dies
     task_update: Literal["none", "sft"] = "none"  # post-training: task SFT on prompt+answer after REFINE
     task_coef: float = 1.0
+    val_path: Optional[str] = None        # held-out documents (same text_column); NTP loss every val_every steps
+    val_every: int = 0                    # 0: no validation
+    val_docs: int = 8                     # first N held-out documents
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "steps", "log_every")
+        _positive(self, key, "steps", "log_every", "val_docs")
+        if self.val_every < 0:
+            raise ConfigError(f"{key}.val_every: {self.val_every} must be >= 0")
+        if self.val_every and not self.val_path:
+            raise ConfigError(f"{key}.val_every: {self.val_every} needs train.val_path (held-out documents)")
 
 
 @dataclass

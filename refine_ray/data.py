@@ -163,7 +163,7 @@ class Corpus:
         return len(self.texts)
 
     def document(self, row: int) -> Document:
-        ids = truncate(self.tokenizer(self.texts[row], add_special_tokens=False)["input_ids"],
+        ids = truncate(self.tokenizer(self.texts[row], add_special_tokens=False, verbose=False)["input_ids"],
                        self.cfg.max_length, self.cfg.truncation)
         answer = self.answers[row]
         answer_ids = None
@@ -178,7 +178,7 @@ class Corpus:
 
         Computed once per run by one scorer; for very large corpora pre-filter by length offline.
         """
-        ids = self.tokenizer(list(self.texts), add_special_tokens=False)["input_ids"]   # one batched call
+        ids = self.tokenizer(list(self.texts), add_special_tokens=False, verbose=False)["input_ids"]   # one batched call
         return np.minimum(np.asarray([len(x) for x in ids], dtype=np.int64), self.cfg.max_length)
 
 

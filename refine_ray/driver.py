@@ -144,6 +144,7 @@ class RefineTrainer:
         self.failures = 0
         self.pending: Optional[Generation] = None
         self.last_experience: Optional[Experience] = None
+        self.val_docs: Optional[DocBatch] = None
         resume = ckpt.latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
         if resume is not None:
             self.load(resume)
@@ -232,6 +233,22 @@ class RefineTrainer:
                     shard = self._launch_shard(shard.index, shard.rows, gen.step)   # same rows, same seeds
         return merge(values)
 
+    def validate(self) -> dict[str, float]:
+        """NTP loss (and perplexity) of the current weights on the held-out documents."""
+        if self.val_docs is None:
+            from dataclasses import replace
+
+            from refine_ray.data import Corpus, load_tokenizer
+
+            corpus = Corpus(replace(self.cfg.data, path=self.cfg.train.val_path), load_tokenizer(self.cfg.tokenizer.path))
+            docs = [corpus.document(i) for i in range(min(self.cfg.train.val_docs, len(corpus)))]
+            docs = [d for d in docs if len(d.ids) >= 2]
+            self.val_docs = DocBatch.from_lists([d.doc_id for d in docs], [d.ids for d in docs])
+        parts = self._learner_call("validation_nll", self.val_docs)
+        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        loss = total / max(count, 1)
+        return {"val/ntp_loss": loss, "val/perplexity": float(np.exp(min(loss, 50.0)))}
+
     def advantages(self, exp: Experience) -> np.ndarray:
         G = self.cfg.refine.samples_per_prefix
         groups = make_group_ids(len(exp.scored.docs), exp.scored.n_chunks, G)
@@ -274,6 +291,8 @@ class RefineTrainer:
         gather_s = self.publish(wait=self.cfg.system.mode == "sync")
         t_end = time.perf_counter()
         metrics = {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
+        if self.cfg.train.val_every and self.step_index % self.cfg.train.val_every == 0:
+            metrics.update(self.validate())
         metrics["time/learner_compute_s"] = max(m["time/learner_compute_s"] for m in per_rank)  # slowest rank
         metrics.update(reward_metrics(exp.rewards))
         metrics.update({

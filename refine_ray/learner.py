@@ -16,8 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from refine_ray.algo import kl_penalty, ppo_clip_loss, refine_loss
-from refine_ray.batches import LearnBatch
+from refine_ray.algo import kl_penalty, ntp_loss_from_hidden, ppo_clip_loss, refine_loss
+from refine_ray.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.policy import build_policy
 from refine_ray.sequence_logprobs import answer_nll, document_logprobs
@@ -129,6 +129,20 @@ class RefineLearner:
             total += float(loss.detach())
         return {"task_sft_loss": total / len(batch.docs),
                 "task_grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+
+    @torch.no_grad()
+    def validation_nll(self, docs: DocBatch) -> tuple[float, int]:
+        """(summed NTP loss, predicted tokens) over this rank's share of held-out documents."""
+        self.engine.eval()
+        total, count = 0.0, 0
+        for d in range(len(docs)):
+            ids = torch.from_numpy(docs.doc(d)).to(self.device)
+            hidden = self.engine.module.forward_segment(ids[None], None, return_logits=False).hidden[0]
+            n = ids.shape[0] - 1
+            total += float(ntp_loss_from_hidden(hidden[None], self.engine.module.lm_head, ids[None])) * n
+            count += n
+        self.engine.train()
+        return total, count
 
     def full_state_dict(self) -> Optional[dict[str, np.ndarray]]:
         """Full float32 weights as numpy on rank 0 (None elsewhere). Collective under ZeRO-3."""

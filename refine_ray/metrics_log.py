@@ -35,7 +35,7 @@ class MetricsLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [k for k in ("loss", "ntp_loss", "pg_loss", "reward/mean", "cut_entropy", "time/step_s")
+        panels = [k for k in ("loss", "ntp_loss", "pg_loss", "reward/mean", "cut_entropy", "val/ntp_loss", "time/step_s")
                   if any(k in row for row in self.history)]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
         for ax, key in zip(axes[0], panels):

@@ -34,7 +34,7 @@ import numpy as np
 
 from refine_ray import checkpoint as ckpt
 from refine_ray.config import ConfigError, ExperimentConfig
-from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer
+from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer, read_texts
 from refine_ray.models import registry
 from refine_ray.scoring import min_document_tokens
 
@@ -170,4 +170,11 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     check_model(cfg, vocab, f"'{cfg.tokenizer.path}'" if cfg.tokenizer.path else "the default MiniLM one")
     min_tokens = max(need, cfg.data.min_length)
     rows, usable, lengths = check_data(cfg, tokenizer, min_tokens)
+    if cfg.train.val_path:                # held-out documents: same column rules, errors name train.val_path
+        from dataclasses import replace
+
+        try:
+            read_texts(replace(cfg.data, path=cfg.train.val_path, answer_column=None))
+        except DataError as e:
+            raise DataError(f"train.val_path: {e}") from None
     return PreflightReport(tokenizer, vocab, rows, usable, min_tokens, resume_from, lengths)

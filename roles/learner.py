@@ -51,5 +51,9 @@ class LearnerRankRole:
     def broadcast_weights(self, version: int) -> int:
         return self.learner.broadcast_weights()
 
+    def validation_nll(self, docs) -> tuple[float, int]:
+        """Every rank takes part (ZeRO-3 forwards are collective); rank r scores documents r::world."""
+        return self.learner.validation_nll(docs.select(list(range(self.rank, len(docs), self.world))))
+
     def ping(self) -> bool:
         return True

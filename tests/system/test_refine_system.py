@@ -42,6 +42,7 @@ def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
     cfg = load_config("configs/tiny_deltanet_mid.yaml", [
         f"system.mode={mode}", "reference.enabled=true", "refine.kl_coef=0.05", "train.steps=3",
         f"refine.prefix_sharing={mode == 'async'}",          # sync re-encodes prefixes (the reference)
+        "train.val_path=../shared/data/longbench/qmsum_16384.parquet", "train.val_every=2", "train.val_docs=3",
         "data.max_length=256", "refine.n_chunks=3", f"train.output_dir={tmp_path}"])
     trainer = RefineTrainer(cfg, len(load_tokenizer()))
     try:
@@ -63,6 +64,9 @@ def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
         assert history[-1]["version"] == 3
         if mode == "async":
             assert [h["staleness"] for h in history] == [0, 1, 1]
+        # held-out NTP loss after steps 2 (not 1, 3): a random tiny model is near log(vocab)
+        assert ["val/ntp_loss" in h for h in history] == [False, True, False]
+        assert 5.0 < history[1]["val/ntp_loss"] < 12.0 and np.isfinite(history[1]["val/perplexity"])
     finally:
         trainer.shutdown()
 
