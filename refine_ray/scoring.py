@@ -37,12 +37,13 @@ def min_document_tokens(cfg: RefineConfig) -> int:
 
 @torch.no_grad()
 def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optional[torch.Generator] = None,
-                   with_states: bool = False, state_stride: int = 256) -> DocumentScore:
+                   with_states: bool = False, state_stride: int = 512) -> DocumentScore:
     """Score one unpadded document ``ids [L]`` and choose its cuts."""
     boundaries: dict[int, Optional[ModelState]] = {0: None}
     hidden_parts, state = [], None
-    for start in range(0, ids.shape[0], state_stride):
-        out = model.forward_segment(ids[None, start:start + state_stride], state, return_logits=False)
+    stride = state_stride if with_states else ids.shape[0]   # no states wanted: one call
+    for start in range(0, ids.shape[0], stride):
+        out = model.forward_segment(ids[None, start:start + stride], state, return_logits=False)
         hidden_parts.append(out.hidden[0])
         state = out.state
         if with_states:
