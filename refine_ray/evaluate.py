@@ -34,12 +34,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from refine_ray.config import ConfigError, EvalConfig, ExperimentConfig, ModelConfig, from_dict, validate_config
+from refine_ray.data import truncate
 from refine_ray.eval import metrics as M
 from refine_ray.eval.data import load_longbench, load_ruler, ruler_file_info
 from refine_ray.eval.niah import ESSAY_HAYSTACK, VARIANTS, generate_niah, score_niah
 from refine_ray.ttt import TestTimeTrainer
 
-__all__ = ["EvalConfig", "EvalError", "EvalSet", "truncate_middle", "load_eval_sets", "build_eval_model",
+__all__ = ["EvalConfig", "EvalError", "EvalSet", "load_eval_sets", "build_eval_model",
            "run_eval", "write_json_atomic"]
 
 
@@ -54,14 +55,6 @@ class EvalSet:
     rows: list[dict[str, Any]]
     source: str
     all_rows: list[dict[str, Any]] = field(default_factory=list)  # whole file (trec classes)
-
-
-def truncate_middle(ids: list[int], max_tokens: int) -> list[int]:
-    """LongBench's rule: keep the first ``max_tokens // 2`` and the last ``max_tokens - that`` tokens."""
-    if len(ids) <= max_tokens:
-        return list(ids)
-    head = max_tokens // 2
-    return list(ids[:head]) + list(ids[len(ids) - (max_tokens - head):])
 
 
 def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: Optional[int]) -> list[EvalSet]:
@@ -189,7 +182,7 @@ def run_eval(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, sets: li
             for row in s.rows:
                 ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
                 truncated += len(ids) > ecfg.max_prompt_tokens
-                prompts.append(torch.tensor(truncate_middle(ids, ecfg.max_prompt_tokens), dtype=torch.long))
+                prompts.append(torch.tensor(truncate(list(ids), ecfg.max_prompt_tokens, "middle"), dtype=torch.long))
                 budgets.append(gen_budget(s, row, ecfg))
             bar.set_postfix(task=s.key)
             outs = trainer.answer(prompts, budgets, eos_token_id=eos, progress=bar)

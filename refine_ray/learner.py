@@ -16,11 +16,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from refine_ray.algo import kl_penalty, ntp_loss_from_hidden, ppo_clip_loss, refine_loss
+from refine_ray.algo import kl_penalty, ppo_clip_loss, refine_loss
 from refine_ray.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.policy import build_policy
-from refine_ray.sequence_logprobs import answer_nll, document_logprobs
+from refine_ray.sequence_logprobs import answer_nll, document_logprobs, document_ntp_loss
 
 
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
@@ -137,9 +137,8 @@ class RefineLearner:
         total, count = 0.0, 0
         for d in range(len(docs)):
             ids = torch.from_numpy(docs.doc(d)).to(self.device)
-            hidden = self.engine.module.forward_segment(ids[None], None, return_logits=False).hidden[0]
             n = ids.shape[0] - 1
-            total += float(ntp_loss_from_hidden(hidden[None], self.engine.module.lm_head, ids[None])) * n
+            total += float(document_ntp_loss(self.engine.module, ids)) * n
             count += n
         self.engine.train()
         return total, count

@@ -27,14 +27,14 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from refine_ray.algo import grpo_advantages, make_group_ids, ntp_loss_from_hidden, ppo_clip_loss, refine_loss
+from refine_ray.algo import grpo_advantages, make_group_ids, ppo_clip_loss, refine_loss
 from refine_ray.batches import DocBatch, RolloutBatch, ScoredBatch
 from refine_ray.config import ConfigError, RefineConfig
-from refine_ray.models.base import ModelState
 from refine_ray.models.generation import Continuations, sample_continuations
 from refine_ray.rewarding import SequenceRewarder, reward_metrics
+from refine_ray.rollout_engine import decode_batches
 from refine_ray.scoring import DocumentScore, min_document_tokens, score_document
-from refine_ray.sequence_logprobs import document_logprobs
+from refine_ray.sequence_logprobs import document_logprobs, document_ntp_loss
 
 Mode = Literal["refine", "ntp"]
 
@@ -43,24 +43,14 @@ def _sample_at_cuts(model, score: DocumentScore, cfg: RefineConfig,
                     generator: Optional[torch.Generator]) -> Continuations:
     """G continuations of k tokens from every cut state; rows ordered cut-major, then sample."""
     G, k = cfg.samples_per_prefix, cfg.response_length
-    states = score.cut_states
     hidden = score.cut_hidden.to(dtype=next(model.parameters()).dtype)
-    if getattr(model, "offset_free_state", False):
-        # The state does not depend on its offset (DeltaNet family): one batch for all cuts.
-        offset = max(s.offset for s in states)
-        batched = ModelState.cat([ModelState(s.layers, offset) for s in states])
-        return sample_continuations(model, batched.repeat_interleave(G), hidden.repeat_interleave(G, 0), k,
-                                    cfg.temperature, cfg.top_p, generator)
-    parts = [sample_continuations(model, st.repeat_interleave(G), hidden[j:j + 1].repeat_interleave(G, 0), k,
-                                  cfg.temperature, cfg.top_p, generator) for j, st in enumerate(states)]
+    groups = decode_batches(model, [(st, hidden[j:j + 1]) for j, st in enumerate(score.cut_states)])
+    parts = [sample_continuations(model, st.repeat_interleave(G), h.repeat_interleave(G, 0), k,
+                                  cfg.temperature, cfg.top_p, generator) for st, h in groups]
+    if len(parts) == 1:
+        return parts[0]
     return Continuations(torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]),
                          torch.cat([p.hidden for p in parts]), parts[-1].state)
-
-
-def _ntp_only(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model.forward_segment(ids[None], None, return_logits=False)
-    head = model.lm_head
-    return ntp_loss_from_hidden(out.hidden, head.weight, ids[None], lm_head_bias=getattr(head, "bias", None))
 
 
 class LocalRefineStep:
@@ -125,7 +115,7 @@ class LocalRefineStep:
                 for name, value in pg_m.items():
                     sums[name] += float(value)
             else:
-                ntp = _ntp_only(model, ids)
+                ntp = document_ntp_loss(model, ids)
                 loss = (cfg.ntp_coef or 1.0) * ntp
             (loss / len(usable)).backward()
             sums["loss"] += float(loss.detach())

@@ -45,8 +45,14 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(hidden)
 
 
-def _ntp(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    # The head module, not its weight: under ZeRO-3 only a module call sees the gathered weight.
+def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token CE over document ``ids [L]``; ``hidden [L, D]`` if a pass already made it.
+
+    The head module is called, not its weight read: under ZeRO-3 only a module call sees
+    the gathered weight. Logits are built in chunks (never [L, V] at once).
+    """
+    if hidden is None:
+        hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
     return ntp_loss_from_hidden(hidden[None], model.lm_head, ids[None])
 
 
@@ -81,7 +87,7 @@ def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLo
         else:
             logits = first
         logps.append(logprobs_from_logits(logits, rows, temperature))
-    ntp = _ntp(model, hidden, ids) if with_ntp else None
+    ntp = document_ntp_loss(model, ids, hidden) if with_ntp else None
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
 
 
@@ -94,9 +100,7 @@ def _reencode(model, ids, cuts, responses, G, temperature, with_ntp) -> Document
         out = model.forward_segment(seq, None, return_logits=False)
         logits = _head(model, out.hidden[:, c - 1:c + k - 1])
         logps.append(logprobs_from_logits(logits, rows, temperature))
-    ntp = None
-    if with_ntp:
-        ntp = _ntp(model, model.forward_segment(ids[None], None, return_logits=False).hidden[0], ids)
+    ntp = document_ntp_loss(model, ids) if with_ntp else None
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
 
 

@@ -2,7 +2,7 @@
 """One REFINE step per document, three ways, timed side by side (issue: one pass per document).
 
 Variants (one document of L tokens, n cuts, G samples per cut, k tokens per sample):
-  a    NTP only: forward_segment over the document + ntp_loss_from_hidden + backward + AdamW step.
+  a    NTP only: forward_segment over the document + document_ntp_loss + backward + AdamW step.
   b    REFINE, re-encode (the reference): score_document (no grad) + prefill of every prefix + k-token
        sampling + old log-probs (document_logprobs(shared=False), no grad) + learner fwd+bwd via
        document_logprobs(shared=False) with NTP + PPO + step, accumulating per micro-batch (NTP, then
@@ -33,12 +33,12 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from refine_ray.algo import (cosine_reward, grpo_advantages, make_group_ids,  # noqa: E402
-                             ntp_loss_from_hidden, ppo_clip_loss, refine_loss)
+                             ppo_clip_loss, refine_loss)
 from refine_ray.config import RefineConfig  # noqa: E402
 from refine_ray.models.generation import prefill, sample_continuations  # noqa: E402
 from refine_ray.rollout_engine import decode_batches  # noqa: E402
 from refine_ray.scoring import score_document  # noqa: E402
-from refine_ray.sequence_logprobs import document_logprobs  # noqa: E402
+from refine_ray.sequence_logprobs import document_logprobs, document_ntp_loss  # noqa: E402
 
 SIZES = {  # named sizes: explicit config fields over the registry's tiny preset
     "tiny": {},
@@ -114,8 +114,7 @@ class Bench:
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
 
     def _ntp(self, hidden, ids):
-        head = self.model.lm_head
-        return ntp_loss_from_hidden(hidden[None], head.weight, ids[None], lm_head_bias=getattr(head, "bias", None))
+        return document_ntp_loss(self.model, ids, hidden)
 
     def _step(self, m: Meter):
         self.opt.step()

@@ -7,7 +7,8 @@ import pytest
 
 from refine_ray.cli import main
 from refine_ray.eval.tables import load_result, render
-from refine_ray.evaluate import EvalConfig, EvalSet, gen_budget, truncate_middle
+from refine_ray.data import truncate
+from refine_ray.evaluate import EvalConfig, EvalSet, gen_budget
 
 TINY = ["--config", "configs/ttt_tiny_longbench.yaml", "--model", "tiny:delta_net", "--no-progress",
         "--max-prompt-tokens", "96", "--max-gen-tokens", "3", "eval.ruler_gen_tokens=3",
@@ -49,8 +50,8 @@ def test_eval_niah_without_ttt(tokenizer, tmp_path, capsys):
 
 def test_truncate_middle_and_generation_budgets():
     ids = list(range(10))
-    assert truncate_middle(ids, 20) == ids
-    assert truncate_middle(ids, 5) == [0, 1, 7, 8, 9]
+    assert truncate(ids, 20, "middle") == ids          # LongBench's rule: first max//2, last the rest
+    assert truncate(ids, 5, "middle") == [0, 1, 7, 8, 9]
     lb = EvalSet("qmsum", "longbench", [], "x")
     assert gen_budget(lb, {"max_gen_tokens": 512}, EvalConfig()) == 512          # per-task length
     assert gen_budget(lb, {"max_gen_tokens": 512}, EvalConfig(max_gen_tokens=32)) == 32
