@@ -100,9 +100,14 @@ def _architecture(cfg: ModelConfig, vocab_size: int):
         if not Path(cfg.path).is_dir():
             raise ExportError(f"run config model.path '{cfg.path}' is not a directory here; the architecture "
                               f"comes from its config.json")
-        return registry.load_model(cfg.path).float()
-    return registry.build_model(cfg.type, seed=cfg.seed, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
-                                num_hidden_layers=cfg.num_hidden_layers, num_heads=cfg.num_heads).float()
+    from dataclasses import replace
+
+    from refine_ray.policy import build_policy   # the same model the learner built
+
+    try:
+        return build_policy(replace(cfg, dtype="float32"), vocab_size, device="cpu")
+    except ValueError as e:                     # e.g. the run's tokenizer does not fit model.path
+        raise ExportError(str(e).splitlines()[0]) from None
 
 
 def _resolve_deepspeed_dir(d: Path) -> Path:
