@@ -107,11 +107,14 @@ class SegmentOutput:
         need a few positions apply ``lm_head`` themselves to save memory).
     state:  the state after the segment's last token (differentiable: gradients
         flow back through it into earlier segments).
+    kept_states: states inside the segment, for models that take ``keep_states_at``
+        (DeltaNet family); None otherwise.
     """
 
     hidden: torch.Tensor
     logits: Optional[torch.Tensor]
     state: ModelState
+    kept_states: Optional[ModelState] = None
 
 
 class FastWeightLM:
@@ -125,6 +128,10 @@ class FastWeightLM:
           one forward over the whole sequence (tested per model).
       lm_head: nn.Linear            the output projection
       config.model_type: str        'delta_net', 'gated_deltanet', 'lact'
+      offset_free_state: bool       True when a state does not depend on its position, so
+                                    states taken at different positions share a batch.
+    Offset-free models (the DeltaNet family) also take ``lengths`` and ``keep_states_at``
+    in ``forward_segment`` (states at per-row lengths / at given positions of one pass).
     """
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,

@@ -67,10 +67,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
-        o, new_state = self.attn(self.attn_norm(x), state)
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, lengths: Optional[torch.Tensor] = None,
+                keep_states_at: Optional[torch.Tensor] = None):
+        o, new_state, kept = self.attn(self.attn_norm(x), state, lengths, keep_states_at)
         h = x + o
-        return h + self.mlp(self.mlp_norm(h)), new_state
+        return h + self.mlp(self.mlp_norm(h)), new_state, kept
 
 
 class _PreTrained(PreTrainedModel):
@@ -115,17 +116,37 @@ class _Backbone(_PreTrained):
 
     def forward(self, input_ids: torch.Tensor, state: Optional[ModelState] = None):
         """Returns (final-normed hidden [B,T,D], new ModelState)."""
+        hidden, new_state, _ = self.run(input_ids, state)
+        return hidden, new_state
+
+    def run(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
+            lengths: Optional[torch.Tensor] = None, keep_states_at: Optional[torch.Tensor] = None):
+        """(hidden, state, kept states); see ``_CausalLM.forward_segment`` for the options."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [B,T] with T >= 1, got {tuple(input_ids.shape)}")
         if state is not None and len(state.layers) != len(self.layers):
             raise ValueError(f"state has {len(state.layers)} layers, model has {len(self.layers)}")
+        B, T = input_ids.shape
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long, device=input_ids.device)
+            if lengths.shape != (B,) or bool((lengths < 1).any()) or bool((lengths > T).any()):
+                raise ValueError(f"lengths must be [B={B}] with values in [1, {T}], got {lengths.tolist()}")
+        if keep_states_at is not None:
+            keep_states_at = torch.as_tensor(keep_states_at, dtype=torch.long, device=input_ids.device).reshape(-1)
+            if keep_states_at.numel() and (int(keep_states_at.min()) < 1 or int(keep_states_at.max()) > T):
+                raise ValueError(f"keep_states_at must lie in [1, {T}], got {keep_states_at.tolist()}")
         h = self.embeddings(input_ids)
-        new_layers = []
+        new_layers, kept_layers = [], []
         for i, layer in enumerate(self.layers):
-            h, st = layer(h, None if state is None else state.layers[i])
+            h, st, kept = layer(h, None if state is None else state.layers[i], lengths, keep_states_at)
             new_layers.append(st)
-        offset = (0 if state is None else state.offset) + input_ids.shape[1]
-        return self.norm(h), ModelState(new_layers, offset)
+            kept_layers.append(kept)
+        offset = (0 if state is None else state.offset) + T
+        kept_states = None
+        if keep_states_at is not None:
+            # [B, P, ...] per key -> rows b*P + i: the state after keep_states_at[i] tokens of row b.
+            kept_states = ModelState([{key: t.flatten(0, 1) for key, t in kept.items()} for kept in kept_layers])
+        return self.norm(h), ModelState(new_layers, offset), kept_states
 
 
 def _check_right_padding(mask: torch.Tensor) -> None:
@@ -172,10 +193,20 @@ class _CausalLM(_PreTrained, FastWeightLM):
         return st if dtype is None else st.to(dtype=dtype)
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
-                        return_logits: bool = True) -> SegmentOutput:
-        hidden, new_state = self.model(input_ids, state)
+                        return_logits: bool = True, lengths: Optional[torch.Tensor] = None,
+                        keep_states_at: Optional[torch.Tensor] = None) -> SegmentOutput:
+        """The base contract, plus two options for prefix sharing (offset-free states only):
+
+        lengths [B]: row b's returned state is the state after its first ``lengths[b]``
+            tokens (right padding; hidden/logits past a row's length are meaningless).
+        keep_states_at [P] (positions in [1, T], any order): ``out.kept_states`` holds the
+            states after that many tokens of the segment, rows ``b * P + i`` (offset 0: these
+            states are position-free). The chunked kernels produce them in the same pass,
+            differentiably.
+        """
+        hidden, new_state, kept = self.model.run(input_ids, state, lengths, keep_states_at)
         logits = self.lm_head(hidden) if return_logits else None
-        return SegmentOutput(hidden=hidden, logits=logits, state=new_state)
+        return SegmentOutput(hidden=hidden, logits=logits, state=new_state, kept_states=kept)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, inputs_embeds=None, return_dict: Optional[bool] = None,

@@ -6,8 +6,14 @@ The computation is the same too; each op dispatches to fla's Triton kernels on C
 or to :mod:`refine_ray.models.ops` elsewhere (see ``ops.dispatch``).
 
 A mixer takes ``(x [B,T,D], layer_state dict | None)`` and returns
-``(out [B,T,D], new layer_state)``; the state holds ``recurrent`` [B,H,K,V] (fp32) and,
-with short convs, ``conv_q`` / ``conv_k`` / ``conv_v`` tails [B,C,W-1].
+``(out [B,T,D], new layer_state, kept)``; the state holds ``recurrent`` [B,H,K,V]
+(fp32) and, with short convs, ``conv_q`` / ``conv_k`` / ``conv_v`` tails [B,C,W-1].
+Two options serve prefix sharing (see ``forward_segment`` in deltanet.py):
+  * ``lengths [B]``: the returned state of row b is the state after ``lengths[b]`` tokens;
+    later positions get beta = 0 (and decay 0), which leaves the delta-rule state exactly
+    unchanged, and the conv tails are read at the row's length.
+  * ``keep_states_at`` (P positions in [1, T]): ``kept`` is the layer state after that
+    many tokens, as a dict of [B, P, ...] tensors (None when not asked).
 Deliberate divergence: fla's ``use_output_norm`` config flag is ignored by fla 0.6.0's
 layer (o_norm always exists); we do the same so checkpoints stay interchangeable.
 """
@@ -21,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import dispatch as K
+from .ops.conv import tails_at, tails_at_positions
 from .ops.pointwise import elu_p1, sum_norm
 
 
@@ -96,19 +103,34 @@ def _split_heads(x: torch.Tensor, d: int) -> torch.Tensor:
 class _ConvQKV(nn.Module):
     """Shared q/k/v projection + optional short conv, carrying the conv tails in the state."""
 
-    def _qkv(self, x, state, qk_act: Optional[str]):
+    def _qkv(self, x, state, qk_act: Optional[str], lengths=None, keep_states_at=None):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        new = {}
+        new, kept = {}, {}
         if self.use_short_conv:
             st = state or {}
-            q, new["conv_q"] = self.q_conv1d(q, st.get("conv_q"))
-            k, new["conv_k"] = self.k_conv1d(k, st.get("conv_k"))
-            v, new["conv_v"] = self.v_conv1d(v, st.get("conv_v"))
+            convolved = []
+            for name, conv, inp in (("conv_q", self.q_conv1d, q), ("conv_k", self.k_conv1d, k),
+                                    ("conv_v", self.v_conv1d, v)):
+                y, new[name] = conv(inp, st.get(name))
+                if lengths is not None:
+                    new[name] = tails_at(inp, st.get(name), self.conv_size, lengths)
+                if keep_states_at is not None:
+                    kept[name] = tails_at_positions(inp, st.get(name), self.conv_size, keep_states_at)
+                convolved.append(y)
+            q, k, v = convolved
         else:
             if qk_act == "silu":
                 q, k = F.silu(q), F.silu(k)
             v = F.silu(v)
-        return q, k, v, new
+        return q, k, v, new, kept
+
+    @staticmethod
+    def _valid(x, lengths) -> Optional[torch.Tensor]:
+        """[B,T,1] mask of positions before each row's length (None: all valid)."""
+        if lengths is None:
+            return None
+        pos = torch.arange(x.shape[1], device=x.device)
+        return (pos[None, :] < lengths.to(x.device)[:, None])[..., None]
 
     def _output(self, x, o):
         if self.use_gate:
@@ -158,8 +180,9 @@ class DeltaNet(_ConvQKV):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps, dtype=torch.float32)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
-        q, k, v, new = self._qkv(x, state, self.qk_activation)
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, lengths: Optional[torch.Tensor] = None,
+                keep_states_at: Optional[torch.Tensor] = None):
+        q, k, v, new, kept = self._qkv(x, state, self.qk_activation, lengths, keep_states_at)
         q, k = _split_heads(q, self.head_k_dim), _split_heads(k, self.head_k_dim)
         v = _split_heads(v, self.head_v_dim)
         if self.qk_activation == "relu":
@@ -171,9 +194,13 @@ class DeltaNet(_ConvQKV):
         beta = self.b_proj(x).sigmoid() if self.use_beta else torch.ones_like(q[..., 0])
         if self.allow_neg_eigval:
             beta = beta * 2.0
+        valid = self._valid(x, lengths)
+        if valid is not None:
+            beta = beta * valid
         h0 = None if state is None else state["recurrent"]
-        o, new["recurrent"] = K.delta_rule(q, k, v, beta, h0, use_qk_l2norm=self.qk_norm == "l2")
-        return self._output(x, o), new
+        o, new["recurrent"], kept["recurrent"] = K.delta_rule(
+            q, k, v, beta, h0, use_qk_l2norm=self.qk_norm == "l2", keep_states_at=keep_states_at)
+        return self._output(x, o), new, (None if keep_states_at is None else kept)
 
 
 class GatedDeltaNet(_ConvQKV):
@@ -224,14 +251,19 @@ class GatedDeltaNet(_ConvQKV):
         dt = dt.clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
-        q, k, v, new = self._qkv(x, state, "silu")
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, lengths: Optional[torch.Tensor] = None,
+                keep_states_at: Optional[torch.Tensor] = None):
+        q, k, v, new, kept = self._qkv(x, state, "silu", lengths, keep_states_at)
         q, k = _split_heads(q, self.head_k_dim), _split_heads(k, self.head_k_dim)
         v = _split_heads(v, self.head_v_dim)
         beta = self.b_proj(x).sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        valid = self._valid(x, lengths)
+        if valid is not None:
+            beta, g = beta * valid, g * valid
         h0 = None if state is None else state["recurrent"]
-        o, new["recurrent"] = K.gated_delta_rule(q, k, v, g, beta, h0, use_qk_l2norm=True)
-        return self._output(x, o), new
+        o, new["recurrent"], kept["recurrent"] = K.gated_delta_rule(
+            q, k, v, g, beta, h0, use_qk_l2norm=True, keep_states_at=keep_states_at)
+        return self._output(x, o), new, (None if keep_states_at is None else kept)

@@ -106,9 +106,10 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, (q, k, v, beta, g, h0))
 
 
-def test_causal_conv1d_matches_conv_and_carries_cache():
+@pytest.mark.parametrize("T", [11, 40])   # short segments use a windowed sum, longer ones F.conv1d
+def test_causal_conv1d_matches_conv_and_carries_cache(T):
     gen = torch.Generator().manual_seed(0)
-    B, T, D, W = 2, 11, 5, 4
+    B, D, W = 2, 5, 4
     x = torch.randn(B, T, D, generator=gen, requires_grad=True)
     w = torch.randn(D, 1, W, generator=gen, requires_grad=True)
     b = torch.randn(D, generator=gen)
@@ -116,7 +117,7 @@ def test_causal_conv1d_matches_conv_and_carries_cache():
     y, cache = causal_conv1d(x, w, b, activation="silu")
     _close(y, ref, 1e-6)
     _close(cache, x[:, -(W - 1):].transpose(1, 2), 0)
-    # segments of length 2 (< W-1), 1 and 8 with carried caches == one pass, gradients included
+    # segments of length 2 (< W-1), 1 and the rest with carried caches == one pass, gradients included
     outs, c = [], None
     for lo, hi in ((0, 2), (2, 3), (3, T)):
         yi, c = causal_conv1d(x[:, lo:hi], w, b, cache=c, activation="silu")

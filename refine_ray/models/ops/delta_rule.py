@@ -18,6 +18,10 @@ Deliberate decisions:
     differentiable w.r.t. everything, including ``initial_state``.
   * T need not be a multiple of the chunk size: the tail is padded with beta = 0 and
     g = 0, which leaves the state untouched; padded outputs are dropped.
+  * ``keep_states_at`` (positions p, 1 <= p <= T) also returns the state after each p
+    tokens: from the state at the start of p's chunk and the first tokens' pseudo-values,
+    which the chunk loop computes anyway. Prefix sharing gets its cut states from the
+    same pass, differentiably, for O(C·K·V) per position.
 """
 from __future__ import annotations
 
@@ -87,9 +91,13 @@ def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     g: Optional[torch.Tensor] = None, scale: Optional[float] = None,
     initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-    use_qk_l2norm: bool = False, chunk_size: int = 64,
+    use_qk_l2norm: bool = False, chunk_size: int = 64, keep_states_at: Optional[torch.Tensor] = None,
 ):
-    """Chunked (WY / UT-transform) form; equal to :func:`recurrent_gated_delta_rule`."""
+    """Chunked (WY / UT-transform) form; equal to :func:`recurrent_gated_delta_rule`.
+
+    With ``keep_states_at`` (P positions in [1, T], any order) it returns a third value, the
+    states after that many tokens: [B, P, H, K, V].
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = v.dtype
@@ -128,9 +136,12 @@ def chunk_gated_delta_rule(
     U, W = sol.split([V, K], dim=-1)
     attn = (q @ k.transpose(-1, -2)) * decay                        # causal, diagonal included
 
-    outs = []
+    outs, starts, us = [], [], []
     for n in range(N):
         u = U[:, :, n] - W[:, :, n] @ S                             # true pseudo-values of chunk n
+        if keep_states_at is not None:
+            starts.append(S)
+            us.append(u)
         outs.append(q_scaled[:, :, n] @ S + attn[:, :, n] @ u)
         if g is None:
             S = S + k[:, :, n].transpose(-1, -2) @ u
@@ -138,11 +149,34 @@ def chunk_gated_delta_rule(
             k_end = k[:, :, n] * to_end[:, :, n, :, None]
             S = S * chunk_decay[:, :, n, None, None] + k_end.transpose(-1, -2) @ u
     o = torch.cat(outs, dim=2)[:, :, :T].transpose(1, 2).to(out_dtype)  # [B,T,H,V]
-    return o, (S if output_final_state else None)
+    final = S if output_final_state else None
+    if keep_states_at is None:
+        return o, final
+    pos = torch.as_tensor(keep_states_at, dtype=torch.long, device=q.device).reshape(-1)
+    if pos.numel() and (int(pos.min()) < 1 or int(pos.max()) > T):
+        raise ValueError(f"keep_states_at must lie in [1, {T}], got {pos.tolist()}")
+    # State after p tokens = state at the start of p's chunk n, advanced by its first j tokens:
+    # S_p = Gamma_j S_n + sum_{i<j} (Gamma_j / Gamma_i) k_i u_i^T   (Gamma = 1 without decay).
+    n_of, j_of = torch.div(pos - 1, C, rounding_mode="floor"), (pos - 1) % C + 1
+    first_j = torch.arange(C, device=q.device)[None, :] < j_of[:, None]           # [P, C]
+    chunks = n_of.tolist()                                                        # stack only what is read
+    S0 = (torch.stack([starts[n] for n in chunks], 2) if chunks
+          else S.new_zeros(B, H, 0, K, V))                                        # [B,H,P,K,V]
+    u_p = torch.stack([us[n] for n in chunks], 2) if chunks else S.new_zeros(B, H, 0, C, V)  # [B,H,P,C,V]
+    k_p = k[:, :, n_of]                                                           # [B,H,P,C,K]
+    if g is None:
+        weight = first_j.to(k_p.dtype)[..., None]
+    else:
+        gam_p = gam[:, :, n_of]                                                   # [B,H,P,C]
+        gam_j = gam_p.gather(-1, (j_of - 1).expand(B, H, -1)[..., None])          # [B,H,P,1]
+        weight = (gam_j - gam_p).masked_fill(~first_j, float("-inf")).exp()[..., None]
+        S0 = S0 * gam_j.exp()[..., None]
+    kept = S0 + (k_p * weight).transpose(-1, -2) @ u_p                           # [B,H,P,K,V]
+    return o, final, kept.transpose(1, 2)
 
 
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm=False, chunk_size=64):
+                     use_qk_l2norm=False, chunk_size=64, keep_states_at=None):
     """Plain delta rule, chunked (``g=None``)."""
     return chunk_gated_delta_rule(q, k, v, beta, None, scale, initial_state, output_final_state,
-                                  use_qk_l2norm, chunk_size)
+                                  use_qk_l2norm, chunk_size, keep_states_at)

@@ -15,6 +15,10 @@ Deliberate decisions for the fla backend:
     fused-recurrent kernel (with its backward) at any length.
   * States are fp32 in [B,H,K,V] layout on both backends, so a state produced by one
     backend can be consumed by the other.
+  * Kept states (states at given positions, for prefix sharing) come from our chunk loop
+    almost for free; fla's public kernels do not return their chunk states, so there the
+    segment runs in slices between the positions (one more kernel launch per position and
+    layer, no extra FLOPs).
 """
 from __future__ import annotations
 
@@ -61,44 +65,86 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _by_slices(run, T: int, positions, initial_state):
+    """Kept states by running the op on the slices between the positions, carrying the state:
+    for backends whose kernels do not expose their chunk states (fla)."""
+    pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
+    if pos.numel() and (int(pos.min()) < 1 or int(pos.max()) > T):
+        raise ValueError(f"keep_states_at must lie in [1, {T}], got {pos.tolist()}")
+    bounds = sorted(set(pos.tolist()))
+    outs, at, state, start = [], {}, initial_state, 0
+    for end in bounds + ([T] if not bounds or bounds[-1] < T else []):
+        o, state, _ = run(slice(start, end), state)
+        outs.append(o)
+        at[end] = state
+        start = end
+    kept = [at[p] for p in pos.tolist()]
+    stacked = torch.stack(kept, 1) if kept else state.new_zeros(state.shape[0], 0, *state.shape[1:])
+    return torch.cat(outs, 1), state, stacked
+
+
 def delta_rule(q, k, v, beta, initial_state: Optional[torch.Tensor] = None, use_qk_l2norm: bool = True,
-               scale: Optional[float] = None):
-    """DeltaNet rule; returns (o [B,T,H,V], final_state [B,H,K,V] fp32)."""
+               scale: Optional[float] = None, keep_states_at=None):
+    """DeltaNet rule; returns (o [B,T,H,V], final_state [B,H,K,V] fp32, kept).
+
+    kept: None, or for ``keep_states_at`` (P positions in [1, T]) the states after that many
+    tokens of the segment: [B, P, H, K, V] fp32.
+    """
     T = q.shape[1]
-    if kernel_backend(q) == "fla":
+    backend = kernel_backend(q)
+    if keep_states_at is not None and backend == "fla":
+        return _by_slices(lambda sl, h0: delta_rule(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], h0,
+                                                    use_qk_l2norm, scale), T, keep_states_at, initial_state)
+    if backend == "fla":
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
         fn = chunk_delta_rule
         # fla 0.6.0's chunk_delta_rule asserts q is not fp32; its fused-recurrent kernel
         # (forward and backward, incl. initial/final-state grads) takes fp32.
         if q.dtype == torch.float32 or (T <= 64 and not _needs_grad(q, k, v, beta, initial_state)):
             fn = fused_recurrent_delta_rule
-        return fn(q=q, k=k, v=v, beta=beta, scale=scale,
-                  initial_state=None if initial_state is None else initial_state.float(),
-                  output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+        o, final = fn(q=q, k=k, v=v, beta=beta, scale=scale,
+                      initial_state=None if initial_state is None else initial_state.float(),
+                      output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+        return o, final, None
+    if keep_states_at is not None:
+        return _dr.chunk_delta_rule(q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=True,
+                                    use_qk_l2norm=use_qk_l2norm, keep_states_at=keep_states_at)
     fn = _dr.recurrent_delta_rule if T == 1 else _dr.chunk_delta_rule
-    return fn(q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=True,
-              use_qk_l2norm=use_qk_l2norm)
+    o, final = fn(q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=True,
+                  use_qk_l2norm=use_qk_l2norm)
+    return o, final, None
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state: Optional[torch.Tensor] = None,
-                     use_qk_l2norm: bool = True, scale: Optional[float] = None):
+                     use_qk_l2norm: bool = True, scale: Optional[float] = None, keep_states_at=None):
     """Gated delta rule with log decay g [B,T,HV]; q/k may have H heads dividing HV (value head hv
-    reads q/k head hv // (HV // H), as fla's kernels do). Returns (o, final_state fp32)."""
+    reads q/k head hv // (HV // H), as fla's kernels do). Returns (o, final_state fp32, kept)
+    as :func:`delta_rule`."""
     T = q.shape[1]
-    if kernel_backend(q) == "fla":
+    backend = kernel_backend(q)
+    if keep_states_at is not None and backend == "fla":
+        return _by_slices(lambda sl, h0: gated_delta_rule(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], h0,
+                                                          use_qk_l2norm, scale), T, keep_states_at, initial_state)
+    if backend == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
         h0 = None if initial_state is None else initial_state.float()
+        fn = chunk_gated_delta_rule
         if T <= 64 and not _needs_grad(q, k, v, g, beta, initial_state):
-            return fused_recurrent_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
-                                                    output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
-        return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
-                                      output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+            fn = fused_recurrent_gated_delta_rule
+        o, final = fn(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
+                      output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm)
+        return o, final, None
     H, HV = q.shape[2], v.shape[2]
     if HV != H:
         q, k = q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
+    if keep_states_at is not None:
+        return _dr.chunk_gated_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                          output_final_state=True, use_qk_l2norm=use_qk_l2norm,
+                                          keep_states_at=keep_states_at)
     fn = _dr.recurrent_gated_delta_rule if T == 1 else _dr.chunk_gated_delta_rule
-    return fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=True,
-              use_qk_l2norm=use_qk_l2norm)
+    o, final = fn(q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=True,
+                  use_qk_l2norm=use_qk_l2norm)
+    return o, final, None
 
 
 def short_conv(x, weight, bias=None, cache: Optional[torch.Tensor] = None, activation: Optional[str] = None):
