@@ -86,10 +86,13 @@ class RefineConfig:
     dual_clip: float = 3.0
     prefix_sharing: bool = True           # one trunk pass per document (fast-weight state at cuts);
                                           # false: re-encode every prefix, the reference's method
-    state_stride: int = 512               # scoring keeps the state every this many tokens (prefix sharing)
+    state_stride: int = 0                 # scoring keeps the state every this many tokens (prefix sharing);
+                                          # 0: 64 for the DeltaNet family on CPU kernels, else 512
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature", "state_stride")
+        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature")
+        if self.state_stride < 0:
+            raise ConfigError(f"{key}.state_stride: {self.state_stride} must be >= 0 (0: the model's default)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"{key}.top_p: {self.top_p} is not in (0, 1]")
         if self.dual_clip <= 1.0:

@@ -1,11 +1,10 @@
 """Step 1-4 of REFINE for one document: scoring pass, cuts, ground truth, cut states.
 
 One no-grad pass over the unpadded document gives the last-layer hidden states
-and (chunked over the sequence) the per-token entropy. The pass runs in segments
-of ``state_stride`` tokens; when the rollout will start from cached states
-(prefix sharing), the state at every segment boundary is kept, and the state at
-each cut is reached from the boundary before it in fewer than ``state_stride``
-extra tokens, instead of re-encoding every prefix.
+and (chunked over the sequence) the per-token entropy. When the rollout will start
+from cached states (prefix sharing), the same pass keeps the state every
+``state_stride`` tokens and each cut catches up from the one before it
+(:mod:`refine_ray.cut_states`), instead of re-encoding every prefix.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 
 from refine_ray.algo import gather_targets, sample_cuts, token_entropy_from_hidden
 from refine_ray.config import RefineConfig
+from refine_ray.cut_states import pass_keeping_states, resolve_state_stride, states_at_cuts
 from refine_ray.models.base import ModelState
 
 
@@ -37,18 +37,13 @@ def min_document_tokens(cfg: RefineConfig) -> int:
 
 @torch.no_grad()
 def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optional[torch.Generator] = None,
-                   with_states: bool = False, state_stride: int = 512) -> DocumentScore:
-    """Score one unpadded document ``ids [L]`` and choose its cuts."""
-    boundaries: dict[int, Optional[ModelState]] = {0: None}
-    hidden_parts, state = [], None
-    stride = state_stride if with_states else ids.shape[0]   # no states wanted: one call
-    for start in range(0, ids.shape[0], stride):
-        out = model.forward_segment(ids[None, start:start + stride], state, return_logits=False)
-        hidden_parts.append(out.hidden[0])
-        state = out.state
-        if with_states:
-            boundaries[start + out.hidden.shape[1]] = state
-    hidden = torch.cat(hidden_parts, 0)
+                   with_states: bool = False, state_stride: int = 0) -> DocumentScore:
+    """Score one unpadded document ``ids [L]`` and choose its cuts (``state_stride`` 0: default)."""
+    stride = resolve_state_stride(model, state_stride)
+    if with_states:
+        hidden, kept = pass_keeping_states(model, ids, stride)
+    else:
+        hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
     head = model.lm_head
     entropy = token_entropy_from_hidden(hidden, head.weight, lm_head_bias=getattr(head, "bias", None))
     cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.sampling, cfg.min_prefix,
@@ -57,14 +52,7 @@ def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optio
     score = DocumentScore(cuts=cuts, gt_ids=gt_ids, gt_hidden=gt_hidden.float(),
                           cut_entropy=entropy[cuts - 1], cut_hidden=hidden[cuts - 1].float())
     if with_states:
-        states = []
-        for c in cuts.tolist():
-            base = (c // state_stride) * state_stride
-            st = boundaries[base]
-            if c > base:
-                st = model.forward_segment(ids[None, base:c], st, return_logits=False).state
-            states.append(st)
-        score.cut_states = states
+        score.cut_states = states_at_cuts(model, ids, cuts, kept, stride)
     return score
 
 

@@ -4,11 +4,12 @@ Two ways to get the same numbers, chosen by ``refine.prefix_sharing``:
 
 * ``reencode`` (the reference's method): every row is the prefix ``ids[:c]``
   followed by its continuation, run from scratch. Costs n·G full prefix passes.
-* ``shared``: one trunk pass over the document, split at the cuts with the
-  recurrent state carried between segments (gradients flow through the carried
-  states into earlier segments, so every branch still trains the fast-weight
-  writes of its prefix). Each cut's G continuations run from the trunk state at
-  that cut. The NTP loss reads the same trunk. Costs one pass + n·G·k tokens.
+* ``shared``: one trunk pass over the document that yields the state at every
+  cut (DeltaNet family: one call with ``keep_states_at=cuts``; other models: the
+  trunk is split at the cuts with the state carried). Gradients flow through those
+  states into the trunk, so every branch still trains the fast-weight writes of its
+  prefix. Each cut's G continuations run from the state at that cut. The NTP loss
+  reads the same trunk. Costs one pass + n·G·k tokens.
 
 Both return identical losses and gradients up to float rounding (tested).
 The log-prob of continuation token i is read from the position whose input is
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 
 from refine_ray.algo import logprobs_from_logits, ntp_loss_from_hidden
+from refine_ray.cut_states import one_pass
 from refine_ray.models.base import ModelState
 
 
@@ -58,22 +60,14 @@ def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] =
 
 def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:
     k = responses.shape[1]
-    bounds = sorted(set(int(c) for c in cuts.tolist()))
-    # Trunk: segments [0, b1), [b1, b2), ..., [b_last, L) with the state carried.
-    states: dict[int, ModelState] = {}
-    hidden_parts, state, start = [], None, 0
-    for end in bounds + [ids.shape[0]]:
-        if end > start:
-            out = model.forward_segment(ids[None, start:end], state, return_logits=False)
-            hidden_parts.append(out.hidden[0])
-            state = out.state
-        states[end] = state
-        start = end
-    hidden = torch.cat(hidden_parts, 0)                                   # [L, D]
-    if getattr(model, "offset_free_state", False):
-        # All n·G branches in one batch: states at different positions can share a batch.
-        groups = [(cuts.tolist(), ModelState.cat([ModelState(states[c].layers, 0) for c in cuts.tolist()]))]
+    if one_pass(model):
+        # Trunk: one call that also returns the (differentiable) state at every cut; all n·G
+        # branches then run as one batch.
+        out = model.forward_segment(ids[None], None, return_logits=False, keep_states_at=cuts)
+        hidden = out.hidden[0]
+        groups = [(cuts.tolist(), ModelState(out.kept_states.layers, 0))]
     else:
+        hidden, states = _trunk_split_at_cuts(model, ids, cuts)
         groups = [([c], states[c]) for c in cuts.tolist()]
     logps, row = [], 0
     for group_cuts, state in groups:
@@ -89,6 +83,21 @@ def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLo
         logps.append(logprobs_from_logits(logits, rows, temperature))
     ntp = document_ntp_loss(model, ids, hidden) if with_ntp else None
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
+
+
+def _trunk_split_at_cuts(model, ids, cuts) -> tuple[torch.Tensor, dict[int, ModelState]]:
+    """Segments [0, c1), [c1, c2), ..., [c_last, L) with the state carried: (hidden [L, D],
+    {cut: state there}). For states tied to their position, which cannot be batched."""
+    states: dict[int, ModelState] = {}
+    hidden_parts, state, start = [], None, 0
+    for end in sorted(set(int(c) for c in cuts.tolist())) + [ids.shape[0]]:
+        if end > start:
+            out = model.forward_segment(ids[None, start:end], state, return_logits=False)
+            hidden_parts.append(out.hidden[0])
+            state = out.state
+        states[end] = state
+        start = end
+    return torch.cat(hidden_parts, 0), states
 
 
 def _reencode(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:

@@ -10,7 +10,7 @@ import torch
 from refine_ray.models.registry import build_model
 from refine_ray.sequence_logprobs import document_logprobs
 
-MODELS = ["delta_net", "gated_deltanet", "lact"]
+MODELS = ["delta_net", "gated_deltanet", "lact", "llama"]
 
 
 def _loss_and_grads(model, shared, ids, cuts, responses, G):
@@ -22,14 +22,7 @@ def _loss_and_grads(model, shared, ids, cuts, responses, G):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("model_type", MODELS)
-def test_shared_trunk_equals_reencode(model_type):
-    torch.manual_seed(0)
-    model = build_model(model_type, seed=0, vocab_size=97).float()
-    L, G, k = 70, 2, 4
-    ids = torch.randint(0, 97, (L,))
-    cuts = torch.tensor([9, 23, 23, 41, 66])          # a repeated cut and one near the end
-    responses = torch.randint(0, 97, (len(cuts) * G, k))
+def _assert_shared_equals_reencode(model, ids, cuts, responses, G):
     a, ga = _loss_and_grads(model, True, ids, cuts, responses, G)
     b, gb = _loss_and_grads(model, False, ids, cuts, responses, G)
     torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
@@ -38,6 +31,29 @@ def test_shared_trunk_equals_reencode(model_type):
     for name in ga:
         scale = float(gb[name].abs().max())
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=2e-5 * scale + 1e-8, msg=name)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_shared_trunk_equals_reencode(model_type):
+    torch.manual_seed(0)
+    model = build_model(model_type, seed=0, vocab_size=97).float()
+    L, G, k = 70, 2, 4
+    ids = torch.randint(0, 97, (L,))
+    cuts = torch.tensor([9, 23, 23, 41, 66])          # a repeated cut and one near the end
+    responses = torch.randint(0, 97, (len(cuts) * G, k))
+    _assert_shared_equals_reencode(model, ids, cuts, responses, G)
+
+
+@pytest.mark.parametrize("model_type", ["delta_net", "gated_deltanet"])
+def test_shared_trunk_equals_reencode_across_kept_states(model_type):
+    """A longer document: cuts on kept states (multiples of 64), between them and before the
+    first, so the one-pass trunk's kept states and batched catch-up carry the gradients."""
+    model = build_model(model_type, seed=3, vocab_size=97).float()
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(5))
+    cuts = torch.tensor([30, 64, 100, 128, 129, 250, 250, 292])
+    G, k = 2, 5
+    responses = torch.randint(0, 97, (len(cuts) * G, k), generator=torch.Generator().manual_seed(6))
+    _assert_shared_equals_reencode(model, ids, cuts, responses, G)
 
 
 def test_response_of_one_token():
