@@ -37,7 +37,7 @@ from refine_ray.algo import (cosine_reward, grpo_advantages, make_group_ids,  # 
 from refine_ray.config import RefineConfig  # noqa: E402
 from refine_ray.models.generation import prefill, sample_continuations  # noqa: E402
 from refine_ray.rollout_engine import decode_batches  # noqa: E402
-from refine_ray.scoring import score_document  # noqa: E402
+from refine_ray.scoring import resolve_state_stride, score_document  # noqa: E402
 from refine_ray.sequence_logprobs import document_logprobs, document_ntp_loss  # noqa: E402
 
 SIZES = {  # named sizes: explicit config fields over the registry's tiny preset
@@ -259,7 +259,8 @@ def main() -> int:
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--variants", nargs="+", default=None, help=f"subset of {VARIANTS} (a is always run)")
-    add("--state-stride", type=int, default=512, help="score_document's state_stride for c (refine.state_stride)")
+    add("--state-stride", type=int, default=0,
+        help="score_document's state_stride for c (refine.state_stride; 0: the model's default)")
     add("--reencode-learner", default="microbatch", choices=["microbatch", "whole"])
     add("--threads", type=int, default=1, help="CPU threads (default 1: on shared cores 2 gave 10-100x outliers)")
     add("--no-cpu-mem", action="store_true", help="skip the extra untimed CPU peak-RSS rep")
@@ -282,7 +283,7 @@ def main() -> int:
             f" [{torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}]"
             f", kernels {kernel_backend(torch.zeros(1, device=device))}, "
             f"n={args.n_chunks} G={args.samples} k={args.k}, "
-            f"reps {args.reps} (+{args.warmup} warm-up), state_stride {args.state_stride}, "
+            f"reps {args.reps} (+{args.warmup} warm-up), state_stride {resolve_state_stride(model, args.state_stride)}, "
             f"re-encode learner {args.reencode_learner}, torch {torch.__version__}")
     print(desc, flush=True)
 
