@@ -6,7 +6,9 @@ For each model type, on CUDA, it checks:
   2. segment carry on the fla path: segments with carried state == one forward
      (logits and gradients), incl. a segment shorter than the conv width;
   3. decode steps on the fla path (fused-recurrent kernels, no grad) == the fla forward;
-  4. in bf16 (fla 0.6.0's DeltaNet chunk kernel rejects fp32): torch vs fla logits, segment
+  4. prefix sharing on the fla path: states kept at positions (``keep_states_at``, sliced kernel
+     calls) and their gradients, and per-row ``lengths`` states, vs the torch path;
+  5. in bf16 (fla 0.6.0's DeltaNet chunk kernel rejects fp32): torch vs fla logits, segment
      carry, and our model (fla path) vs fla's own ``*ForCausalLM`` with the same weights.
 Prints max abs diffs (gradients: relative to the largest entry) and PASS/FAIL per check;
 exits 1 on any FAIL, 0 with "SKIP" when CUDA or fla's kernels are missing.
@@ -119,6 +121,29 @@ def main() -> int:
                 steps.append(out.logits)
             dec = torch.cat(steps, 1)
         report("decode steps vs forward (fla path)", (dec - fla_logits[:, cut:]).abs().max().item(), tol_logits)
+        kept, kept_grads = {}, {}
+        positions = torch.tensor([1, 37, 64, args.T // 2, args.T - 1], device=device)
+        for backend in ("torch", fast):
+            os.environ["REFINE_KERNELS"] = backend
+            out = model.forward_segment(ids, None, return_logits=False, keep_states_at=positions)
+            loss = out.hidden.float().square().mean() + sum(
+                t.float().square().mean() for layer in out.kept_states.layers for t in layer.values())
+            kept_grads[backend] = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+            kept[backend] = out.kept_states.detach()
+        report("kept states torch vs fla", max((a[k] - b[k]).abs().max().item() for a, b in
+                                               zip(kept["torch"].layers, kept[fast].layers) for k in a), tol_logits)
+        report("grads through kept states torch vs fla (rel)",
+               max(rel(a, b) for a, b in zip(kept_grads["torch"], kept_grads[fast]) if a is not None), tol_grad)
+        lengths = torch.tensor([args.T // 3, args.T - 5], device=device)
+        with torch.no_grad():
+            by_len = {}
+            for backend in ("torch", fast):
+                os.environ["REFINE_KERNELS"] = backend
+                by_len[backend] = model.forward_segment(ids, None, lengths=lengths).state
+        report("lengths states torch vs fla", max((a[k] - b[k]).abs().max().item() for a, b in
+                                                  zip(by_len["torch"].layers, by_len[fast].layers) for k in a),
+               tol_logits)
+        os.environ["REFINE_KERNELS"] = fast
         if not args.cpu:  # bf16, the production dtype: DeltaNet's chunk kernel only runs here
             mb = model.to(torch.bfloat16).eval()
             with torch.no_grad():
