@@ -52,7 +52,7 @@ def one_pass(model) -> bool:
 def pass_keeping_states(model, ids: torch.Tensor, stride: int) -> tuple[torch.Tensor, Kept]:
     """(hidden [L, D], kept states) of one pass over ``ids [L]``."""
     if one_pass(model):
-        every = torch.arange(stride, ids.shape[0] + 1, stride, device=ids.device)
+        every = torch.arange(1, ids.shape[0] // stride + 1, device=ids.device) * stride
         out = model.forward_segment(ids[None], None, return_logits=False, keep_states_at=every)
         return out.hidden[0], out.kept_states          # row j = state after (j+1)·stride tokens
     kept: dict[int, Optional[ModelState]] = {0: None}

@@ -57,3 +57,14 @@ def test_batched_catch_up_at_and_before_kept_states():
     for c, st in zip(cuts.tolist(), states):
         assert st.offset == c
         _close(st, prefill(model, [ids[:c]])[0])
+
+
+@pytest.mark.parametrize("stride", [0, 128])
+def test_cut_states_of_a_document_shorter_than_the_stride(stride):
+    """No kept state at all (L < stride): every cut catches up from the empty state."""
+    model = registry.build_model("delta_net", seed=2, vocab_size=83).eval()
+    cfg = RefineConfig(n_chunks=4, response_length=3, min_prefix=1)
+    ids = torch.randint(0, 83, (60,), generator=torch.Generator().manual_seed(7))
+    score = score_document(model, ids, cfg, torch.Generator().manual_seed(1), with_states=True, state_stride=stride)
+    for c, st in zip(score.cuts.tolist(), score.cut_states):
+        _close(st, prefill(model, [ids[:c]])[0])
