@@ -99,8 +99,7 @@ def batched_states_at_cuts(model, ids: torch.Tensor, cuts: torch.Tensor, kept: M
     caught_up = model.forward_segment(batch, start.index(rows), return_logits=False, lengths=lengths[rows]).state
     if rows.numel() == cuts.numel():
         return ModelState(caught_up.layers, 0)
-    # Merge: rows on a kept state take it as is, the others their caught-up state.
-    source = torch.zeros(cuts.numel(), dtype=torch.long)
-    source[rows] = torch.arange(rows.numel()) + cuts.numel()
-    source[lengths == 0] = torch.nonzero(lengths == 0).flatten()
+    # Rows on a kept state take it as is, the others their caught-up state.
+    source = torch.arange(cuts.numel())
+    source[rows.cpu()] = cuts.numel() + torch.arange(rows.numel())
     return ModelState.cat([ModelState(start.layers, 0), ModelState(caught_up.layers, 0)]).index(source)
