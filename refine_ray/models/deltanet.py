@@ -76,6 +76,9 @@ class Block(nn.Module):
 
 class _PreTrained(PreTrainedModel):
     base_model_prefix = "model"
+    # transformers derives every embedding accessor from this name (backbone: .embeddings,
+    # causal LM: .model.embeddings and .lm_head), so no class writes its own.
+    _input_embed_layer = "embeddings"
     _no_split_modules = ["Block"]
     _is_stateful = True
     supports_gradient_checkpointing = False
@@ -107,12 +110,6 @@ class _Backbone(_PreTrained):
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings = value
 
     def forward(self, input_ids: torch.Tensor, state: Optional[ModelState] = None):
         """Returns (final-normed hidden [B,T,D], new ModelState)."""
@@ -167,21 +164,6 @@ class _CausalLM(_PreTrained, FastWeightLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def set_input_embeddings(self, value):
-        self.model.embeddings = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    def get_decoder(self):
-        return self.model
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """An explicit empty state (zeros), equal in effect to ``state=None``."""

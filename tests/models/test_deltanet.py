@@ -194,3 +194,21 @@ def test_registry_lact_hook():
     m = registry.build_model("lact", vocab_size=64, seed=0)
     assert m.config.model_type == "lact"
     assert registry.tiny_config("lact", 64).vocab_size == 64
+
+
+@pytest.mark.parametrize("model_type", ["delta_net", "gated_deltanet", "lact"])
+def test_hf_embedding_accessors(model_type):
+    """transformers' accessors (derived from ``_input_embed_layer``) find our layers."""
+    model = registry.build_model(model_type, seed=0, vocab_size=50)
+    backbone = model.model
+    assert model.get_input_embeddings() is backbone.embeddings is backbone.get_input_embeddings()
+    assert model.get_output_embeddings() is model.lm_head
+    assert model.get_decoder() is backbone
+    new_in, new_out = torch.nn.Embedding(50, backbone.embeddings.embedding_dim), torch.nn.Linear(
+        backbone.embeddings.embedding_dim, 50, bias=False)
+    model.set_input_embeddings(new_in)
+    model.set_output_embeddings(new_out)
+    assert backbone.embeddings is new_in and model.lm_head is new_out
+    model.resize_token_embeddings(53)
+    assert model.get_input_embeddings().num_embeddings == 53 and model.lm_head.out_features == 53
+    assert model.forward_segment(torch.tensor([[1, 52]])).logits.shape == (1, 2, 53)

@@ -41,6 +41,9 @@ except ImportError:  # pragma: no cover - transformers 4.x
 class LaCTPreTrainedModel(PreTrainedModel):
     config_class = LaCTConfig
     base_model_prefix = "model"
+    # transformers derives every embedding accessor from this name (backbone: .embeddings,
+    # causal LM: .model.embeddings and .lm_head), so no class writes its own.
+    _input_embed_layer = "embeddings"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LaCTBlock"]
 
@@ -75,12 +78,6 @@ class LaCTModel(LaCTPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings = value
 
     def run(self, input_ids: torch.Tensor, state: Optional[ModelState], need_state: bool = True,
             output_hidden_states: bool = False):
@@ -133,18 +130,6 @@ class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def set_input_embeddings(self, value):
-        self.model.embeddings = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
                         return_logits: bool = True) -> SegmentOutput:
