@@ -136,13 +136,18 @@ def score_example(task: str, prediction: str, answers: Iterable[str],
     return best
 
 
+def check_predictions(name: str, predictions: Sequence[str], answers: Sequence[Any]) -> None:
+    """One-line errors for a prediction list that does not pair up with its answers, or is empty."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{name}: {len(predictions)} predictions vs {len(answers)} answer lists")
+    if not predictions:
+        raise ValueError(f"{name}: no predictions to score")
+
+
 def score_longbench(task: str, predictions: Sequence[str], answers_list: Sequence[Iterable[str]],
                     all_classes: Sequence[str] | None = None) -> float:
     """Task score in 0-100, rounded to 2 decimals as LongBench does."""
-    if len(predictions) != len(answers_list):
-        raise ValueError(f"{task}: {len(predictions)} predictions vs {len(answers_list)} answer lists")
-    if not predictions:
-        raise ValueError(f"{task}: no predictions to score")
+    check_predictions(task, predictions, answers_list)
     if task == "trec" and all_classes is None:
         raise ValueError("trec: all_classes is required (see trec_classes)")
     total = sum(score_example(task, p, a, all_classes) for p, a in zip(predictions, answers_list))
@@ -189,8 +194,5 @@ def ruler_qa_hit(prediction: str, answers: Iterable[str]) -> bool:
 
 def score_ruler_qa(preds: Sequence[str], answers: Sequence[Iterable[str]]) -> float:
     """RULER SQuADQA/HotpotQA score, 0-100 (mean of ``ruler_qa_hit``)."""
-    if len(preds) != len(answers):
-        raise ValueError(f"ruler qa: {len(preds)} predictions vs {len(answers)} answer lists")
-    if not preds:
-        raise ValueError("ruler qa: no predictions to score")
+    check_predictions("ruler qa", preds, answers)
     return 100.0 * sum(ruler_qa_hit(p, a) for p, a in zip(preds, answers)) / len(preds)

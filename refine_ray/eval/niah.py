@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from refine_ray.eval.metrics import check_predictions
+
 __all__ = [
     "Tokenizer", "VARIANTS", "NEEDLE", "NOISE_HAYSTACK", "ESSAY_HAYSTACK", "split_sentences",
     "make_niah", "generate_niah", "niah_recall", "score_niah",
@@ -184,8 +186,5 @@ def niah_recall(prediction: str, answers: Sequence[str]) -> float:
 
 def score_niah(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
     """RULER ``string_match_all``: mean recall over examples, 0-100."""
-    if len(preds) != len(answers):
-        raise ValueError(f"niah: {len(preds)} predictions vs {len(answers)} answer lists")
-    if not preds:
-        raise ValueError("niah: no predictions to score")
+    check_predictions("niah", preds, answers)
     return 100.0 * sum(niah_recall(p, a) for p, a in zip(preds, answers)) / len(preds)
