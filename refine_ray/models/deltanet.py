@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .base import FastWeightLM, ModelState, SegmentOutput
 from .layers import DeltaNet, GatedDeltaNet, GatedMLP, GatedRMSNorm, RMSNorm, ShortConvolution
+from .ops.delta_rule import state_positions
 
 
 def check_supported(config) -> None:
@@ -129,9 +130,7 @@ class _Backbone(_PreTrained):
             if lengths.shape != (B,) or bool((lengths < 1).any()) or bool((lengths > T).any()):
                 raise ValueError(f"lengths must be [B={B}] with values in [1, {T}], got {lengths.tolist()}")
         if keep_states_at is not None:
-            keep_states_at = torch.as_tensor(keep_states_at, dtype=torch.long, device=input_ids.device).reshape(-1)
-            if keep_states_at.numel() and (int(keep_states_at.min()) < 1 or int(keep_states_at.max()) > T):
-                raise ValueError(f"keep_states_at must lie in [1, {T}], got {keep_states_at.tolist()}")
+            keep_states_at = state_positions(keep_states_at, T, input_ids.device)
         h = self.embeddings(input_ids)
         new_layers, kept_layers = [], []
         for i, layer in enumerate(self.layers):

@@ -57,6 +57,14 @@ def _initial(initial_state, B, H, K, V, ref):
     return initial_state.to(ref.dtype)
 
 
+def state_positions(positions, T: int, device=None) -> torch.Tensor:
+    """``keep_states_at`` as a flat long tensor, checked to lie in [1, T]."""
+    pos = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(-1)
+    if pos.numel() and (int(pos.min()) < 1 or int(pos.max()) > T):
+        raise ValueError(f"keep_states_at must lie in [1, {T}], got {pos.tolist()}")
+    return pos
+
+
 def recurrent_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     g: Optional[torch.Tensor] = None, scale: Optional[float] = None,
@@ -152,9 +160,7 @@ def chunk_gated_delta_rule(
     final = S if output_final_state else None
     if keep_states_at is None:
         return o, final
-    pos = torch.as_tensor(keep_states_at, dtype=torch.long, device=q.device).reshape(-1)
-    if pos.numel() and (int(pos.min()) < 1 or int(pos.max()) > T):
-        raise ValueError(f"keep_states_at must lie in [1, {T}], got {pos.tolist()}")
+    pos = state_positions(keep_states_at, T, q.device)
     # State after p tokens = state at the start of p's chunk n, advanced by its first j tokens:
     # S_p = Gamma_j S_n + sum_{i<j} (Gamma_j / Gamma_i) k_i u_i^T   (Gamma = 1 without decay).
     n_of, j_of = torch.div(pos - 1, C, rounding_mode="floor"), (pos - 1) % C + 1

@@ -68,9 +68,7 @@ def _needs_grad(*tensors) -> bool:
 def _by_slices(run, T: int, positions, initial_state):
     """Kept states by running the op on the slices between the positions, carrying the state:
     for backends whose kernels do not expose their chunk states (fla)."""
-    pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
-    if pos.numel() and (int(pos.min()) < 1 or int(pos.max()) > T):
-        raise ValueError(f"keep_states_at must lie in [1, {T}], got {pos.tolist()}")
+    pos = _dr.state_positions(positions, T, "cpu")
     bounds = sorted(set(pos.tolist()))
     outs, at, state, start = [], {}, initial_state, 0
     for end in bounds + ([T] if not bounds or bounds[-1] < T else []):
