@@ -5,16 +5,21 @@
 Every section is a dataclass; loading checks each key against the dataclass
 fields and each value against the field's type, then runs the section's
 ``validate``. Every problem is a :class:`ConfigError` whose one-line message
-names the dotted key and what was expected.
+names the dotted key and what was expected. Two rules hold for every field:
+floats are finite (``nan``/``inf`` mean nothing in any setting and would only
+surface as a crash inside an actor) and integers are ``>= 0`` (all are counts,
+sizes or seeds; numpy rejects negative seeds).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -48,7 +53,9 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "../shared/data/longbench"  # a file (parquet/jsonl/json/txt) or a directory of them
+    # a file (parquet/jsonl/json/txt), a directory of them, a glob ("data/*.parquet"), a list of
+    # files/globs (as HF datasets' data_files), or a directory written by datasets' save_to_disk
+    path: Union[str, list[str]] = "../shared/data/longbench"
     text_column: str = "prompt"
     answer_column: Optional[str] = None   # post-training: the task answers (list or str)
     answer_max_tokens: int = 32           # the first answer, truncated to this many tokens
@@ -125,6 +132,8 @@ class LearnerConfig:
 
     def validate(self, key: str) -> None:
         _positive(self, key, "num_ranks")
+        if self.gpus_per_rank < 0 or self.cpus_per_rank < 0:
+            raise ConfigError(f"{key}: gpus_per_rank and cpus_per_rank must be >= 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{key}.zero_stage: {self.zero_stage} must be 0, 1, 2 or 3")
 
@@ -189,7 +198,8 @@ class TrainConfig:
     max_retries: int = 2                  # re-issues of a step's work after an inference actor dies
     task_update: Literal["none", "sft"] = "none"  # post-training: task SFT on prompt+answer after REFINE
     task_coef: float = 1.0
-    val_path: Optional[str] = None        # held-out documents (same text_column); NTP loss every val_every steps
+    val_path: Optional[Union[str, list[str]]] = None  # held-out documents, any form of data.path (same
+                                          # text_column); NTP loss every val_every steps
     val_every: int = 0                    # 0: no validation
     val_docs: int = 8                     # first N held-out documents
 
@@ -336,11 +346,18 @@ def _coerce(tp: Any, value: Any, key: str):
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key)
+        for option in inner:                  # e.g. a path or a list of paths: the first that fits
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_describe(a) for a in inner)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -356,6 +373,8 @@ def _coerce(tp: Any, value: Any, key: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if value < 0:                       # every integer field is a count, size or seed
+            raise ConfigError(f"{key}: {value} must be >= 0")
         return value
     if tp is float:
         if isinstance(value, str):          # YAML 1.1 reads "2e-5" (no dot) as a string
@@ -365,12 +384,20 @@ def _coerce(tp: Any, value: Any, key: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported config type {tp}")  # pragma: no cover - programming error
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return "a list of strings" if typing.get_args(tp)[0] is str else f"a list of {typing.get_args(tp)[0]}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
 
 
 def validate_config(obj: Any, key: str) -> None:

@@ -1,7 +1,8 @@
 """Corpus loading and tokenisation for the scorer role.
 
 Documents come from local files through HF ``datasets`` (parquet, jsonl/json,
-txt), a named text column, tokenised without special tokens (as the reference:
+txt: one file, a directory, a glob or a list, as ``data_files``; or a directory
+written by ``save_to_disk``), a named text column, tokenised without special tokens (as the reference:
 raw text, no BOS), truncated on the right to ``max_length``. Documents shorter
 than ``min_length`` tokens are skipped and counted, never silently dropped.
 The stream is an epoch-wise permutation with an explicit position so a
@@ -9,6 +10,7 @@ checkpoint can resume at the exact next document.
 """
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,20 +42,45 @@ def load_tokenizer(path: Optional[str] = None):
         raise DataError(f"tokenizer.path: cannot load a tokenizer from '{path}' ({str(e).splitlines()[0]})") from None
 
 
-def data_files(path: str | Path) -> tuple[str, list[str]]:
-    """Resolve a file or directory into (datasets builder name, sorted file list)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data.path: '{p}' does not exist")
-    files = sorted(f for f in p.iterdir() if f.suffix in SUPPORTED) if p.is_dir() else [p]
-    if not files:
-        raise DataError(f"data.path: '{p}' holds no {'/'.join(SUPPORTED)} files")
+def data_files(path: str | Path | list) -> tuple[str, list[str]]:
+    """Resolve ``data.path`` into (datasets builder name, file list); ``("disk", [dir])`` for save_to_disk.
+
+    Accepts what HF ``datasets`` takes as ``data_files`` (a file, a glob such as
+    ``data/*.parquet`` with ``**`` recursive, or a list of files/globs, relative to the
+    working directory), a directory of files, or one directory written by
+    ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``. A directory or glob expands
+    in sorted order; a list keeps its order. Raises DataError naming the entry.
+    """
+    entries = [path] if isinstance(path, (str, Path)) else list(path)
+    if not entries:
+        raise DataError("data.path: an empty list (expected files, globs or a directory)")
+    files: list[Path] = []
+    for entry in entries:
+        p = Path(entry)
+        if any(c in str(entry) for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(str(entry), recursive=True) if not Path(m).is_dir())
+            if not matches:
+                raise DataError(f"data.path: '{entry}' matches no files")
+            files += matches
+        elif not p.exists():
+            raise DataError(f"data.path: '{p}' does not exist")
+        elif p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+            if len(entries) > 1:
+                raise DataError(f"data.path: '{p}' is a save_to_disk directory; give it alone, not in a list")
+            return "disk", [str(p)]
+        elif p.is_dir():
+            inside = sorted(f for f in p.iterdir() if f.suffix in SUPPORTED)
+            if not inside:
+                raise DataError(f"data.path: '{p}' holds no {'/'.join(SUPPORTED)} files")
+            files += inside
+        else:
+            files.append(p)
     for f in files:
         if not f.is_file():
             raise DataError(f"data.path: '{f}' is not a regular file (expected a {f.suffix or 'data'} file)")
     kinds = {SUPPORTED.get(f.suffix) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise DataError(f"data.path: '{p}': expected files of one type among {', '.join(SUPPORTED)}, "
+        raise DataError(f"data.path: '{path}': expected files of one type among {', '.join(SUPPORTED)}, "
                         f"got {', '.join(sorted({f.suffix or '(none)' for f in files}))}")
     return kinds.pop(), [str(f) for f in files]
 
@@ -65,17 +92,26 @@ def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
     builder, files = data_files(cfg.path)
     if builder == "parquet" and _parquet_rows(files) == 0:
         raise DataError(f"data.path: '{cfg.path}' has no rows")
-    if builder != "parquet" and all(Path(f).stat().st_size == 0 for f in files):
+    if builder not in ("parquet", "disk") and all(Path(f).stat().st_size == 0 for f in files):
         raise DataError(f"data.path: '{cfg.path}' has no rows (empty file)")
     datasets.disable_progress_bars()
     verbosity = datasets.logging.get_verbosity()
+    what = "a datasets save_to_disk directory" if builder == "disk" else builder
     try:   # datasets also logs parse errors it raises; the DataError below is the one line shown
         datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        if builder == "disk":
+            ds = datasets.load_from_disk(files[0])
+        else:
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:  # datasets wraps parse errors in many types
-        raise DataError(f"data.path: cannot read '{cfg.path}' as {builder} ({_reason(e)})") from None
+        raise DataError(f"data.path: cannot read '{cfg.path}' as {what} ({_reason(e)})") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
+    if isinstance(ds, datasets.DatasetDict):          # save_to_disk of splits: train on 'train' (or the only one)
+        if "train" not in ds and len(ds) != 1:
+            raise DataError(f"data.path: '{cfg.path}' holds splits {', '.join(ds)}; expected a 'train' split "
+                            f"or a single split")
+        ds = ds["train" if "train" in ds else next(iter(ds))]
     column = "text" if builder == "text" else cfg.text_column
     if column not in ds.column_names:
         raise DataError(f"data.text_column: '{column}' not in {cfg.path} (columns: {', '.join(ds.column_names)})")

@@ -63,3 +63,31 @@ def test_shipped_configs_load(path):
     except ConfigError as e:
         if "is not a directory" not in str(e):   # paper-scale configs name checkpoints we do not ship
             raise
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optim.lr=nan"], "optim.lr: nan is not a finite number"),
+    (["optim.lr=.inf"], "optim.lr: inf is not a finite number"),
+    (["refine.temperature=-inf"], "refine.temperature: -inf is not a finite number"),
+    (["optim.betas=[0.9, .nan]"], "optim.betas[1]: nan is not a finite number"),
+    (["system.weight_sync_timeout_s=inf"], "system.weight_sync_timeout_s: inf is not a finite number"),
+    (["train.max_retries=-1"], "train.max_retries: -1 must be >= 0"),
+    (["train.keep_checkpoints=-2"], "train.keep_checkpoints: -2 must be >= 0"),
+    (["data.min_length=-5"], "data.min_length: -5 must be >= 0"),
+    (["data.seed=-1"], "data.seed: -1 must be >= 0"),
+    (["optim.warmup_steps=-3"], "optim.warmup_steps: -3 must be >= 0"),
+    (["learner.cpus_per_rank=-0.5"], "learner: gpus_per_rank and cpus_per_rank must be >= 0"),
+    (["data.path=[a.parquet, 3]"], "data.path: expected a string or a list of strings, got"),
+])
+def test_non_finite_floats_and_negative_counts_are_rejected(overrides, expected):
+    """Every float field is finite, every integer field (counts, sizes, seeds) non-negative: one line naming the key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny_deltanet_mid.yaml", overrides)
+    assert expected in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_data_paths_accept_a_glob_or_a_list():
+    cfg = load_config(CONFIGS / "tiny_deltanet_mid.yaml", ["data.path=[a.parquet, b/*.parquet]",
+                                                           "train.val_path=v/*.jsonl"])
+    assert cfg.data.path == ["a.parquet", "b/*.parquet"] and cfg.train.val_path == "v/*.jsonl"

@@ -71,6 +71,51 @@ def test_bad_paths(tmp_path, tokenizer):
         load_tokenizer(str(tmp_path / "no-tokenizer"))
 
 
+def _parts(tmp_path):
+    """Three parquet parts and a stray jsonl, as a sharded export leaves them."""
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        pd.DataFrame({"text": [f"part {i} row {j}" for j in range(2)]}).to_parquet(tmp_path / "d" / f"p-{i}.parquet")
+    (tmp_path / "d" / "notes.jsonl").write_text('{"text": "not a part"}\n')
+    return tmp_path / "d"
+
+
+def test_glob_and_list_paths_as_datasets_data_files(tmp_path, monkeypatch):
+    """data.path takes a glob or a list of files/globs (HF datasets' data_files forms), files in sorted order."""
+    d = _parts(tmp_path)
+    rows = [f"part {i} row {j}" for i in range(3) for j in range(2)]
+    assert read_texts(DataConfig(path=str(d / "*.parquet"), text_column="text"))[0] == rows
+    monkeypatch.chdir(tmp_path)                                                  # relative globs: from the cwd
+    assert read_texts(DataConfig(path="d/p-[12].parquet", text_column="text"))[0] == rows[2:]
+    listed = [str(d / "p-2.parquet"), "d/p-0*.parquet"]
+    assert read_texts(DataConfig(path=listed, text_column="text"))[0] == rows[4:] + rows[:2]
+    with pytest.raises(DataError, match=r"data.path: 'd/\*.csv' matches no files"):
+        read_texts(DataConfig(path="d/*.csv", text_column="text"))
+    with pytest.raises(DataError, match="expected files of one type"):
+        read_texts(DataConfig(path="d/*", text_column="text"))
+    with pytest.raises(DataError, match="data.path: an empty list"):
+        read_texts(DataConfig(path=[], text_column="text"))
+
+
+def test_save_to_disk_directories(tmp_path):
+    """A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict's 'train' split) loads."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a b c", "d e"], "answer": [["x"], ["y"]]}).save_to_disk(tmp_path / "ds")
+    texts, answers = read_texts(DataConfig(path=str(tmp_path / "ds"), text_column="text", answer_column="answer"))
+    assert texts == ["a b c", "d e"] and answers == [["x"], ["y"]]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["u"]})}).save_to_disk(tmp_path / "dd")
+    assert read_texts(DataConfig(path=str(tmp_path / "dd"), text_column="text"))[0] == ["t"]
+    datasets.DatasetDict({"a": datasets.Dataset.from_dict({"text": ["t"]}),
+                          "b": datasets.Dataset.from_dict({"text": ["u"]})}).save_to_disk(tmp_path / "two")
+    with pytest.raises(DataError, match="holds splits a, b; expected a 'train' split or a single split"):
+        read_texts(DataConfig(path=str(tmp_path / "two"), text_column="text"))
+    (tmp_path / "ds" / "state.json").write_text("{broken")
+    with pytest.raises(DataError, match="cannot read .* as a datasets save_to_disk directory"):
+        read_texts(DataConfig(path=str(tmp_path / "ds"), text_column="text"))
+
+
 def test_all_too_short_is_an_error(tmp_path, tokenizer):
     path = tmp_path / "short.jsonl"
     path.write_text('{"text": "a b"}\n{"text": "c"}\n')
