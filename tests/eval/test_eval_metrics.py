@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 
 from refine_ray.eval.metrics import (
-    FIRST_LINE_TASKS, LONGBENCH_TASKS, PAPER_TASKS, TASK_METRIC, classification_score, code_sim,
-    first_line, normalize_answer, qa_f1, rouge_l, ruler_qa_hit, score_example, score_longbench,
-    score_ruler_qa,
+    FIRST_LINE_TASKS, LONGBENCH_E_TASKS, LONGBENCH_TASKS, PAPER_TASKS, TASK_METRIC, base_task,
+    classification_score, code_sim, count_score, first_line, normalize_answer, qa_f1, qa_f1_zh,
+    rouge_l, rouge_zh, ruler_qa_hit, score_example, score_longbench, score_longbench_e,
+    score_ruler_qa, task_classes,
 )
 from refine_ray.eval.rouge import lcs_tokens, split_sentences
 
@@ -148,23 +149,62 @@ def test_code_sim_empty_and_all_comments() -> None:
 
 # ---------------------------------------------------------------- task table and errors
 def test_task_map() -> None:
-    assert len(LONGBENCH_TASKS) == 14 and len(PAPER_TASKS) == 12
-    assert set(PAPER_TASKS) == set(LONGBENCH_TASKS) - {"gov_report", "musique"}
+    # LongBench eval.py's dataset2metric: 21 tasks; LongBench-E: 13 of them as <task>_e
+    assert len(LONGBENCH_TASKS) == 21 and len(LONGBENCH_E_TASKS) == 13 and len(PAPER_TASKS) == 12
+    assert set(PAPER_TASKS) < set(LONGBENCH_TASKS) and set(LONGBENCH_E_TASKS) < set(LONGBENCH_TASKS)
     assert TASK_METRIC["qmsum"] is rouge_l and TASK_METRIC["repobench-p"] is code_sim
-    with pytest.raises(KeyError, match="unknown LongBench task"):
-        score_example("lsht", "x", ["x"])
+    assert TASK_METRIC["passage_count"] is count_score and TASK_METRIC["vcsum"] is rouge_zh
+    assert TASK_METRIC["multifieldqa_zh"] is qa_f1_zh and TASK_METRIC["lsht"] is classification_score
     with pytest.raises(ValueError, match="no predictions"):
         score_longbench("qasper", [], [])
     with pytest.raises(ValueError, match="2 predictions vs 1"):
         score_longbench("qasper", ["a", "b"], [["a"]])
 
 
+def test_every_longbench_task_scores_and_unknown_is_one_line() -> None:
+    classes = ["体育", "财经", "City"]
+    for task in (*LONGBENCH_TASKS, *(f"{t}_e" for t in LONGBENCH_E_TASKS)):
+        gold = {"passage_retrieval_en": "Paragraph 2", "passage_retrieval_zh": "段落2",
+                "passage_count": "2", "lsht": "体育", "trec": "City"}.get(base_task(task), "x = 2")
+        pred = {"passage_retrieval_en": "2", "passage_retrieval_zh": "2"}.get(base_task(task), gold)
+        assert score_longbench(task, [pred], [[gold]], classes) == 100.0, task
+    for bad in ("poetry", "narrativeqa_e"):   # narrativeqa is not in LongBench-E
+        with pytest.raises(ValueError) as e:
+            score_example(bad, "x", ["x"])
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"unknown LongBench task '{bad}'")
+        assert "passage_retrieval_zh" in msg and "<task>_e" in msg
+    with pytest.raises(ValueError, match="lsht: all_classes is required"):
+        score_longbench("lsht", ["体育"], [["体育"]])
+
+
+def test_longbench_e_length_buckets() -> None:
+    # lengths 100, 5000, 9000, 3999 -> buckets 0-4k rows 1 and 4, 4-8k row 2, 8k+ row 3
+    got = score_longbench_e("qasper_e", ["x", "x", "y", "y"], [["x"], ["x"], ["x"], ["y z w"]],
+                            [100, 5000, 9000, 3999])
+    # last row: "y" vs "y z w": P = 1, R = 1/3 -> F1 = 0.5 -> 0-4k mean (1 + 0.5)/2 = 75.0
+    assert got == {"0-4k": 75.0, "4-8k": 100.0, "8k+": 0.0}
+    assert score_longbench_e("qasper_e", ["x"], [["x"]], [10]) == {"0-4k": 100.0}
+
+
+def test_class_lists_from_column_or_prompts() -> None:
+    rows = [{"answers": ["体育"], "prompt": "新闻：x\n类别：财经\n新闻：y\n类别：体育\n新闻：z"}]
+    assert task_classes("lsht", rows) == ["体育", "财经"]
+    assert task_classes("trec", [{"answers": ["City"], "prompt": "q\nType: Country\n",
+                                  "all_classes": ["A", "B"]}]) == ["A", "B"]
+
+
 # ---------------------------------------------------------------- RULER QA
-def test_ruler_qa() -> None:
+def test_ruler_qa_reference_rule_takes_the_raw_first_line() -> None:
     assert ruler_qa_hit("  Frank Lowy was born in 1930.\nmore", ["frank lowy"])
     assert not ruler_qa_hit("I think\nFrank Lowy", ["Frank Lowy"])  # second line only
-    assert not ruler_qa_hit("anything", [""])  # empty golds never match
-    # 2 hits of 3 -> 66.67
+    # the raw first line of "\nFrank Lowy" is "" (the old rule stripped first and hit)
+    assert not ruler_qa_hit("\nFrank Lowy", ["Frank Lowy"])
+    assert score_ruler_qa(["\nFrank Lowy"], [["frank lowy"]], "string_match_part") == 100.0
+    assert ruler_qa_hit("anything", [""])  # as upstream: '' is in every string
+    # 2 hits of 3 -> 66.67 (rounded to 2 like RULER)
     got = score_ruler_qa(["Beijing", "it is 1082", "no idea"],
                          [["beijing"], ["February 1082", "1082"], ["time and storage"]])
-    assert got == pytest.approx(200 / 3)
+    assert got == 66.67
+    with pytest.raises(ValueError, match="unknown RULER QA metric 'f1'"):
+        score_ruler_qa(["a"], [["a"]], "f1")
