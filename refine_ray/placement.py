@@ -10,9 +10,16 @@
 
 On a CPU-only machine, a local cluster started with logical GPUs
 (``system.num_gpus``) runs exactly the same placement code.
+
+The layout's CPU and GPU totals are checked against the cluster before any
+placement group is created, since Ray would otherwise wait for resources that
+never come: in the driver before Ray starts when the local cluster's
+``system.num_cpus``/``num_gpus`` are declared (:func:`check_resources`), and
+against ``ray.cluster_resources()`` once connected.
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -84,6 +91,44 @@ def bundle_specs(slots: list[Slot]) -> dict[str, list[dict[str, float]]]:
     return specs
 
 
+def _check_fits(cfg: ExperimentConfig, have: dict, where: dict) -> None:
+    """Raise ConfigError when the layout's total CPUs or GPUs exceed ``have`` (None: unknown, not checked).
+
+    ``where``: resource -> (key named in the message, how ``have`` is introduced)."""
+    slots = plan_slots(cfg)
+    specs = bundle_specs(slots)
+    for res, field, hint in (
+            ("GPU", "gpus", "on a CPU machine set system.num_gpus to declare logical GPUs, or set "
+                            "learner.gpus_per_rank and <role>.gpus_per_actor to 0"),
+            ("CPU", "cpus", "raise system.num_cpus, or lower learner.cpus_per_rank and <role>.cpus_per_actor")):
+        need = sum(b.get(res, 0.0) for spec in specs.values() for b in spec)
+        if have.get(res) is None or need <= have[res] + 1e-9:
+            continue
+        count: dict[str, list] = {}
+        for s in slots:                  # per role: actors x share
+            count.setdefault(s.role, [0, getattr(s, field)])[0] += 1
+        parts = ", ".join(f"{role} {n} x {share:g}" for role, (n, share) in count.items())
+        if res == "GPU" and "shared" in specs:
+            parts = f"colocated: one whole GPU per learner rank, {len(specs['shared'])} ranks"
+        key, intro = where[res]
+        raise ConfigError(f"{key}: the layout needs {need:g} {res}s ({parts}) but {intro}{have[res]:g}; {hint}")
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Before Ray starts: the layout fits the local cluster's declared ``system.num_cpus``/``num_gpus``.
+
+    Counts every bundle Ray will be asked for (learner ranks and each enabled
+    role's actors x their CPU/GPU share, colocated or disaggregated). Skipped for
+    an existing cluster (``system.ray_address`` or ``RAY_ADDRESS``) and for
+    auto-detected resources, which :class:`Placement` checks once Ray is up.
+    Raises ConfigError naming the key.
+    """
+    if cfg.system.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    _check_fits(cfg, {"CPU": cfg.system.num_cpus, "GPU": cfg.system.num_gpus},
+                {"CPU": ("system.num_cpus", "system.num_cpus="), "GPU": ("system.num_gpus", "system.num_gpus=")})
+
+
 def spec_str(spec: list[dict[str, float]]) -> str:
     return ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}" for b in spec)
 
@@ -94,12 +139,9 @@ class Placement:
     def __init__(self, cfg: ExperimentConfig, timeout_s: float = 120.0):
         self.slots = plan_slots(cfg)
         specs = bundle_specs(self.slots)
-        need = sum(b.get("GPU", 0.0) for spec in specs.values() for b in spec)
-        have = ray.cluster_resources().get("GPU", 0.0)
-        if need > have:
-            raise ConfigError(f"system.placement: the layout needs {need:g} GPUs but the Ray cluster has {have:g}; "
-                              f"on a CPU machine set system.num_gpus to declare logical GPUs, or set "
-                              f"learner.gpus_per_rank and <role>.gpus_per_actor to 0")
+        have = ray.cluster_resources()
+        _check_fits(cfg, {"CPU": have.get("CPU", 0.0), "GPU": have.get("GPU", 0.0)},
+                    {r: ("system.placement", "the Ray cluster has ") for r in ("CPU", "GPU")})
         self.groups = {group: placement_group(spec, strategy="PACK") for group, spec in specs.items()}
         for group, pg in self.groups.items():
             ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

@@ -1,9 +1,11 @@
 """Placement planning (pure) and real placement groups on a local cluster with logical GPUs."""
+import time
+
 import pytest
 import ray
 
 from refine_ray.config import ConfigError, load_config
-from refine_ray.placement import Placement, bundle_specs, plan_slots
+from refine_ray.placement import Placement, bundle_specs, check_resources, plan_slots
 
 
 def _cfg(*overrides):
@@ -34,6 +36,21 @@ def test_disaggregated_plan_one_group_per_role():
     assert specs["learner"] == [{"GPU": 0.5, "CPU": 0.5}] * 2
 
 
+@pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
+def test_cpu_shortfall_is_caught_before_ray_starts(placement):
+    """Every role's actors x cpus_per_actor, learner ranks included, against system.num_cpus (no Ray)."""
+    shape = [f"system.placement={placement}", "learner.cpus_per_rank=0.75"]
+    with pytest.raises(ConfigError) as e:
+        check_resources(_cfg(*shape, "system.num_cpus=2"))
+    assert ("system.num_cpus: the layout needs 3 CPUs (learner 2 x 0.75, scorer 1 x 0.5, rollout 1 x 0.5, "
+            "reward 1 x 0.5) but system.num_cpus=2") in str(e.value)
+    check_resources(_cfg(*shape, "system.num_cpus=3"))                     # exactly fits
+    check_resources(_cfg(*shape, "system.num_cpus=null"))                  # auto-detected: checked once Ray is up
+    with pytest.raises(ConfigError, match=r"system.num_gpus: the layout needs 2 GPUs .* but system.num_gpus=1"):
+        check_resources(_cfg("system.num_gpus=1", "system.placement=colocated"))
+    assert not ray.is_initialized()
+
+
 @pytest.fixture
 def ray_cluster():
     ray.init(num_cpus=4, num_gpus=3, include_dashboard=False)
@@ -59,6 +76,15 @@ def test_real_placement_groups_schedule(ray_cluster):
 
 
 def test_too_few_gpus_is_a_clear_error(ray_cluster):
-    with pytest.raises(ConfigError, match="needs 4 GPUs but the Ray cluster has 3"):
+    with pytest.raises(ConfigError, match=r"needs 4 GPUs \(learner 2 x 1, scorer 1 x 1, rollout 1 x 0, reward 1 x 1\) but the Ray cluster has 3"):
         Placement(_cfg("system.placement=disaggregated", "learner.gpus_per_rank=1",
                        "scorer.gpus_per_actor=1", "rollout.gpus_per_actor=0", "reward.gpus_per_actor=1"))
+
+
+def test_too_few_cpus_fails_at_once_not_after_the_wait(ray_cluster):
+    """A cluster that can never hold the CPUs (auto-detected or remote) fails in seconds, not after 120 s."""
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"needs 5 CPUs \(learner 2 x 1.5, scorer 1 x 1, rollout 1 x 0.5, reward 1 x 0.5\) "
+                                          r"but the Ray cluster has 4"):
+        Placement(_cfg("learner.cpus_per_rank=1.5", "scorer.cpus_per_actor=1"))
+    assert time.monotonic() - start < 10
