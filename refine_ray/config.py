@@ -229,7 +229,7 @@ class EvalConfig:
     max_prompt_tokens: int = 16352        # middle truncation (reference max_prompt_length for TTT)
     max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (reference: 32)
     ruler_gen_tokens: int = 32
-    niah_gen_tokens: int = 64
+    niah_gen_tokens: int = 128            # RULER's NIAH tokens_to_generate (prompt + this fit the length)
     limit: Optional[int] = None           # first N rows of each file
     ttt: TTTConfig = field(default_factory=TTTConfig)
 

@@ -1,12 +1,25 @@
 """RULER-style needle-in-a-haystack (NIAH) prompts and scoring.
 
-Variants (RULER defaults for keys / values per key / queried keys):
-single (S-NIAH) 1/1/1, multikey (MK) 4/1/1, multiquery (MQ) 4/1/4, multivalue (MV) 1/4/1.
-Needles read "One of the special magic numbers for {key} is: {value}." with 7-digit
-values and adjective-noun keys. The prompt follows RULER's NIAH template, optionally
-ending in its answer prefix, and is fitted to ``length`` tokens of the given tokenizer
-(largest haystack whose whole prompt has at most ``length`` tokens). Everything is
-deterministic given ``seed``; nothing is downloaded.
+Follows RULER's ``scripts/data/synthetic/niah.py`` and its ``constants.py`` template wherever
+they define something:
+
+* variants (keys / values per key / queried keys): single (S-NIAH) 1/1/1, multikey (MK)
+  4/1/1, multiquery (MQ) 4/1/4, multivalue (MV) 1/4/1; needles read "One of the special
+  magic numbers for {key} is: {value}." with 7-digit values and adjective-noun keys;
+* RULER's NIAH template and answer prefix, in the singular when one value is asked for
+  (queried keys x values per key == 1, i.e. single and multikey: "A special magic number
+  is hidden ... What is the special magic number for ... are" -> "is");
+* the prompt plus the generation budget (``tokens_to_generate``, RULER's 128 by default)
+  fit the nominal ``length``: the largest haystack with ``len(prompt) + budget <= length``;
+* integer needle depths sampled without replacement from RULER's 40 depths
+  ``round(linspace(0, 100, 40))``; needle i (after a shuffle) goes before haystack sentence
+  ``int(n_sentences * depth_i / 100)`` of the sorted depths (RULER's essay placement rule).
+
+Deliberate differences: the haystack is our own text (``ESSAY_HAYSTACK``, or any texts
+passed in), cycled by whole sentences from a seeded start, instead of the Paul Graham
+essays cut by words; the fit searches whole sentences; keys are drawn from our own
+adjective/noun lists without repeats; nothing is downloaded. Everything is deterministic
+given ``seed``.
 """
 from __future__ import annotations
 
@@ -18,7 +31,7 @@ from typing import Any, Protocol
 from refine_ray.eval.metrics import check_predictions
 
 __all__ = [
-    "Tokenizer", "VARIANTS", "NEEDLE", "NOISE_HAYSTACK", "ESSAY_HAYSTACK", "split_sentences",
+    "Tokenizer", "VARIANTS", "NEEDLE", "DEPTHS", "TOKENS_TO_GENERATE", "NOISE_HAYSTACK", "ESSAY_HAYSTACK", "split_sentences",
     "make_niah", "generate_niah", "niah_recall", "score_niah",
 ]
 
@@ -35,10 +48,22 @@ _ALIASES = {"s": "single", "s-niah": "single", "mk": "multikey", "mk-niah": "mul
             "mq": "multiquery", "mq-niah": "multiquery", "mv": "multivalue", "mv-niah": "multivalue"}
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
-TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to "
-            "memorize it. I will quiz you about the numbers afterwards.\n{context}\n"
-            "What are all the special magic numbers for {query} mentioned in the provided text?")
-ANSWER_PREFIX = " The special magic numbers for {query} mentioned in the provided text are"
+TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to "
+            "memorize it. I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+            "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?")
+ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+# RULER's depths: np.round(np.linspace(0, 100, 40)).astype(int) (no .5 ties, so round() agrees)
+DEPTHS: tuple[int, ...] = tuple(round(100 * i / 39) for i in range(40))
+TOKENS_TO_GENERATE = 128  # RULER's NIAH generation budget
+
+
+def _template(singular: bool, answer_prefix: bool) -> tuple[str, str]:
+    """(template, type word), RULER's singular rewrite applied to template + answer prefix."""
+    text = TEMPLATE + (ANSWER_PREFIX if answer_prefix else "")
+    if not singular:
+        return text, "numbers"
+    text = text.replace("Some", "A").replace("are all", "is").replace("are", "is").replace("answers", "answer")
+    return text, "number"
 
 # RULER's repeated-noise haystack.
 NOISE_HAYSTACK = ("The grass is green. The sky is blue. The sun is yellow. "
@@ -89,31 +114,38 @@ def _join_keys(keys: Sequence[str]) -> str:
 
 
 def _build(sentences: Sequence[str], k: int, start: int, needles: Sequence[str],
-           depths: Sequence[float], query: str, answer_prefix: bool) -> str:
+           depths: Sequence[int], query: str, template: tuple[str, str]) -> str:
     hay = [sentences[(start + i) % len(sentences)] for i in range(k)]
-    # insert from the deepest position so earlier indices stay valid
-    for needle, depth in sorted(zip(needles, depths), key=lambda nd: -nd[1]):
-        hay.insert(round(depth / 100 * k), needle)
-    prompt = TEMPLATE.format(context=" ".join(hay), query=query)
-    return prompt + (ANSWER_PREFIX.format(query=query) if answer_prefix else "")
+    cuts = [0] + sorted(int(k * (d / 100)) for d in depths) + [k]  # RULER's float expression
+    parts: list[str] = []
+    for i in range(1, len(cuts)):   # RULER: segment, needle, segment, needle, ..., segment
+        parts.append(" ".join(hay[cuts[i - 1]:cuts[i]]))
+        if i - 1 < len(needles):
+            parts.append(needles[i - 1])
+    text, word = template
+    return text.format(type_needle_v=word, context=" ".join(p for p in parts if p), query=query)
 
 
 def make_niah(variant: str, haystack: str | Sequence[str], tokenizer: Tokenizer, length: int, *,
-              seed: int = 0, depths: Sequence[float] | None = None, num_keys: int | None = None,
+              seed: int = 0, depths: Sequence[int] | None = None, num_keys: int | None = None,
               num_values: int | None = None, num_queries: int | None = None,
-              answer_prefix: bool = True) -> dict[str, Any]:
-    """One NIAH example whose prompt has at most ``length`` tokens (as long as possible).
+              answer_prefix: bool = True, tokens_to_generate: int = TOKENS_TO_GENERATE) -> dict[str, Any]:
+    """One NIAH example: the longest prompt with ``len(prompt) + tokens_to_generate <= length``.
 
-    ``depths`` are percentages (0 = start, 100 = end of the haystack), one per needle
-    (num_keys * num_values needles); default: a seeded sample from 40 evenly spaced
-    depths, as RULER does. Returns a row with prompt, answers, task, length (actual
-    token count), max_seq_length, and the needles' keys / values / depths.
+    ``depths``: integer percentages (0 = start, 100 = end of the haystack), one per needle
+    (num_keys * num_values needles), paired with the needles in placement order; default
+    a seeded sample of RULER's ``DEPTHS``. Returns a row with prompt, answers (the queried
+    keys' values), task, length (prompt tokens), tokens_to_generate, max_seq_length, and
+    the needles' keys / values / depths in placement order. Raises ValueError (one line)
+    on a bad variant, depths, or a length too short for template + needles + budget.
     """
     variant = _canonical(variant)
     dk, dv, dq = VARIANTS[variant]
     nk, nv, nq = num_keys or dk, num_values or dv, num_queries or dq
     if not (1 <= nq <= nk):
         raise ValueError(f"num_queries must be in [1, num_keys={nk}], got {nq}")
+    if tokens_to_generate < 0:
+        raise ValueError(f"tokens_to_generate must be >= 0, got {tokens_to_generate}")
     sentences = split_sentences(haystack)
     if not sentences:
         raise ValueError("haystack has no text")
@@ -124,44 +156,46 @@ def make_niah(variant: str, haystack: str | Sequence[str], tokenizer: Tokenizer,
     kv = [(keys[i], values[i * nv + j]) for i in range(nk) for j in range(nv)]
     rng.shuffle(kv)
     if depths is None:
-        grid = [100 * i / 39 for i in range(40)]
-        depths = sorted(rng.sample(grid, len(kv)) if len(kv) <= 40 else
-                        [rng.choice(grid) for _ in kv])
-    depths = [float(d) for d in depths]
-    if len(depths) != len(kv) or any(not 0 <= d <= 100 for d in depths):
-        raise ValueError(f"need {len(kv)} depths in [0, 100], got {depths}")
-    queried = rng.sample(keys, nq)
-    query = _join_keys(queried)
-    answers = [v for q in queried for k, v in kv if k == q]
+        depths = rng.sample(DEPTHS, len(kv)) if len(kv) <= len(DEPTHS) else [rng.choice(DEPTHS) for _ in kv]
+    if len(depths) != len(kv) or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 100
+                                     for d in depths):
+        raise ValueError(f"need {len(kv)} integer depths in [0, 100], got {list(depths)}")
+    depths = sorted(depths)
+    queried = rng.sample(range(nk), nq)
+    query = _join_keys([keys[i] for i in queried])
+    answers = [values[i * nv + j] for i in queried for j in range(nv)]
     needles = [NEEDLE.format(key=k, value=v) for k, v in kv]
     start = rng.randrange(len(sentences))
+    template = _template(nq * nv == 1, answer_prefix)
+    budget = length - tokens_to_generate
 
     cache: dict[int, tuple[str, int]] = {}
 
     def fit(k: int) -> tuple[str, int]:
         if k not in cache:
-            p = _build(sentences, k, start, needles, depths, query, answer_prefix)
+            p = _build(sentences, k, start, needles, depths, query, template)
             cache[k] = (p, len(tokenizer.encode(p)))
         return cache[k]
 
-    if fit(0)[1] > length:
+    if fit(0)[1] > budget:
         raise ValueError(f"length {length} is too short: template and needles alone take "
-                         f"{fit(0)[1]} tokens")
-    lo, hi = 0, 16  # invariant: fit(lo) <= length; grow hi until it is over
-    while fit(hi)[1] <= length:
+                         f"{fit(0)[1]} tokens, plus {tokens_to_generate} to generate")
+    lo, hi = 0, 16  # invariant: fit(lo) <= budget; grow hi until it is over
+    while fit(hi)[1] <= budget:
         if hi > 4 * length + 64:
             raise ValueError("haystack sentences add no tokens; cannot reach the length")
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fit(mid)[1] <= length:
+        if fit(mid)[1] <= budget:
             lo = mid
         else:
             hi = mid
     prompt, n_tok = fit(lo)
     return {
         "prompt": prompt, "answers": answers, "task": f"niah_{variant}", "length": n_tok,
-        "max_seq_length": length, "query_keys": queried, "needle_keys": [k for k, _ in kv],
+        "tokens_to_generate": tokens_to_generate, "max_seq_length": length,
+        "query_keys": [keys[i] for i in queried], "needle_keys": [k for k, _ in kv],
         "needle_values": [v for _, v in kv], "needle_depths": depths, "seed": seed,
     }
 
