@@ -67,11 +67,12 @@ def _eval(args) -> int:
         cfg = load_config(args.config, overrides)
         ecfg = cfg.eval
         model, tok = build_eval_model(args.model, cfg, args.tokenizer)
-        sets = load_eval_sets(args.data, args.niah, tok, ecfg.limit)
+        sets = load_eval_sets(args.data, args.niah, tok, ecfg.limit, ecfg.niah_gen_tokens)
         label = args.model.replace("tiny:", "tiny_") if args.model.startswith("tiny:") else Path(args.model).name
         name = args.name or f"{label}-{ecfg.ttt.mode}"
         out = Path(args.out) if args.out else Path("results") / f"{name}.json"
-        result = run_eval(model, tok, cfg, ecfg, sets, name, out, show_progress=not args.no_progress)
+        result = run_eval(model, tok, cfg, ecfg, sets, name, out, show_progress=not args.no_progress,
+                          model_id=args.model)
     except ConfigError as e:
         print(f"refine-ray: config error: {e}", file=sys.stderr)
         return 2

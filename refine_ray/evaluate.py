@@ -4,12 +4,15 @@
         [--data MORE.parquet] [--niah multikey:4096:20] [--limit N] [--ttt none|ntp|refine] \\
         [--out results/run.json] [--name RUN] [--config configs/ttt_tiny_longbench.yaml] [eval.x=y key=value ...]
 
-Inputs: LongBench files (``{task}_{len}.parquet``; per-task metric from
+Inputs: LongBench / LongBench-E files (``{task}_{len}.parquet``; per-task metric from
 ``refine_ray.eval.metrics``), RULER QA files (``ruler_{task}_{model}_{len}_{n}_{split}.parquet``;
-first-line substring hit) and generated NIAH rows (``refine_ray.eval.niah``; recall).
+two metrics, see below) and generated NIAH rows (``refine_ray.eval.niah``; recall).
 Output: ``{"run_name": RUN, "<task>": score, ..., "meta": {...}}`` (scores 0-100; RULER and
-NIAH keys are ``<task>_<length>``), the format ``refine_ray.eval.tables`` reads, plus the
-per-row predictions in ``<out>.predictions.jsonl``.
+NIAH keys are ``<task>_<length>``; RULER QA adds ``<task>_string_match_part_<length>``), the
+format ``refine_ray.eval.tables`` reads, plus ``<out>.predictions.jsonl`` (per row: prediction,
+answers, 0-1 score), saved after every batch; a re-run with the same ``--out`` resumes
+(``refine_ray.eval.progress``). A prompt that tokenises to nothing is a one-line error
+before any row is answered. See docs/evaluation.md.
 
 Decisions vs the reference:
   * Generation budget per LongBench task: each row's ``max_gen_tokens`` (LongBench's
@@ -20,12 +23,13 @@ Decisions vs the reference:
     half + last half of the token budget, LongBench's convention, so the question at the
     end survives); the reference right-truncates. Prompts are tokenised without special
     tokens (as the reference), and TTT adapts on the same truncated tokens.
+  * RULER QA: ``<task>_<length>`` is the reference's first-line rule (the paper's tables);
+    ``<task>_string_match_part_<length>`` is RULER's official metric.
+  * samsum stops at the newline token after at least one token, as LongBench's pred.py.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,11 +41,12 @@ from refine_ray.config import ConfigError, EvalConfig, ExperimentConfig, ModelCo
 from refine_ray.data import truncate
 from refine_ray.eval import metrics as M
 from refine_ray.eval.data import load_longbench, load_ruler, ruler_file_info
-from refine_ray.eval.niah import ESSAY_HAYSTACK, VARIANTS, generate_niah, score_niah
+from refine_ray.eval.niah import ESSAY_HAYSTACK, VARIANTS, generate_niah, niah_recall, score_niah
+from refine_ray.eval.progress import PredictionLog, prompt_hash, write_atomic
 from refine_ray.ttt import TestTimeTrainer
 
-__all__ = ["EvalConfig", "EvalError", "EvalSet", "load_eval_sets", "build_eval_model",
-           "run_eval", "write_json_atomic"]
+__all__ = ["EvalConfig", "EvalError", "EvalSet", "load_eval_sets", "build_eval_model", "stop_ids",
+           "tokenize_sets", "run_eval", "write_json_atomic"]
 
 
 class EvalError(ValueError):
@@ -57,7 +62,10 @@ class EvalSet:
     all_rows: list[dict[str, Any]] = field(default_factory=list)  # whole file (trec classes)
 
 
-def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: Optional[int]) -> list[EvalSet]:
+def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: Optional[int],
+                   niah_gen_tokens: int = 128) -> list[EvalSet]:
+    """Eval sets of the given files and NIAH specs; NIAH prompts leave ``niah_gen_tokens`` of the
+    nominal length for the answer (RULER's ``tokens_to_generate``). One-line EvalError/DataError."""
     sets: list[EvalSet] = []
     for p in paths:
         name = Path(p).name
@@ -68,9 +76,11 @@ def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: 
             continue
         rows = load_longbench(p)
         tasks = sorted({str(r["task"]) for r in rows})
-        unknown = [t for t in tasks if t not in M.TASK_METRIC]
-        if unknown:
-            raise EvalError(f"{name}: unknown LongBench task '{unknown[0]}' (known: {', '.join(M.LONGBENCH_TASKS)})")
+        for task in tasks:
+            try:
+                M.check_task(task)
+            except ValueError as e:
+                raise EvalError(f"{name}: {e}") from None
         for task in tasks:
             task_rows = [r for r in rows if r["task"] == task]
             sets.append(EvalSet(task, "longbench", task_rows[:limit], str(p), task_rows))
@@ -79,7 +89,8 @@ def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: 
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
             raise EvalError(f"--niah {spec!r}: expected VARIANT:LENGTH:N, e.g. multikey:4096:20")
         try:
-            rows = generate_niah(parts[0], ESSAY_HAYSTACK, _NoSpecial(tokenizer), int(parts[1]), int(parts[2]))
+            rows = generate_niah(parts[0], ESSAY_HAYSTACK, _NoSpecial(tokenizer), int(parts[1]), int(parts[2]),
+                                 tokens_to_generate=niah_gen_tokens)
         except ValueError as e:
             raise EvalError(f"--niah {spec!r}: {e} (variants: {', '.join(VARIANTS)})") from None
         sets.append(EvalSet(f"{rows[0]['task']}_{parts[1]}", "niah", rows[:limit], f"niah:{spec}", rows))
@@ -109,14 +120,30 @@ def gen_budget(s: EvalSet, row: dict, cfg: EvalConfig) -> int:
     return cfg.ruler_gen_tokens if s.kind == "ruler" else cfg.niah_gen_tokens
 
 
-def score_set(s: EvalSet, preds: list[str]) -> float:
+def _classes(s: EvalSet) -> Optional[list[str]]:
+    return M.task_classes(s.key, s.all_rows) if M.base_task(s.key) in M.CLASSIFICATION_TASKS else None
+
+
+def row_score(s: EvalSet, row: dict, pred: str, classes: Optional[list[str]]) -> float:
+    """One row's primary score, 0-1 (LongBench task metric, RULER first-line hit, NIAH recall)."""
+    if s.kind == "longbench":
+        return M.score_example(s.key, pred, row["answers"], classes)
+    if s.kind == "ruler":
+        return float(M.ruler_qa_hit(pred, row["answers"]))
+    return niah_recall(pred, row["answers"])
+
+
+def score_set(s: EvalSet, preds: list[str]) -> dict[str, float]:
+    """Result keys -> scores (0-100) of one set. RULER QA gives two: ``<task>_<len>`` with the
+    reference's first-line rule (the paper's tables) and ``<task>_string_match_part_<len>``."""
     answers = [r["answers"] for r in s.rows]
     if s.kind == "longbench":
-        classes = M.trec_classes(s.all_rows) if s.key == "trec" else None
-        return M.score_longbench(s.key, preds, answers, classes)
+        return {s.key: M.score_longbench(s.key, preds, answers, _classes(s))}
     if s.kind == "ruler":
-        return round(M.score_ruler_qa(preds, answers), 2)
-    return round(score_niah(preds, answers), 2)
+        task, length = s.key.rsplit("_", 1)
+        return {s.key: M.score_ruler_qa(preds, answers, "first_line"),
+                f"{task}_string_match_part_{length}": M.score_ruler_qa(preds, answers, "string_match_part")}
+    return {s.key: round(score_niah(preds, answers), 2)}
 
 
 def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[str] = None):
@@ -153,54 +180,109 @@ def _eos_ids(model, tok) -> Optional[list[int]]:
     return sorted(ids) or None
 
 
+def stop_ids(s: EvalSet, model, tok) -> tuple[Optional[list[int]], int]:
+    """(stop token ids, min new tokens) of a set. samsum also stops at the newline token after at
+    least one token, as LongBench's pred.py (eos ids + ``encode('\\n')[-1]``, ``min_length`` =
+    prompt + 1); a tokenizer without a newline token (WordPiece) stops at EOS only."""
+    eos = _eos_ids(model, tok)
+    if s.kind == "longbench" and M.base_task(s.key) == "samsum":
+        nl = tok.encode("\n", add_special_tokens=False)
+        if nl:
+            return sorted(set(eos or []) | {int(nl[-1])}), 1
+    return eos, 0
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def tokenize_sets(sets: Sequence[EvalSet], tokenizer, ecfg: EvalConfig) -> list[tuple[list[torch.Tensor], int]]:
+    """Every prompt as evaluated (no special tokens, middle-truncated to ``max_prompt_tokens``).
+
+    Runs before any model work: a prompt that tokenises to nothing (e.g. whitespace only) is
+    a one-line EvalError naming the input and row, so no row is answered and nothing is lost."""
+    out = []
+    for s in sets:
+        ids_list, truncated = [], 0
+        for i, row in enumerate(s.rows):
+            ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise EvalError(f"{Path(s.source).name}: {s.key} row {i} prompt tokenises to no tokens "
+                                f"({row['prompt'][:20]!r}); fix or drop the row")
+            truncated += len(ids) > ecfg.max_prompt_tokens
+            ids_list.append(torch.tensor(truncate(list(ids), ecfg.max_prompt_tokens, "middle"), dtype=torch.long))
+        out.append((ids_list, truncated))
+    return out
+
+
+def run_settings(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, model_id: Optional[str]) -> dict:
+    """What must match for a re-run to resume: model, tokenizer, the configs that shape answers."""
+    mc = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    return {"model": model_id or mc.get("_name_or_path") or "?",
+            "model_config": {k: v for k, v in mc.items() if k not in ("_name_or_path", "transformers_version")},
+            "tokenizer": {"name": getattr(tokenizer, "name_or_path", "?"), "size": len(tokenizer)},
+            **{sec: asdict(getattr(cfg, sec)) for sec in ("model", "refine", "optim", "reward")},
+            "eval": {k: v for k, v in asdict(ecfg).items() if k != "limit"}}
 
 
 def run_eval(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, sets: list[EvalSet], name: str,
-             out: Optional[Path] = None, show_progress: bool = True) -> dict[str, Any]:
-    """Answer and score every set; returns (and writes to ``out``) the result dict."""
+             out: Optional[Path] = None, show_progress: bool = True, model_id: Optional[str] = None) -> dict[str, Any]:
+    """Answer and score every set; returns (and writes to ``out``) the result dict.
+
+    With ``out``, each answered batch is saved at once to ``<out>.predictions.jsonl`` (row,
+    prediction, answers, 0-1 score) and a re-run with the same ``out`` resumes (see
+    ``refine_ray.eval.progress``). Raises EvalError (one line) on an empty prompt or a refused resume.
+    """
     from tqdm import tqdm
 
     t0 = time.time()
+    prompts = tokenize_sets(sets, tokenizer, ecfg)
+    log = PredictionLog(out, run_settings(model, tokenizer, cfg, ecfg, model_id), EvalError) if out else None
+    if log and log.records and ecfg.ttt.accumulate and ecfg.ttt.mode != "none":
+        raise EvalError(f"{log.path.name}: cannot resume a run with eval.ttt.accumulate=true (its weights depend "
+                        f"on every earlier row); use another --out")
     trainer = TestTimeTrainer(model, cfg, ecfg.ttt, tokenizer)
-    eos = _eos_ids(model, tokenizer)
     result: dict[str, Any] = {"run_name": name}
-    records, per_set = [], {}
+    per_set, resumed = {}, 0
     total = sum(len(s.rows) for s in sets)
     with tqdm(total=total, desc=f"eval {name}", unit="row", disable=not show_progress) as bar:
-        for s in sets:
-            prompts, budgets, truncated = [], [], 0
-            for row in s.rows:
-                ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-                truncated += len(ids) > ecfg.max_prompt_tokens
-                prompts.append(torch.tensor(truncate(list(ids), ecfg.max_prompt_tokens, "middle"), dtype=torch.long))
-                budgets.append(gen_budget(s, row, ecfg))
+        for s, (toks, truncated) in zip(sets, prompts):
+            classes = _classes(s) if s.kind == "longbench" else None
+            recs: dict[int, dict] = {}
+            for i, row in enumerate(s.rows):
+                rec = log.done(s.key, i, row["prompt"]) if log else None
+                if rec is not None:
+                    recs[i] = rec
+            resumed += len(recs)
+            bar.update(len(recs))
+            todo = [i for i in range(len(s.rows)) if i not in recs]
+            budgets = [gen_budget(s, row, ecfg) for row in s.rows]
+            stop, min_new = stop_ids(s, model, tokenizer)
             bar.set_postfix(task=s.key)
-            outs = trainer.answer(prompts, budgets, eos_token_id=eos, progress=bar)
-            preds = [tokenizer.decode(o.tolist(), skip_special_tokens=True) for o in outs]
-            result[s.key] = score_set(s, preds)
-            per_set[s.key] = {"rows": len(s.rows), "source": s.source, "truncated_prompts": truncated}
-            for i, (row, pred) in enumerate(zip(s.rows, preds)):
-                records.append({"set": s.key, "row": i, "prediction": pred, "answers": list(row["answers"])})
+            for b in range(0, len(todo), ecfg.ttt.batch_size):   # one TTT batch at a time, saved at once
+                idx = todo[b:b + ecfg.ttt.batch_size]
+                outs = trainer.answer([toks[i] for i in idx], [budgets[i] for i in idx], eos_token_id=stop,
+                                      progress=bar, min_new_tokens=min_new)
+                for i, o in zip(idx, outs):
+                    row = s.rows[i]
+                    pred = tokenizer.decode(o.tolist(), skip_special_tokens=True)
+                    recs[i] = {"set": s.key, "row": i, "prediction": pred, "answers": list(row["answers"]),
+                               "score": row_score(s, row, pred, classes), "prompt_sha1": prompt_hash(row["prompt"])}
+                    if log:
+                        log.add(recs[i])
+                if log:
+                    log.save()
+            result.update(score_set(s, [recs[i]["prediction"] for i in range(len(s.rows))]))
+            per_set[s.key] = {"rows": len(s.rows), "source": s.source, "truncated_prompts": truncated,
+                              "stop_token_ids": stop, "min_new_tokens": min_new}
     result["meta"] = {"model": getattr(model.config, "model_type", "?"), "ttt": asdict(ecfg.ttt),
                       "eval": {k: v for k, v in asdict(ecfg).items() if k != "ttt"},
-                      "sets": per_set, "ttt_metrics": trainer.summary(), "seconds": round(time.time() - t0, 2)}
+                      "sets": per_set, "resumed_rows": resumed,
+                      "ruler_qa_metrics": {"<task>_<len>": "first_line (REFINE reference ruler.py; the paper's)",
+                                           "<task>_string_match_part_<len>": "RULER string_match_part"},
+                      "ttt_metrics": trainer.summary(), "seconds": round(time.time() - t0, 2)}
     if out is not None:
         write_json_atomic(out, result)
-        pred_path = out.with_name(out.stem + ".predictions.jsonl")
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{pred_path.name}.tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, pred_path)
     return result
 
 
@@ -208,7 +290,8 @@ def summary_line(result: dict[str, Any], out: Optional[Path]) -> str:
     scores = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     meta = result["meta"]
     parts = [f"{k}={v:.2f}" for k, v in scores.items()]
-    avg = sum(scores.values()) / len(scores)
+    primary = [v for k, v in scores.items() if "_string_match_part_" not in k]  # one score per set
+    avg = sum(primary) / len(primary)
     tm = meta["ttt_metrics"]
     ttt = meta["ttt"]["mode"]
     if ttt != "none":

@@ -107,12 +107,14 @@ class TestTimeTrainer:
 
     # ------------------------------------------------------------ the loop
     def answer(self, prompts: Sequence[torch.Tensor], max_new_tokens: Sequence[int],
-               eos_token_id=None, hook: Optional[Hook] = None, progress=None) -> list[torch.Tensor]:
+               eos_token_id=None, hook: Optional[Hook] = None, progress=None,
+               min_new_tokens: int = 0) -> list[torch.Tensor]:
         """Adapt on each batch, answer its prompts greedily, restore (unless accumulating).
 
         ``hook(event, batch_index, self)`` is called with ``'start'`` before a batch's
         adaptation and ``'adapted'`` after it (before generation). ``progress`` (e.g. a
-        tqdm bar) gets ``update(n)`` per batch.
+        tqdm bar) gets ``update(n)`` per batch. ``eos_token_id`` / ``min_new_tokens`` go to
+        :func:`generate` (stop ids, and how many tokens come before a stop may).
         """
         if len(prompts) != len(max_new_tokens):
             raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} generation lengths")
@@ -130,7 +132,8 @@ class TestTimeTrainer:
             self.model.eval()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 for i, ids in enumerate(batch):
-                    out = generate(self.model, ids, int(max_new_tokens[start + i]), eos_token_id=eos_token_id)
+                    out = generate(self.model, ids, int(max_new_tokens[start + i]), eos_token_id=eos_token_id,
+                                   min_new_tokens=min_new_tokens)
                     answers.append(out.cpu())
             if restore_to is not None:
                 self.restore(restore_to)

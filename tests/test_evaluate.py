@@ -1,6 +1,8 @@
 """`refine-ray eval` on real LongBench / RULER rows with a tiny model; bad inputs are one-line errors."""
 import json
 
+import torch
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -8,10 +10,11 @@ import pytest
 from refine_ray.cli import main
 from refine_ray.eval.tables import load_result, render
 from refine_ray.data import truncate
-from refine_ray.evaluate import EvalConfig, EvalSet, gen_budget
+from refine_ray.evaluate import EvalConfig, EvalSet, build_eval_model, gen_budget, stop_ids
+from refine_ray.ttt import TestTimeTrainer
 
 TINY = ["--config", "configs/ttt_tiny_longbench.yaml", "--model", "tiny:delta_net", "--no-progress",
-        "--max-prompt-tokens", "96", "--max-gen-tokens", "3", "eval.ruler_gen_tokens=3",
+        "--max-prompt-tokens", "96", "--max-gen-tokens", "3", "eval.ruler_gen_tokens=3", "eval.niah_gen_tokens=3",
         "refine.n_chunks=2", "refine.response_length=3", "refine.min_prefix=8"]
 
 
@@ -27,17 +30,19 @@ def test_eval_longbench_and_ruler_with_ttt_writes_a_table_json(shared_data, tmp_
     obj = json.loads(out.read_text())
     assert obj["run_name"] == "tiny-ttt"
     assert 0 <= obj["trec"] <= 100 and 0 <= obj["ruler_squadqa_4096"] <= 100
+    assert 0 <= obj["ruler_squadqa_string_match_part_4096"] <= 100   # RULER's own metric beside the paper's
     meta = obj["meta"]
-    assert meta["sets"]["trec"] == {"rows": 2, "source": str(shared_data / "longbench" / "trec_16384.parquet"),
-                                    "truncated_prompts": 2}
+    assert {k: meta["sets"]["trec"][k] for k in ("rows", "source", "truncated_prompts")} == {
+        "rows": 2, "source": str(shared_data / "longbench" / "trec_16384.parquet"), "truncated_prompts": 2}
     assert meta["ttt_metrics"]["ttt/batches"] == 4 and meta["ttt_metrics"]["ttt/ntp_fallback_prompts"] == 0
     preds = [json.loads(line) for line in out.with_name("run.predictions.jsonl").read_text().splitlines()]
     assert [(p["set"], p["row"]) for p in preds] == [("trec", 0), ("trec", 1), ("ruler_squadqa_4096", 0),
                                                       ("ruler_squadqa_4096", 1)]
     result = load_result(out)
-    assert result.scores.keys() == {"trec", "ruler_squadqa_4096"}
+    assert result.scores.keys() == {"trec", "ruler_squadqa_4096", "ruler_squadqa_string_match_part_4096"}
     table = render([result])
-    assert "| tiny-ttt |" in table and "squadqa 4K" in table
+    assert "| tiny-ttt |" in table and "squadqa 4K" in table and "squadqa_string_match_part 4K" in table
+    assert "first-line rule" in table
 
 
 def test_eval_niah_without_ttt(tokenizer, tmp_path, capsys):
@@ -88,3 +93,84 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, case, needle):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_whitespace_prompt_is_one_line_error_before_any_work(tmp_path, capsys):
+    data = _parquet(tmp_path / "qasper_16384.parquet", prompt=["What is a cat?", " \n\t "],
+                    answers=[["a pet"], ["x"]], task=["qasper", "qasper"], max_gen_tokens=[3, 3])
+    out = tmp_path / "r.json"
+    assert main(["eval", *TINY, "--data", data, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "qasper row 1 prompt tokenises to no tokens" in err, err
+    assert list(tmp_path.iterdir()) == [tmp_path / "qasper_16384.parquet"]   # nothing answered or written
+
+
+def _preds(out):
+    return [json.loads(line) for line in out.with_name(out.stem + ".predictions.jsonl").read_text().splitlines()]
+
+
+def test_failing_row_keeps_answered_rows_and_rerun_resumes(shared_data, tmp_path, capsys, monkeypatch):
+    data = str(shared_data / "longbench" / "qasper_16384.parquet")
+    args = ["eval", *TINY, "--data", data, "--limit", "4"]
+    fresh = tmp_path / "fresh.json"
+    assert main([*args, "--out", str(fresh)]) == 0
+    real, calls = TestTimeTrainer.answer, []
+
+    def fail_on_third(self, *a, **k):   # the third row's generation fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("row failed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TestTimeTrainer, "answer", fail_on_third)
+    out = tmp_path / "run.json"
+    with pytest.raises(RuntimeError, match="row failed"):
+        main([*args, "--out", str(out)])
+    assert [p["row"] for p in _preds(out)] == [0, 1] and not out.exists()   # answered rows kept
+    calls.clear()
+    monkeypatch.setattr(TestTimeTrainer, "answer", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    assert main([*args, "--out", str(out)]) == 0
+    assert len(calls) == 2                                   # only rows 2 and 3 answered again
+    obj = json.loads(out.read_text())
+    assert obj["meta"]["resumed_rows"] == 2 and obj["qasper"] == json.loads(fresh.read_text())["qasper"]
+    assert _preds(out) == _preds(fresh)                      # same rows, predictions, scores
+    capsys.readouterr()
+    # other settings: a one-line refusal, nothing touched
+    before = out.with_name("run.predictions.jsonl").read_text()
+    assert main([*args, "--out", str(out), "--max-gen-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refusing to resume: eval.max_gen_tokens was 3, now 2" in err, err
+    assert out.with_name("run.predictions.jsonl").read_text() == before
+
+
+def _newline_tokenizer(tmp_path):
+    """A real byte-level BPE tokenizer (has a newline token, unlike the WordPiece default)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["Dialogue: hi\nSummary: they talk.\n"] * 20, vocab_size=300,
+                            special_tokens=["<eos>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
+    tok.save_pretrained(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+def test_samsum_stops_at_newline_after_one_token(tmp_path):
+    from refine_ray.config import load_config
+    from refine_ray.models.generation import generate
+
+    cfg = load_config("configs/ttt_tiny_longbench.yaml", [])
+    model, tok = build_eval_model("tiny:delta_net", cfg, _newline_tokenizer(tmp_path))
+    nl = tok.encode("\n", add_special_tokens=False)[-1]
+    eos = sorted({tok.eos_token_id, model.config.eos_token_id})   # the tokenizer's and the model's
+    assert stop_ids(EvalSet("samsum", "longbench", [], "x"), model, tok) == (sorted({*eos, nl}), 1)
+    assert stop_ids(EvalSet("samsum_e", "longbench", [], "x"), model, tok) == (sorted({*eos, nl}), 1)
+    assert stop_ids(EvalSet("trec", "longbench", [], "x"), model, tok) == (eos, 0)
+    # generation: with the greedy first token as a stop id, min_new_tokens=1 still answers (HF min_length)
+    model.eval()
+    prompt = torch.tensor(tok.encode("Dialogue: hi", add_special_tokens=False))
+    first = int(generate(model, prompt, 1)[0])
+    assert generate(model, prompt, 4, eos_token_id=[first]).numel() == 0
+    out = generate(model, prompt, 4, eos_token_id=[first], min_new_tokens=1)
+    assert out.numel() >= 1 and int(out[0]) != first

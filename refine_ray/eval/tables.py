@@ -3,7 +3,9 @@
 A result file is ``{"run_name": str, "<task>": score, ...}`` (scores 0-100); the task
 scores may instead sit under a ``"scores"`` object. LongBench tasks use their LongBench
 names; RULER / NIAH scores use ``<task>_<length>`` keys, e.g. ``ruler_squadqa_4096`` or
-``niah_multikey_8192``.
+``niah_multikey_8192``. RULER QA has two metrics: ``ruler_squadqa_4096`` (the REFINE
+reference's first-line rule, the paper's) and ``ruler_squadqa_string_match_part_4096``
+(RULER's official); both get columns, and the table says which is which.
 
     python -m refine_ray.eval.tables results/*.json --out table.md --plot plot.png
 """
@@ -131,6 +133,10 @@ def render(results: Sequence[Result], digits: int = 1) -> str:
     rt = ruler_table(results, digits)
     if rt:
         parts += ["", "## RULER by length", "", rt]
+        if "string_match_part" in rt or any(k.startswith("ruler_") for r in results for k in r.scores):
+            parts += ["", "RULER QA: `<task>` columns use the REFINE reference's first-line rule (the paper's "
+                      "tables); `<task>_string_match_part` columns use RULER's official metric over the whole "
+                      "response. See docs/evaluation.md."]
     return "\n".join(parts) + "\n"
 
 

@@ -108,8 +108,10 @@ def sample_continuations(model, state: ModelState, last_hidden: torch.Tensor, nu
 
 def generate(model, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int,
              temperature: float = 0.0, eos_token_id: Union[int, Sequence[int], None] = None,
-             top_p: float = 1.0, generator: Optional[torch.Generator] = None):
+             top_p: float = 1.0, generator: Optional[torch.Generator] = None, min_new_tokens: int = 0):
     """Generate for evaluation: greedy by default, O(1) per token, stops at EOS.
+
+    ``min_new_tokens``: the EOS ids are masked out for the first steps (HF's ``min_length``).
 
     ``prompt_ids``: a 1-D tensor, a [B,T] tensor or a list of 1-D tensors. Returns the new
     tokens (EOS excluded) as a 1-D tensor for a 1-D prompt, else a list of 1-D tensors.
@@ -128,6 +130,8 @@ def generate(model, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor]], max
             logits = model.lm_head(hidden)
             out_tokens, done = [], torch.zeros(len(rows), dtype=torch.bool, device=hidden.device)
             for step in range(max_new_tokens):
+                if step < min_new_tokens and eos:
+                    logits = logits.index_fill(-1, torch.tensor(sorted(eos), device=logits.device), float("-inf"))
                 tok, _ = _pick(logits, temperature, top_p, generator)
                 out_tokens.append(tok)
                 if eos:
