@@ -48,7 +48,21 @@ def _add_export(sub) -> None:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
+def _unwritable(path: str, is_dir: bool) -> bool:
+    """``--out`` cannot be written (checked before any work): print the one line and say so."""
+    from refine_ray.preflight import PreflightError, check_writable
+
+    try:
+        check_writable(path, "--out", is_dir)
+    except PreflightError as e:
+        print(f"refine-ray: {e}", file=sys.stderr)
+        return True
+    return False
+
+
 def _eval(args) -> int:
+    if args.out and _unwritable(args.out, is_dir=False):
+        return 2
     from pathlib import Path
 
     from refine_ray.data import DataError
@@ -84,6 +98,8 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    if _unwritable(args.out, is_dir=True):
+        return 2
     from refine_ray.data import DataError
     from refine_ray.export import ExportError, export_model
 

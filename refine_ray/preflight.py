@@ -7,26 +7,39 @@ job with one line naming the key or file and what was expected, instead of a
 ``RayTaskError`` traceback from inside an actor (and before the output
 directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest first:
 
+  * the output directory can be written (:func:`check_writable`: probed with a
+    temporary file, so read-only filesystems, ``/proc``, ``/sys`` and a file where a
+    parent directory should be are caught also as root);
+  * the layout's CPUs/GPUs fit the declared local cluster
+    (:func:`refine_ray.placement.check_resources`);
   * the output directory: not an existing file; a resume pointer
     (``checkpoints/latest``) that names a complete, loadable checkpoint;
   * ``data.max_length`` leaves room for ``refine.n_chunks`` cuts of
     ``refine.response_length`` tokens after ``refine.min_prefix``;
   * the tokenizer loads;
   * the model: ``model.path`` holds a ``config.json`` with a supported
-    ``model_type``, weights, and a vocabulary that covers the tokenizer; a random
-    ``model.type`` has its classes importable and its config builds;
+    ``model_type``, weights, and a vocabulary that covers the tokenizer; its
+    safetensors files are complete and hold the shapes its config builds
+    (:func:`check_weights`); a random ``model.type`` has its classes importable
+    and its config builds;
   * the corpus: readable, the text column present, every value text, not all
-    empty, post-training answers (``data.answer_column``) usable, and at least
-    one document long enough (the rule of the driver's
-    :class:`~refine_ray.data.DataCursor`).
+    empty, post-training answers (``data.answer_column``) usable and non-empty
+    after tokenisation, and at least one document long enough (the rule of the
+    driver's :class:`~refine_ray.data.DataCursor`).
 
-Only the model's ``config.json`` is read (weights are not loaded), and lengths are
-computed with one batched tokeniser call, so the check costs seconds for corpora
-of thousands of documents.
+An answer that tokenises to nothing is an error, not a skipped row: like an empty
+answer list it is a broken label (the task SFT would train on no target), while a
+short document is ordinary data that the cursor skips and counts.
+
+Weights are not loaded: only safetensors headers are read and the model is built
+on the meta device; lengths are computed with one batched tokeniser call, so the
+check costs seconds for corpora of thousands of documents.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +51,7 @@ from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_to
 from refine_ray.models import registry
 from refine_ray.scoring import min_document_tokens
 
-__all__ = ["PreflightError", "PreflightReport", "preflight"]
+__all__ = ["PreflightError", "PreflightReport", "check_writable", "preflight"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -93,6 +106,95 @@ def check_output(cfg: ExperimentConfig):
     return path
 
 
+def check_writable(path: str | Path, what: str, is_dir: bool = True) -> None:
+    """``path`` (a directory, or a file when ``is_dir`` is false) can be written here, without creating it.
+
+    Probes by creating and removing a temporary file in the directory the writes
+    land in: ``path`` itself when it is an existing directory, else its nearest
+    existing ancestor. A probe rather than ``os.access`` because permission bits do
+    not stop root, while read-only or pseudo filesystems (``/proc``, ``/sys``) do.
+
+    Raises:
+        PreflightError: one line naming ``what`` (the key or flag) and the path.
+    """
+    p = Path(path)
+    name = f"{what} '{p}'" if what.startswith("-") else f"{what}: '{p}'"    # a flag, or a config key
+    if p.exists() and is_dir and not p.is_dir():
+        raise PreflightError(f"{name} exists and is not a directory")
+    if p.is_dir() and not is_dir:
+        raise PreflightError(f"{name} is a directory (expected a file path)")
+    where = p if p.is_dir() else p.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise PreflightError(f"{name} cannot be created: '{where}' is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix=".refine-ray-probe-"):
+            pass
+    except OSError as e:
+        raise PreflightError(f"{name} is not writable (creating a file in '{where}' failed: "
+                             f"{e.strerror or type(e).__name__})") from None
+    if p.is_file() and not os.access(p, os.W_OK):
+        raise PreflightError(f"{name} is not writable (the file is read-only)")
+
+
+def check_weights(d: Path, model_type: str) -> None:
+    """``model.path``'s safetensors files are complete and hold the shapes its ``config.json`` builds.
+
+    Reads only headers (``safetensors.safe_open``, which also refuses a file shorter
+    or longer than its header's data offsets say: truncated downloads) and builds the
+    model on the meta device for the expected shapes. Tensors the model lacks and
+    tied weights absent from the file are left to transformers (it warns); a
+    ``pytorch_model.bin`` is a pickle and is not opened here.
+
+    Raises:
+        ConfigError: ``model.path: '<file>' ...`` naming the file and the first wrong tensor.
+    """
+    from safetensors import safe_open
+
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"model.path: '{index}' is not a safetensors index ({_first_line(e)})") from None
+        for name in names:
+            if not (d / name).is_file():
+                raise ConfigError(f"model.path: '{index}' names '{name}', which does not exist")
+    elif (d / "model.safetensors").is_file():
+        names = ["model.safetensors"]
+    else:
+        return
+    config_cls, model_cls = registry._classes(model_type)
+    try:
+        import torch
+
+        with torch.device("meta"):      # shapes only: no memory, no initialisation cost
+            model = model_cls(config_cls.from_pretrained(str(d)))
+    except Exception as e:              # a config.json whose fields do not build the model
+        raise ConfigError(f"model.path: cannot build a {model_type} model from '{d / 'config.json'}' "
+                          f"({_first_line(e)})") from None
+    prefix = f"{model.base_model_prefix}."
+    expected = {k.removeprefix(prefix): list(v.shape) for k, v in model.state_dict().items()}
+    seen = 0
+    for name in names:
+        try:
+            with safe_open(str(d / name), "pt") as f:   # header only; weights stay on disk
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:   # SafetensorError: header too small, file not fully covered; OSError
+            raise ConfigError(f"model.path: '{d / name}' is not a complete safetensors file "
+                              f"({_first_line(e)})") from None
+        for key, shape in shapes.items():
+            want = expected.get(key.removeprefix(prefix))
+            seen += want is not None
+            if want is not None and want != shape:
+                raise ConfigError(f"model.path: '{d / name}': tensor '{key}' has shape {shape} but config.json "
+                                  f"builds {want} (weights and config.json are from different models)")
+    if not seen:
+        raise ConfigError(f"model.path: '{d}': none of its tensors is a parameter of the {model_type} model "
+                          f"that config.json builds")
+
+
 def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> None:
     m = cfg.model
     if m.path is None:
@@ -133,6 +235,7 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
     if model_vocab < vocab_size:
         raise ConfigError(f"model.path: '{d}' has vocab_size={model_vocab} but the tokenizer ({tokenizer_name}) "
                           f"has {vocab_size} tokens (tokenizer.path must match the model)")
+    check_weights(d, model_type)
 
 
 def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, int, np.ndarray]:
@@ -144,8 +247,13 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
         raise DataError(f"data.text_column: all {n} '{d.text_column}' values in '{d.path}' are empty "
                         f"(expected document text)")
     if d.answer_column is not None:       # post-training answers, checked as the scorer reads them
-        for i, answer in enumerate(corpus.answers):
-            first_answer(answer, d.answer_column, i)
+        firsts = [first_answer(answer, d.answer_column, i) for i, answer in enumerate(corpus.answers)]
+        ids = tokenizer(firsts, add_special_tokens=False, verbose=False)["input_ids"]
+        empty = [i for i, x in enumerate(ids) if not x]
+        if empty:
+            raise DataError(f"data.answer_column: row {empty[0]} of '{d.answer_column}' in '{d.path}' is "
+                            f"{firsts[empty[0]]!r:.40}, which tokenises to no tokens (expected a non-empty answer; "
+                            f"{len(empty)} of {n} rows)")
     lengths = corpus.lengths()
     usable = int((lengths >= min_tokens).sum())
     if usable == 0:
@@ -160,6 +268,10 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
 
 def preflight(cfg: ExperimentConfig) -> PreflightReport:
     """Open every input of a training job in this process; raise one-line errors, start nothing."""
+    from refine_ray.placement import check_resources
+
+    check_writable(cfg.train.output_dir, "train.output_dir")
+    check_resources(cfg)
     resume_from = check_output(cfg)
     need = min_document_tokens(cfg.refine)
     if cfg.data.max_length < need:
@@ -175,6 +287,8 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
 
         try:
             read_texts(replace(cfg.data, path=cfg.train.val_path, answer_column=None))
-        except DataError as e:
-            raise DataError(f"train.val_path: {e}") from None
+        except DataError as e:            # the message names the value itself, under the key that holds it
+            msg = str(e)
+            raise DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else
+                            f"train.val_path: {msg}") from None
     return PreflightReport(tokenizer, vocab, rows, usable, min_tokens, resume_from, lengths)

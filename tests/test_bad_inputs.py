@@ -18,6 +18,7 @@ tokenizer, parquet/jsonl files written with pandas/pyarrow, models saved with
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,53 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
     if name == "output_dir_is_a_file":
         (tmp / "runs" / "file").write_text("not a directory")
         return argv, [f"train.output_dir={tmp / 'runs' / 'file'}"]
+    if name.startswith("answer_"):                          # post-training answers whose first one has no tokens
+        answers = {"answer_empty_in_list": [["yes"], [""], ["no"]], "answer_whitespace": ["yes", "no", " \n\t "],
+                   "answer_control_chars": [["yes", "x"], ["\x00\u200b", "fine"], ["no"]]}[name]
+        path = _write_parquet(tmp / "c.parquet", prompt=[LONG_TEXT] * 3, answers=answers)
+        return argv, [f"data.path={path}", "data.answer_column=answers"]
+    if name == "num_cpus_below_layout":
+        return argv, ["system.num_cpus=1"]
+    if name == "num_gpus_below_layout":
+        return argv, ["system.num_gpus=1"]
+    if name.startswith("safetensors_") or name == "weights_shape_mismatch":
+        d = tmp / "model"
+        registry.build_model("delta_net", seed=0, vocab_size=vocab).save_pretrained(d)
+        weights = d / "model.safetensors"
+        if name == "safetensors_truncated":
+            weights.write_bytes(weights.read_bytes()[:-1000])
+        elif name == "safetensors_garbage":
+            weights.write_bytes(b"\x01\x02not a safetensors file")
+        elif name == "safetensors_index_names_missing_shard":
+            weights.rename(d / "model-00001-of-00002.safetensors")
+            (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+                "model.embeddings.weight": "model-00001-of-00002.safetensors",
+                "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+        else:                                               # config.json of a narrower model beside these weights
+            registry.build_model("delta_net", seed=0, vocab_size=vocab, hidden_size=32).config.save_pretrained(d)
+        return argv, [f"model.path={d}"]
+    if name in ("lr_nan", "lr_inf", "negative_max_retries", "negative_seed", "negative_min_length"):
+        return argv, [{"lr_nan": "optim.lr=nan", "lr_inf": "optim.lr=.inf", "negative_max_retries": "train.max_retries=-1",
+                       "negative_seed": "train.seed=-3", "negative_min_length": "data.min_length=-1"}[name]]
+    if name == "output_dir_under_proc":
+        return argv, ["train.output_dir=/proc/refine-ray-run"]
+    if name == "output_dir_under_sys":
+        return argv, ["train.output_dir=/sys/refine-ray-run"]
+    if name == "output_dir_parent_is_a_file":
+        (tmp / "runs" / "file").write_text("not a directory")
+        return argv, [f"train.output_dir={tmp / 'runs' / 'file' / 'sub' / 'run'}"]
+    if name == "glob_matches_nothing":
+        return argv, [f"data.path={tmp / 'shards' / '*.parquet'}"]
+    if name == "empty_data_path_list":
+        return argv, ["data.path=[]"]
+    if name == "data_path_list_of_numbers":
+        return argv, ["data.path=[1, 2]"]
+    if name == "val_path_missing":
+        return argv, [f"train.val_path={tmp / 'held_out.parquet'}"]
+    if name == "val_path_glob_matches_nothing":
+        return argv, [f"train.val_path={tmp / 'held_out' / '*.jsonl'}"]
+    if name == "val_path_missing_text_column":
+        return argv, [f"train.val_path={_write_parquet(tmp / 'v.parquet', body=[LONG_TEXT])}"]
     raise AssertionError(name)
 
 
@@ -202,6 +250,34 @@ TRAIN_CASES = {
                                   "checkpoint directory"],
     "corrupt_trainer_state": ["train.resume: checkpoint", "trainer.pt is unreadable"],
     "output_dir_is_a_file": ["train.output_dir:", "exists and is not a directory"],
+    "answer_empty_in_list": ["data.answer_column: row 1 of 'answers' in", "c.parquet", "is '', which tokenises to "
+                             "no tokens"],
+    "answer_whitespace": ["data.answer_column: row 2 of 'answers' in", "tokenises to no tokens"],
+    "answer_control_chars": ["data.answer_column: row 1 of 'answers' in", "tokenises to no tokens"],
+    "num_cpus_below_layout": ["system.num_cpus: the layout needs 2.5 CPUs (learner 2 x 0.5, scorer 1 x 0.5",
+                              "but system.num_cpus=1"],
+    "num_gpus_below_layout": ["system.num_gpus: the layout needs 2 GPUs", "but system.num_gpus=1"],
+    "safetensors_truncated": ["model.path:", "model.safetensors' is not a complete safetensors file",
+                              "not fully covered"],
+    "safetensors_garbage": ["model.path:", "model.safetensors' is not a complete safetensors file"],
+    "safetensors_index_names_missing_shard": ["model.path:", "model.safetensors.index.json' names "
+                                              "'model-00002-of-00002.safetensors', which does not exist"],
+    "weights_shape_mismatch": ["model.path:", "model.safetensors': tensor 'lm_head.weight' has shape",
+                               ", 64] but config.json builds", ", 32]"],
+    "lr_nan": ["config error: optim.lr: nan is not a finite number"],
+    "lr_inf": ["config error: optim.lr: inf is not a finite number"],
+    "negative_max_retries": ["config error: train.max_retries: -1 must be >= 0"],
+    "negative_seed": ["config error: train.seed: -3 must be >= 0"],
+    "negative_min_length": ["config error: data.min_length: -1 must be >= 0"],
+    "output_dir_under_proc": ["train.output_dir: '/proc/refine-ray-run' is not writable", "in '/proc'"],
+    "output_dir_under_sys": ["train.output_dir: '/sys/refine-ray-run' is not writable", "in '/sys'"],
+    "output_dir_parent_is_a_file": ["train.output_dir:", "sub/run' cannot be created:", "runs/file' is a file"],
+    "glob_matches_nothing": ["data.path:", "shards/*.parquet' matches no files"],
+    "empty_data_path_list": ["data.path: an empty list"],
+    "data_path_list_of_numbers": ["config error: data.path: expected a string or a list of strings, got [1, 2]"],
+    "val_path_missing": ["train.val_path:", "held_out.parquet' does not exist"],
+    "val_path_glob_matches_nothing": ["train.val_path:", "held_out/*.jsonl' matches no files"],
+    "val_path_missing_text_column": ["train.val_path: data.text_column: 'prompt' not in", "columns: body"],
 }
 
 
@@ -222,6 +298,7 @@ def test_train_bad_input_is_one_line_and_touches_nothing(case, run, vocab, capsy
     if not argv:
         argv = ["--config", CONFIG]
     runs_before = _snapshot(tmp / "runs")
+    names_before = sorted(p.name for p in (tmp / "runs").iterdir())
     capsys.readouterr()                                     # set-up output (save_pretrained's progress bar)
     code = main(["train", *argv, *SMALL, f"data.path={corpus}", f"train.output_dir={out}", *overrides])
     err = _one_line_error(capsys)
@@ -229,9 +306,40 @@ def test_train_bad_input_is_one_line_and_touches_nothing(case, run, vocab, capsy
     for needle in TRAIN_CASES[case]:
         assert needle in err, (needle, err)
     assert _snapshot(tmp / "runs") == runs_before          # config.json, metrics, checkpoint: byte-identical
-    assert sorted(p.name for p in (tmp / "runs").iterdir()) == sorted(
-        ["r", "file"] if case == "output_dir_is_a_file" else ["r"])
+    assert sorted(p.name for p in (tmp / "runs").iterdir()) == names_before   # nothing created beside it
     assert not _ray_started()
+    assert not Path("/proc/refine-ray-run").exists() and not Path("/sys/refine-ray-run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits; the /proc and /sys "
+                                              "cases cover 'not writable' under root")
+def test_train_output_dir_without_write_permission(run, capsys):
+    tmp, out, corpus = run
+    locked = tmp / "locked"
+    locked.mkdir(mode=0o555)
+    code = main(["train", "--config", CONFIG, *SMALL, f"data.path={corpus}", f"train.output_dir={locked / 'r'}"])
+    err = _one_line_error(capsys)
+    assert code == 2 and "train.output_dir:" in err and "is not writable" in err, err
+    assert not (locked / "r").exists() and not _ray_started()
+
+
+def test_good_inputs_in_every_path_form_pass_preflight(run, tmp_path):
+    """Globs, lists and save_to_disk directories reach the same corpus as the one parquet file."""
+    import datasets
+
+    tmp, out, corpus = run
+    (tmp / "shards").mkdir()
+    for i in range(2):
+        _write_parquet(tmp / "shards" / f"part-{i}.parquet", prompt=[LONG_TEXT * (2 * i + j + 1) for j in range(2)])
+    datasets.Dataset.from_dict({"prompt": [LONG_TEXT * (i + 1) for i in range(4)]}).save_to_disk(tmp / "saved")
+    for path in (f"{tmp / 'shards'}/*.parquet", f"[{tmp / 'shards' / 'part-0.parquet'}, {tmp / 'shards'}/part-1*]",
+                 str(tmp / "saved")):
+        cfg = load_config(CONFIG, [*SMALL, f"data.path={path}", f"train.output_dir={out}",
+                                   f"train.val_path={path}"])
+        report = preflight(cfg)
+        assert report.rows == report.usable == 4, path
+        assert list(report.lengths) == list(preflight(load_config(CONFIG, [*SMALL, f"data.path={corpus}",
+                                                                           f"train.output_dir={out}"])).lengths)
 
 
 EVAL = ["--model", "tiny:delta_net", "--no-progress", "--max-prompt-tokens", "64", "--max-gen-tokens", "2",
@@ -314,3 +422,47 @@ def test_real_process_stderr_is_one_line(run):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "as json (JSON parse error" in proc.stderr
     assert _snapshot(tmp / "runs") == before
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("out_is_a_directory", ["--out '", "r.json' is a directory (expected a file path)"]),
+    ("out_parent_is_a_file", ["--out '", "cannot be created:", "res' is a file, not a directory"]),
+    ("out_under_proc", ["--out '/proc/refine-ray-eval/r.json' is not writable", "in '/proc'"]),
+    ("out_under_sys", ["--out '/sys/refine-ray-eval.json' is not writable", "in '/sys'"]),
+])
+def test_eval_unwritable_out_is_one_line_before_any_work(case, needles, tmp_path, capsys):
+    data = _write_parquet(tmp_path / "qasper_16384.parquet", prompt=["Question: what is two plus two?"],
+                          task=["qasper"], max_gen_tokens=[4], answers=[["4"]])
+    out = {"out_is_a_directory": tmp_path / "res" / "r.json", "out_parent_is_a_file": tmp_path / "res" / "r.json",
+           "out_under_proc": Path("/proc/refine-ray-eval/r.json"), "out_under_sys": Path("/sys/refine-ray-eval.json")}[case]
+    if case == "out_is_a_directory":
+        out.mkdir(parents=True)
+    elif case == "out_parent_is_a_file":
+        (tmp_path / "res").write_text("a file")
+    before = _snapshot(tmp_path)
+    assert main(["eval", *EVAL, "--data", data, "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert _snapshot(tmp_path) == before and not out.is_file()
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("out_under_a_file", ["--out '", "hf' cannot be created:", "exports' is a file, not a directory"]),
+    ("out_is_a_file", ["--out '", "hf' exists and is not a directory"]),
+    ("out_under_proc", ["--out '/proc/refine-ray-export' is not writable", "in '/proc'"]),
+    ("out_under_sys", ["--out '/sys/refine-ray-export/hf' is not writable", "in '/sys'"]),
+])
+def test_export_unwritable_out_is_one_line(case, needles, tmp_path, capsys):
+    out = {"out_under_a_file": tmp_path / "exports" / "hf", "out_is_a_file": tmp_path / "hf",
+           "out_under_proc": Path("/proc/refine-ray-export"), "out_under_sys": Path("/sys/refine-ray-export/hf")}[case]
+    if case == "out_under_a_file":
+        (tmp_path / "exports").write_text("a file")
+    elif case == "out_is_a_file":
+        out.write_text("a file")
+    before, names = _snapshot(tmp_path), sorted(p.name for p in tmp_path.iterdir())
+    assert main(["export", "--from", "tiny:delta_net", "--out", str(out), "--overwrite"]) == 2
+    err = _one_line_error(capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == names
