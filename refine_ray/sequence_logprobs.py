@@ -15,6 +15,11 @@ Both return identical losses and gradients up to float rounding (tested).
 The log-prob of continuation token i is read from the position whose input is
 the token before it: the trunk's position c-1 for the first token, the branch's
 position i-1 for the others.
+
+ZeRO-3: every call of a partitioned module is a collective, so every rank must make
+the same module calls whatever its data. Here the number of calls depends only on
+n and G (distinct cuts give n+1 trunk segments), except the NTP loss's LM-head
+chunks: callers pass ``ntp_head_calls``, the most any rank needs (see the learner).
 """
 from __future__ import annotations
 
@@ -36,29 +41,34 @@ class DocumentLogprobs:
 
 def document_logprobs(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch.Tensor,
                       samples_per_prefix: int, temperature: float = 1.0, shared: bool = True,
-                      with_ntp: bool = True) -> DocumentLogprobs:
-    """``ids [L]``, ``cuts [n]``, ``responses [n*G, k]`` (row = cut*G + sample)."""
+                      with_ntp: bool = True, ntp_head_calls: int = 0) -> DocumentLogprobs:
+    """``ids [L]``, ``cuts [n]``, ``responses [n*G, k]`` (row = cut*G + sample).
+
+    ``ntp_head_calls``: the NTP loss calls the LM head at least this many times (ZeRO-3)."""
+    ntp = ntp_head_calls if with_ntp else None
     if shared:
-        return _shared(model, ids, cuts, responses, samples_per_prefix, temperature, with_ntp)
-    return _reencode(model, ids, cuts, responses, samples_per_prefix, temperature, with_ntp)
+        return _shared(model, ids, cuts, responses, samples_per_prefix, temperature, ntp)
+    return _reencode(model, ids, cuts, responses, samples_per_prefix, temperature, ntp)
 
 
 def _head(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(hidden)
 
 
-def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
+                      head_calls: int = 0) -> torch.Tensor:
     """Mean next-token CE over document ``ids [L]``; ``hidden [L, D]`` if a pass already made it.
 
     The head module is called, not its weight read: under ZeRO-3 only a module call sees
-    the gathered weight. Logits are built in chunks (never [L, V] at once).
+    the gathered weight. Logits are built in chunks of 1024 positions (never [L, V] at
+    once), in at least ``head_calls`` head calls (the extra ones empty).
     """
     if hidden is None:
         hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
-    return ntp_loss_from_hidden(hidden[None], model.lm_head, ids[None])
+    return ntp_loss_from_hidden(hidden[None], model.lm_head, ids[None], min_calls=head_calls)
 
 
-def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:
+def _shared(model, ids, cuts, responses, G, temperature, ntp_calls) -> DocumentLogprobs:
     k = responses.shape[1]
     if one_pass(model):
         # Trunk: one call that also returns the (differentiable) state at every cut; all n·G
@@ -81,7 +91,7 @@ def _shared(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLo
         else:
             logits = first
         logps.append(logprobs_from_logits(logits, rows, temperature))
-    ntp = document_ntp_loss(model, ids, hidden) if with_ntp else None
+    ntp = None if ntp_calls is None else document_ntp_loss(model, ids, hidden, ntp_calls)
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
 
 
@@ -100,7 +110,7 @@ def _trunk_split_at_cuts(model, ids, cuts) -> tuple[torch.Tensor, dict[int, Mode
     return torch.cat(hidden_parts, 0), states
 
 
-def _reencode(model, ids, cuts, responses, G, temperature, with_ntp) -> DocumentLogprobs:
+def _reencode(model, ids, cuts, responses, G, temperature, ntp_calls) -> DocumentLogprobs:
     k = responses.shape[1]
     logps = []
     for j, c in enumerate(cuts.tolist()):
@@ -109,7 +119,7 @@ def _reencode(model, ids, cuts, responses, G, temperature, with_ntp) -> Document
         out = model.forward_segment(seq, None, return_logits=False)
         logits = _head(model, out.hidden[:, c - 1:c + k - 1])
         logps.append(logprobs_from_logits(logits, rows, temperature))
-    ntp = document_ntp_loss(model, ids) if with_ntp else None
+    ntp = None if ntp_calls is None else document_ntp_loss(model, ids, None, ntp_calls)
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
 
 
@@ -117,11 +127,14 @@ def answer_nll(model, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tenso
     """Mean cross-entropy of ``answer [A]`` given ``prompt [L]``: answer tokens only in the loss.
 
     The prompt runs as one segment without logits; the answer continues from its
-    state, so no [L, V] logits are built for the prompt.
+    state, so no [L, V] logits are built for the prompt. The branch runs over the whole
+    answer (its last logits unused) so that the module calls never depend on the
+    answer's length, as ZeRO-3 needs. Raises ValueError for an empty answer.
     """
+    if answer.shape[0] == 0:
+        raise ValueError("answer_nll: the answer has no tokens")
     out = model.forward_segment(prompt[None], None, return_logits=False)
-    logits = _head(model, out.hidden[:, -1:])                             # predicts answer[0]
-    if answer.shape[0] > 1:
-        branch = model.forward_segment(answer[None, :-1], out.state, return_logits=True)
-        logits = torch.cat([logits, branch.logits], 1)
+    first = _head(model, out.hidden[:, -1:])                              # predicts answer[0]
+    branch = model.forward_segment(answer[None], out.state, return_logits=True)
+    logits = torch.cat([first, branch.logits[:, :-1]], 1)                 # [1, A, V]
     return torch.nn.functional.cross_entropy(logits[0].float(), answer.long())

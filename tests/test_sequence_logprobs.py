@@ -74,3 +74,51 @@ def test_answer_nll_counts_answer_tokens_only():
     logits = model(torch.cat([prompt, answer])[None]).logits[0]
     expected = torch.nn.functional.cross_entropy(logits[24:30], answer)   # positions predicting the answer
     torch.testing.assert_close(answer_nll(model, prompt, answer), expected, rtol=1e-5, atol=1e-6)
+
+
+def _module_calls(model, fn) -> list[str]:
+    """Names of the parameter-holding modules called (forward and backward recomputes) by fn()."""
+    calls: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+             for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    try:
+        fn().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def test_module_calls_do_not_depend_on_lengths():
+    """ZeRO-3 gathers a module's weights at every call, so ranks with documents of 1100 and
+    505 tokens (NTP head chunks agreed at the max) or answers of 1 and 5 tokens must call
+    the same modules in the same order."""
+    from refine_ray.algo import head_calls
+    from refine_ray.sequence_logprobs import answer_nll
+
+    model = build_model("delta_net", seed=4, vocab_size=50)
+    gen = torch.Generator().manual_seed(7)
+    docs = [torch.randint(0, 50, (n,), generator=gen) for n in (1100, 505)]
+    cuts, resp = torch.tensor([100, 300]), torch.randint(0, 50, (4, 3), generator=gen)
+    agreed = max(head_calls(len(d) - 1) for d in docs)
+    assert agreed == 2
+    traces = [_module_calls(model, lambda d=d: document_logprobs(model, d, cuts, resp, 2, ntp_head_calls=agreed)
+                            .ntp_loss) for d in docs]
+    assert traces[0] == traces[1] and traces[0].count("lm_head") > 2
+    # the padded calls change nothing: same NTP loss as without them
+    torch.testing.assert_close(document_logprobs(model, docs[1], cuts, resp, 2, ntp_head_calls=agreed).ntp_loss,
+                               document_logprobs(model, docs[1], cuts, resp, 2).ntp_loss)
+    prompt = torch.randint(0, 50, (30,), generator=gen)
+    answers = [torch.randint(0, 50, (n,), generator=gen) for n in (1, 5)]
+    traces = [_module_calls(model, lambda a=a: answer_nll(model, prompt, a)) for a in answers]
+    assert traces[0] == traces[1]
+
+
+def test_answer_nll_of_one_token():
+    from refine_ray.sequence_logprobs import answer_nll
+
+    model = build_model("delta_net", seed=2, vocab_size=60)
+    prompt, answer = torch.randint(0, 60, (25,)), torch.randint(0, 60, (1,))
+    logits = model(torch.cat([prompt, answer])[None]).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[24:25], answer)
+    torch.testing.assert_close(answer_nll(model, prompt, answer), expected, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from refine_ray.algo.entropy import token_entropy, token_entropy_from_hidden
 from refine_ray.algo.losses import (
     AGG_MODES,
     agg_loss,
+    head_calls,
     kl_penalty,
     logprobs_from_logits,
     ntp_loss,
@@ -40,7 +41,7 @@ __all__ = [
     "AGG_MODES", "CUT_STRATEGIES", "REWARD_KINDS", "CutPlan", "DocumentTooShort",
     "agg_loss", "broadcast_advantages", "canonical_reward_kind", "compute_reward",
     "cosine_reward", "cut_range", "exact_match_reward", "gather_targets",
-    "grpo_advantages", "hybrid_reward", "kl_penalty", "logprobs_from_logits",
+    "grpo_advantages", "head_calls", "hybrid_reward", "kl_penalty", "logprobs_from_logits",
     "make_group_ids", "ntp_loss", "ntp_loss_from_hidden", "place_at_last_token",
     "plan_cuts", "ppo_clip_loss", "refine_loss", "response_mask_from_eos",
     "sample_cuts", "smooth_entropy", "token_entropy", "token_entropy_from_hidden",

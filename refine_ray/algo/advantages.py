@@ -76,9 +76,11 @@ def grpo_advantages(
 
 def broadcast_advantages(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None,
                          k: Optional[int] = None) -> torch.Tensor:
-    """``[N] -> [N, k]``: the sequence advantage on every response token (times ``mask``)."""
+    """``[N] -> [N, k]``: the sequence advantage on every response token (times ``mask``;
+    exactly 0 under a zero mask, even for a non-finite advantage)."""
     if mask is None:
         if k is None:
             raise ValueError("give mask or k")
         return advantages[:, None].expand(-1, k).clone()
-    return advantages[:, None] * mask.to(advantages.dtype)
+    adv = advantages[:, None] * mask.to(advantages.dtype)
+    return torch.where(mask != 0, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))

@@ -23,7 +23,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """Entropy (nats) of ``softmax(logits / temperature)`` over the last dim.
 
     ``logits [..., V] -> [...]`` float32. Uses ``H = logsumexp(z) - sum(p * z)``,
-    which is finite even where some probabilities underflow to 0.
+    which is finite even where some probabilities underflow to 0; tokens masked out
+    with a -inf logit (p = 0) are left out of the sum rather than multiplied (0 * -inf = NaN).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -32,7 +33,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
         z = z / temperature
     logz = torch.logsumexp(z, dim=-1)
     p = torch.softmax(z, dim=-1)
-    return logz - (p * z).sum(dim=-1)
+    return logz - torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype, device=z.device)).sum(dim=-1)
 
 
 @torch.no_grad()

@@ -1,6 +1,9 @@
 """Losses: PPO-clip (verl semantics), NTP cross-entropy (plain and chunked), KL, total.
 
 All reductions are computed in float32. Empty masks give a loss of 0, never NaN.
+Masks select (``torch.where``), never multiply: a position under a zero mask may hold
+-inf or NaN (e.g. the log-prob of a padded token) and must neither reach the loss
+(0 * inf = NaN) nor its gradients.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ __all__ = [
     "ppo_clip_loss",
     "ntp_loss",
     "ntp_loss_from_hidden",
+    "head_calls",
     "kl_penalty",
     "refine_loss",
 ]
@@ -41,8 +45,13 @@ def logprobs_from_logits(
     return picked - torch.logsumexp(z, dim=-1)
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask`` where the mask is non-zero, exactly 0 elsewhere (whatever x holds there)."""
+    return torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return _masked(x, mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def agg_loss(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
@@ -59,11 +68,11 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") 
         return _masked_mean(v, m)
     if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         tok = m.sum(dim=-1)
-        row = (v * m).sum(dim=-1)
+        row = _masked(v, m).sum(dim=-1)
         if agg == "seq-mean-token-mean":
             row = row / tok.clamp(min=1.0)
         has = (tok > 0).float()
-        return (row * has).sum() / has.sum().clamp(min=1.0)
+        return _masked(row, has).sum() / has.sum().clamp(min=1.0)
     raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {AGG_MODES}")
 
 
@@ -91,9 +100,10 @@ def ppo_clip_loss(
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
-    adv = advantages.float()
     m = mask.to(torch.float32)
-    neg_kl = torch.clamp(logp.float() - old_logp.float(), -20.0, 20.0)
+    # Masked positions are zeroed before any arithmetic, so their -inf/NaN never reach a gradient.
+    adv, logp, old_logp = (_masked(t.float(), m != 0) for t in (advantages, logp, old_logp))
+    neg_kl = torch.clamp(logp - old_logp, -20.0, 20.0)
     ratio = torch.exp(neg_kl)
     l1 = -adv * ratio
     l2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -131,12 +141,9 @@ def ntp_loss(logits: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tenso
     if mask is None:
         mask = torch.ones_like(ids)
     valid = _ntp_valid(mask)
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        ids[:, 1:].reshape(-1).long(),
-        reduction="none",
-    ).view_as(valid)
-    return (ce * valid).sum() / valid.sum().clamp(min=1)
+    # Only counted positions are picked: pads' logits (even -inf/NaN) get no gradient.
+    ce = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid].long(), reduction="sum")
+    return ce / valid.sum().clamp(min=1)
 
 
 def _ce_sum(h: torch.Tensor, w, b: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -151,6 +158,7 @@ def ntp_loss_from_hidden(
     mask: Optional[torch.Tensor] = None,
     chunk_size: int = 1024,
     lm_head_bias: Optional[torch.Tensor] = None,
+    min_calls: int = 0,
 ) -> torch.Tensor:
     """:func:`ntp_loss` of ``hidden @ lm_head_weight.T`` without materialising ``[T, V]``.
 
@@ -160,6 +168,10 @@ def ntp_loss_from_hidden(
     chunk's logits are recomputed in backward (activation checkpointing), so peak
     extra memory is ``[chunk_size, V]``. Same loss and gradients (w.r.t. hidden and
     the LM head) as the plain version, up to float rounding.
+
+    ``min_calls``: project at least this many chunks, the extra ones empty. Under ZeRO-3
+    every head call is a collective gather, so ranks agree on the most chunks any of them
+    needs (:func:`head_calls`) and all make that many calls, whatever their lengths.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -170,16 +182,19 @@ def ntp_loss_from_hidden(
     y = ids[:, 1:][valid].long()
     n = h.shape[0]
     weight = lm_head_weight.weight if isinstance(lm_head_weight, torch.nn.Module) else lm_head_weight
-    if n == 0:
-        return (hidden.sum() * 0.0).float()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, chunk_size):
-        hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]
+    total = hidden[:0].sum().float()   # 0, in the graph of hidden even when nothing is counted
+    for c in range(max(head_calls(n, chunk_size), min_calls)):
+        hc, yc = h[c * chunk_size : (c + 1) * chunk_size], y[c * chunk_size : (c + 1) * chunk_size]
         if torch.is_grad_enabled() and (hc.requires_grad or weight.requires_grad):
             total = total + checkpoint(_ce_sum, hc, lm_head_weight, lm_head_bias, yc, use_reentrant=False)
         else:
             total = total + _ce_sum(hc, lm_head_weight, lm_head_bias, yc)
-    return total / n
+    return total / max(n, 1)
+
+
+def head_calls(targets: int, chunk_size: int = 1024) -> int:
+    """LM-head calls :func:`ntp_loss_from_hidden` makes for ``targets`` counted positions."""
+    return -(-targets // chunk_size)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:

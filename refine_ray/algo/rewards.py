@@ -54,8 +54,8 @@ def _check_mask(mask: Optional[torch.Tensor], shape: torch.Size) -> Optional[tor
 
 def _mean_over_k(per_pos: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     m = _check_mask(mask, per_pos.shape)
-    if m is not None:
-        per_pos = per_pos * m
+    if m is not None:   # select, not multiply: a missing position may hold NaN (0 * NaN = NaN)
+        per_pos = torch.where(m != 0, per_pos * m, torch.zeros((), dtype=per_pos.dtype, device=per_pos.device))
     return per_pos.sum(dim=-1) / per_pos.shape[-1]
 
 

@@ -85,3 +85,9 @@ def test_broadcast_advantages():
     a = torch.tensor([2.0, -1.0])
     assert broadcast_advantages(a, k=2).tolist() == [[2.0, 2.0], [-1.0, -1.0]]
     assert broadcast_advantages(a, torch.tensor([[1, 0], [1, 1]])).tolist() == [[2.0, 0.0], [-1.0, -1.0]]
+
+
+def test_broadcast_advantages_zero_under_mask_even_if_not_finite():
+    adv = torch.tensor([2.0, float("nan"), float("inf")])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 0, 0]])
+    assert broadcast_advantages(adv, mask).tolist() == [[2.0, 2.0, 0.0], [0.0] * 3, [0.0] * 3]

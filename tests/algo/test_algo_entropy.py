@@ -60,3 +60,11 @@ def test_no_grad_and_dtype():
     assert not out.requires_grad and out.dtype == torch.float32
     with pytest.raises(ValueError):
         token_entropy_from_hidden(torch.randn(3, 5), torch.randn(6, 4))
+
+
+def test_masked_vocabulary_with_minus_inf_logits():
+    """Tokens filtered out with a -inf logit (p = 0) drop out of the sum instead of 0 * -inf = NaN."""
+    z = torch.tensor([[0.0, LN3, -math.inf, -math.inf], [-math.inf, 0.0, 0.0, -math.inf]])
+    h = token_entropy(z)
+    assert torch.isfinite(h).all()
+    assert h.tolist() == pytest.approx([H_QUARTER, math.log(2)], abs=1e-6)

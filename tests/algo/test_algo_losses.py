@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from refine_ray.algo import (
+    AGG_MODES,
     agg_loss,
+    head_calls,
     kl_penalty,
     logprobs_from_logits,
     ntp_loss,
@@ -170,3 +172,84 @@ def test_refine_loss():
     assert refine_loss(ntp, pg, c_ntp=0.0, c_pg=1.0).item() == pytest.approx(0.5)
     with pytest.raises(ValueError):
         refine_loss(ntp, pg, c_kl=0.1)
+
+
+# Masks select, never multiply: a masked position may hold -inf (the log-prob of a padded
+# token) or NaN, and 0 * inf = NaN would poison the whole mean and every gradient.
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+
+
+def _poisoned(x: torch.Tensor, bad: float) -> torch.Tensor:
+    """A leaf copy of ``x`` with ``bad`` under the zero mask."""
+    return torch.where(MASK.bool(), x, torch.full_like(x, bad)).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+def test_ppo_and_kl_ignore_nonfinite_values_under_the_mask(agg, bad):
+    g = torch.Generator().manual_seed(0)
+    logp, old = -torch.rand(3, 4, generator=g) * 3, -torch.rand(3, 4, generator=g) * 3
+    adv = torch.randn(3, generator=g)
+    clean, dirty = logp.clone().requires_grad_(), _poisoned(logp, bad)
+    want, want_m = ppo_clip_loss(clean, old, adv, MASK, agg=agg)
+    got, got_m = ppo_clip_loss(dirty, _poisoned(old, bad).detach(), adv, MASK, agg=agg)
+    want.backward()
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(dirty.grad).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(dirty.grad, clean.grad)
+    assert dirty.grad[~MASK.bool()].abs().sum() == 0
+    for name in want_m:
+        torch.testing.assert_close(got_m[name], want_m[name], msg=name)
+    if agg == "token-mean":   # = the loss of the valid positions alone
+        valid = MASK.bool()
+        alone, _ = ppo_clip_loss(logp[valid][None], old[valid][None],
+                                 adv[:, None].expand(3, 4)[valid][None], torch.ones(1, int(valid.sum())))
+        torch.testing.assert_close(got, alone)
+    # KL to a reference, reduced with the same mask
+    ref = -torch.rand(3, 4, generator=g)
+    kl_dirty = _poisoned(logp, bad)
+    kl = agg_loss(kl_penalty(kl_dirty, ref, "low_var_kl"), MASK, agg)
+    kl.backward()
+    torch.testing.assert_close(kl, agg_loss(kl_penalty(logp, ref, "low_var_kl"), MASK, agg))
+    assert torch.isfinite(kl_dirty.grad).all()
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.nan])
+def test_ntp_loss_ignores_nonfinite_logits_at_pads(bad):
+    g = torch.Generator().manual_seed(1)
+    logits, ids = torch.randn(1, 6, 7, generator=g), torch.randint(0, 7, (1, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    dirty = logits.clone()
+    dirty[:, 4:] = bad
+    dirty.requires_grad_()
+    loss = ntp_loss(dirty, ids, mask)
+    loss.backward()
+    torch.testing.assert_close(loss, ntp_loss(logits[:, :4], ids[:, :4]))
+    assert torch.isfinite(dirty.grad).all() and dirty.grad[:, 3:].abs().sum() == 0
+
+
+def test_ntp_chunked_min_calls_pads_with_empty_head_calls():
+    """``min_calls`` (ZeRO-3: ranks agree on the most head calls any needs) adds empty calls
+    of the head module only: same loss and gradients."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 11, (1, 9), generator=g)
+    head = torch.nn.Linear(4, 11)
+    calls = []
+    head.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+
+    def run(min_calls):
+        calls.clear()
+        head.zero_grad()
+        h = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        loss = ntp_loss_from_hidden(h, head, ids, chunk_size=5, min_calls=min_calls)
+        loss.backward()
+        return loss.detach(), h.grad, head.weight.grad.clone(), list(calls)
+
+    base, padded = run(0), run(4)
+    for a, b in zip(base[:3], padded[:3]):
+        torch.testing.assert_close(b, a)
+    assert head_calls(8, 5) == 2
+    # forward, then the recompute in backward (checkpointing, last chunk first)
+    assert base[3] == [(5, 4), (3, 4), (3, 4), (5, 4)]
+    assert padded[3] == [(5, 4), (3, 4), (0, 4), (0, 4), (0, 4), (0, 4), (3, 4), (5, 4)]

@@ -80,3 +80,16 @@ def test_place_at_last_token():
     assert out.tolist() == [[0.0, 0.0, 0.5], [0.0, 0.0, -1.0]]
     masked = place_at_last_token(torch.tensor([0.5, -1.0, 2.0]), 3, torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]]))
     assert masked.tolist() == [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 2.0]]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_missing_positions_holding_nonfinite_values_score_zero(bad):
+    """A position after eos is masked out: whatever its hidden state holds, it scores 0."""
+    mask = torch.tensor([[1, 0], [1, 1]])
+    dirty = RESP_H.clone()
+    dirty[0, 1] = bad
+    want = cosine_reward(RESP_H, GT_H, mask)
+    got = cosine_reward(dirty, GT_H, mask)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+    assert got[0].item() == pytest.approx(0.5)     # cos 1 at the kept position, mean over k = 2
