@@ -285,8 +285,8 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     if cfg.train.val_path:                # held-out documents: same column rules, errors name train.val_path
         from dataclasses import replace
 
-        try:
-            read_texts(replace(cfg.data, path=cfg.train.val_path, answer_column=None))
+        try:   # read as the driver reads them: its validation Corpus keeps data.answer_column
+            read_texts(replace(cfg.data, path=cfg.train.val_path))
         except DataError as e:            # the message names the value itself, under the key that holds it
             msg = str(e)
             raise DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else
