@@ -184,6 +184,10 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
             weights.write_bytes(weights.read_bytes()[:-1000])
         elif name == "safetensors_garbage":
             weights.write_bytes(b"\x01\x02not a safetensors file")
+        elif name == "safetensors_foreign_tensors":       # a file of some other network's tensors
+            from safetensors.torch import save_file
+
+            save_file({"encoder.block.0.weight": torch.zeros(4, 4)}, str(weights))
         elif name == "safetensors_index_names_missing_shard":
             weights.rename(d / "model-00001-of-00002.safetensors")
             (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
@@ -264,6 +268,7 @@ TRAIN_CASES = {
     "safetensors_truncated": ["model.path:", "model.safetensors' is not a complete safetensors file",
                               "not fully covered"],
     "safetensors_garbage": ["model.path:", "model.safetensors' is not a complete safetensors file"],
+    "safetensors_foreign_tensors": ["model.path:", "none of its tensors is a parameter of the delta_net model"],
     "safetensors_index_names_missing_shard": ["model.path:", "model.safetensors.index.json' names "
                                               "'model-00002-of-00002.safetensors', which does not exist"],
     "weights_shape_mismatch": ["model.path:", "model.safetensors': tensor 'lm_head.weight' has shape",
