@@ -119,11 +119,12 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
     Counts every bundle Ray will be asked for (learner ranks and each enabled
     role's actors x their CPU/GPU share, colocated or disaggregated). Skipped for
-    an existing cluster (``system.ray_address`` or ``RAY_ADDRESS``) and for
-    auto-detected resources, which :class:`Placement` checks once Ray is up.
+    an existing cluster (``system.ray_address``, ``RAY_ADDRESS`` or Ray already
+    initialised in this process) and for auto-detected resources, which
+    :class:`Placement` checks once Ray is up.
     Raises ConfigError naming the key.
     """
-    if cfg.system.ray_address or os.environ.get("RAY_ADDRESS"):
+    if cfg.system.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         return
     _check_fits(cfg, {"CPU": cfg.system.num_cpus, "GPU": cfg.system.num_gpus},
                 {"CPU": ("system.num_cpus", "system.num_cpus="), "GPU": ("system.num_gpus", "system.num_gpus=")})
