@@ -129,9 +129,10 @@ class LearnerConfig:
     zero_stage: int = 1
     gpus_per_rank: float = 1.0
     cpus_per_rank: float = 0.5
+    collective_timeout_s: float = 600.0   # a learner collective waiting longer fails the job (no silent hang)
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "num_ranks")
+        _positive(self, key, "num_ranks", "collective_timeout_s")
         if self.gpus_per_rank < 0 or self.cpus_per_rank < 0:
             raise ConfigError(f"{key}: gpus_per_rank and cpus_per_rank must be >= 0")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -156,19 +156,40 @@ class RefineTrainer:
         world = self.cfg.learner.num_ranks
         ranks = [ray.remote(LearnerRankRole).options(**self.placement.options("learner", r)).remote(self.cfg, r, world)
                  for r in range(world)]
-        addr, port = ray.get(ranks[0].address.remote())
+        # Every rank's process is up before any joins the group: the rendezvous waits at most
+        # learner.collective_timeout_s for the others.
+        addr, port = ray.get([r.address.remote() for r in ranks])[0]
         ray.get([r.init.remote(addr, port, vocab_size) for r in ranks])
         return ranks
 
     def _learner_call(self, method: str, *args) -> list:
+        """``method`` on every rank; a rank that dies or raises stops the job with one line
+        naming the first rank to fail (the others usually fail waiting on it)."""
+        from ray.exceptions import RayTaskError
+
+        refs = [getattr(r, method).remote(*args) for r in self.learners]
+        pending = list(refs)
         try:
-            return ray.get([getattr(r, method).remote(*args) for r in self.learners])
-        except RayActorError as e:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done[0])
+            return ray.get(refs)
+        except (RayActorError, RayTaskError) as e:
             latest = ckpt.latest_checkpoint(self.cfg.train.output_dir)
             where = f"checkpoint '{latest}'" if latest else "the start (no checkpoint yet)"
-            raise LearnerFailure(f"a learner rank died during '{method}' at step {self.step_index} "
-                                 f"({type(e).__name__}); stopping. Run the same command again to resume "
-                                 f"from {where}.") from None
+            hint = f"stopping. Run the same command again to resume from {where}."
+            if isinstance(e, RayActorError):
+                raise LearnerFailure(f"a learner rank died during '{method}' at step {self.step_index} "
+                                     f"({type(e).__name__}); {hint}") from None
+            log.debug("learner rank failed during '%s': %s", method, e)
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            if "timed out" in first.lower() or "timeout" in type(cause).__name__.lower():
+                hint = (f"a collective waited longer than learner.collective_timeout_s="
+                        f"{self.cfg.learner.collective_timeout_s:g} s (ranks made different collective "
+                        f"calls, or one rank was that much slower); {hint}")
+            raise LearnerFailure(f"learner rank {refs.index(done[0])} failed during '{method}' at step "
+                                 f"{self.step_index}: {type(cause).__name__}: {first}; {hint}") from None
 
     def publish(self, wait: bool) -> float:
         receivers = self.pools["scorer"].actors + self.pools["rollout"].actors

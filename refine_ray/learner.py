@@ -5,18 +5,26 @@ ranks). Every document is one DeepSpeed micro-batch, so gradient accumulation
 over a rank's documents is DeepSpeed's own and ZeRO 0-3 work unchanged. Per
 document the loss is ``c_ntp * NTP + c_pg * PPO(token-mean over its n·G·k
 tokens) + c_kl * KL``.
+
+ZeRO-3 gathers a partitioned module's weights with a collective at every call, so all
+ranks must make the same module calls in the same order whatever their documents
+(DeepSpeed's own requirement; a mismatch hangs or aborts gloo/NCCL). Where the calls
+depend on the data, ranks agree on the most any of them needs (one all_reduce) and
+pad: extra empty LM-head chunks for the NTP loss, dummy documents in validation. A
+collective that still waits longer than ``learner.collective_timeout_s`` raises.
 """
 from __future__ import annotations
 
 import os
 import time
 from collections import defaultdict
+from datetime import timedelta
 from typing import Optional
 
 import numpy as np
 import torch
 
-from refine_ray.algo import kl_penalty, ppo_clip_loss, refine_loss
+from refine_ray.algo import agg_loss, head_calls, kl_penalty, ppo_clip_loss, refine_loss
 from refine_ray.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.policy import build_policy
@@ -50,7 +58,8 @@ class RefineLearner:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                                   timeout=timedelta(seconds=cfg.learner.collective_timeout_s))
         model = build_policy(cfg.model, vocab_size)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -72,6 +81,21 @@ class RefineLearner:
     def module(self):
         return self.engine.module
 
+    def _max_over_ranks(self, counts: list[int]) -> list[int]:
+        """Element-wise max of ``counts`` over the ranks under ZeRO-3 (one all_reduce; every
+        rank must pass a list of the same length); ``counts`` itself otherwise."""
+        if self.cfg.learner.zero_stage != 3 or self.world == 1:
+            return counts
+        import torch.distributed as dist
+
+        t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def _ntp_head_calls(self, docs: DocBatch) -> list[int]:
+        """Per document slot, the most LM-head calls any rank's NTP loss makes there."""
+        return self._max_over_ranks([head_calls(len(docs.doc(d)) - 1) for d in range(len(docs))])
+
     def train_step(self, batch: LearnBatch) -> dict[str, float]:
         """One optimizer step over this rank's documents; returns rank-local mean metrics."""
         if len(batch.docs) != self.docs_per_rank:
@@ -80,6 +104,9 @@ class RefineLearner:
         t0 = time.perf_counter()
         r, G = self.cfg.refine, batch.samples_per_prefix
         per_doc = batch.cuts.shape[1] * G
+        # The rate this step's updates use (the scheduler moves on at each update).
+        lr = float(self.scheduler.get_last_lr()[0])
+        ntp_calls = self._ntp_head_calls(batch.docs) if r.ntp_coef > 0 else [0] * len(batch.docs)
         self.engine.train()
         sums: dict[str, float] = defaultdict(float)
         for d in range(len(batch.docs)):
@@ -87,7 +114,8 @@ class RefineLearner:
             ids = torch.from_numpy(batch.docs.doc(d)).to(self.device)
             resp = torch.from_numpy(batch.responses[rows]).to(self.device)
             out = document_logprobs(self.engine.module, ids, torch.from_numpy(batch.cuts[d]), resp, G,
-                                    r.temperature, shared=r.prefix_sharing, with_ntp=r.ntp_coef > 0)
+                                    r.temperature, shared=r.prefix_sharing, with_ntp=r.ntp_coef > 0,
+                                    ntp_head_calls=ntp_calls[d])
             old = torch.from_numpy(batch.old_logprobs[rows]).to(self.device)
             adv = torch.from_numpy(batch.advantages[rows]).to(self.device)
             mask = torch.ones_like(old)
@@ -95,7 +123,7 @@ class RefineLearner:
             kl = None
             if r.kl_coef > 0:
                 ref = torch.from_numpy(batch.ref_logprobs[rows]).to(self.device)
-                kl = kl_penalty(out.logprobs, ref, r.kl_type).mean()
+                kl = agg_loss(kl_penalty(out.logprobs, ref, r.kl_type), mask)
                 sums["kl"] += float(kl.detach())
             ntp = out.ntp_loss if out.ntp_loss is not None else torch.zeros((), device=self.device)
             loss = refine_loss(ntp, pg, kl, r.ntp_coef, r.pg_coef, r.kl_coef)
@@ -110,7 +138,7 @@ class RefineLearner:
         metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         if self.cfg.train.task_update == "sft":
             metrics.update(self._task_sft(batch))
-        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["lr"] = lr
         metrics["time/learner_compute_s"] = time.perf_counter() - t0
         self.version += 1
         return metrics
@@ -132,14 +160,23 @@ class RefineLearner:
 
     @torch.no_grad()
     def validation_nll(self, docs: DocBatch) -> tuple[float, int]:
-        """(summed NTP loss, predicted tokens) over this rank's share of held-out documents."""
+        """(summed NTP loss, predicted tokens) over this rank's share of held-out documents.
+
+        Under ZeRO-3 a rank with fewer documents than another scores dummy 2-token
+        documents (not counted) so that all make the same module calls."""
         self.engine.eval()
+        n_docs = self._max_over_ranks([len(docs)])[0]
+        pad = np.zeros(2, dtype=np.int64)
+        padded = DocBatch.from_lists(list(docs.doc_ids) + [-1] * (n_docs - len(docs)),
+                                     [docs.doc(d) for d in range(len(docs))] + [pad] * (n_docs - len(docs)))
+        calls = self._ntp_head_calls(padded)
         total, count = 0.0, 0
-        for d in range(len(docs)):
-            ids = torch.from_numpy(docs.doc(d)).to(self.device)
-            n = ids.shape[0] - 1
-            total += float(document_ntp_loss(self.engine.module, ids)) * n
-            count += n
+        for d in range(n_docs):
+            ids = torch.from_numpy(padded.doc(d)).to(self.device)
+            loss = float(document_ntp_loss(self.engine.module, ids, head_calls=calls[d]))
+            if d < len(docs):
+                total += loss * (ids.shape[0] - 1)
+                count += ids.shape[0] - 1
         self.engine.train()
         return total, count
 
