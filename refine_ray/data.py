@@ -94,19 +94,7 @@ def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
         raise DataError(f"data.path: '{cfg.path}' has no rows")
     if builder not in ("parquet", "disk") and all(Path(f).stat().st_size == 0 for f in files):
         raise DataError(f"data.path: '{cfg.path}' has no rows (empty file)")
-    datasets.disable_progress_bars()
-    verbosity = datasets.logging.get_verbosity()
-    what = "a datasets save_to_disk directory" if builder == "disk" else builder
-    try:   # datasets also logs parse errors it raises; the DataError below is the one line shown
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
-        if builder == "disk":
-            ds = datasets.load_from_disk(files[0])
-        else:
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as e:  # datasets wraps parse errors in many types
-        raise DataError(f"data.path: cannot read '{cfg.path}' as {what} ({_reason(e)})") from None
-    finally:
-        datasets.logging.set_verbosity(verbosity)
+    ds = _load(builder, files, cfg.path)
     if isinstance(ds, datasets.DatasetDict):          # save_to_disk of splits: train on 'train' (or the only one)
         if "train" not in ds and len(ds) != 1:
             raise DataError(f"data.path: '{cfg.path}' holds splits {', '.join(ds)}; expected a 'train' split "
@@ -123,9 +111,41 @@ def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
     texts = ds[column]
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise DataError(f"data.text_column: row {i} of '{cfg.path}' is {type(t).__name__}, expected text")
+            raise DataError(f"data.text_column: {locate_row(cfg.path, i)} is {type(t).__name__}, expected text")
     answers = ds[cfg.answer_column] if cfg.answer_column else [None] * len(texts)
     return texts, answers
+
+
+def _load(builder: str, files: list[str], path):
+    """One datasets load of ``files``; parse errors become one DataError line naming ``path``."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    what = "a datasets save_to_disk directory" if builder == "disk" else builder
+    try:   # datasets also logs parse errors it raises; the DataError below is the one line shown
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+        if builder == "disk":
+            return datasets.load_from_disk(files[0])
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as e:  # datasets wraps parse errors in many types
+        raise DataError(f"data.path: cannot read '{path}' as {what} ({_reason(e)})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def locate_row(path, row: int) -> str:
+    """``"row r of '<file>'"`` for corpus row ``row`` of ``data.path``: the file that holds it and the
+    row within that file (rows are numbered across files in :func:`data_files` order). For error
+    messages only: a multi-file corpus is counted again, file by file."""
+    builder, files = data_files(path)
+    if len(files) > 1:
+        for f in files:
+            n = _parquet_rows([f]) if builder == "parquet" else len(_load(builder, [f], f))
+            if row < n:
+                return f"row {row} of '{f}'"
+            row -= n
+    return f"row {row} of '{files[0] if len(files) == 1 else path}'"
 
 
 def _reason(e: BaseException) -> str:
@@ -177,13 +197,15 @@ def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
     return ids[:head] + ids[len(ids) - (max_length - head):]
 
 
-def first_answer(answer, column: str, row: int) -> str:
-    """The answer trained on: a string, or the first of a list (as the reference)."""
+def first_answer(answer, column: str, row: int, where: str = "") -> str:
+    """The answer trained on: a string, or the first of a list (as the reference).
+
+    ``where``: appended after the column in the error, e.g. `` in 'file'``."""
     if isinstance(answer, str):
         return answer
     if isinstance(answer, (list, tuple, np.ndarray)) and len(answer) and isinstance(answer[0], str):
         return answer[0]
-    raise DataError(f"data.answer_column: row {row} of '{column}' is {type(answer).__name__} "
+    raise DataError(f"data.answer_column: row {row} of '{column}'{where} is {type(answer).__name__} "
                     f"{answer!r:.60}, expected a string or a non-empty list of strings")
 
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from refine_ray import checkpoint as ckpt
 from refine_ray.config import ConfigError, ExperimentConfig
-from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer, read_texts
+from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer, locate_row, read_texts
 from refine_ray.models import registry
 from refine_ray.scoring import min_document_tokens
 
@@ -247,11 +247,21 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
         raise DataError(f"data.text_column: all {n} '{d.text_column}' values in '{d.path}' are empty "
                         f"(expected document text)")
     if d.answer_column is not None:       # post-training answers, checked as the scorer reads them
-        firsts = [first_answer(answer, d.answer_column, i) for i, answer in enumerate(corpus.answers)]
+        def where(i: int) -> tuple[int, str]:   # (row within its file, " in '<file>'")
+            row, _, file = locate_row(d.path, i).partition(" of ")
+            return int(row.split()[1]), f" in {file}"
+
+        firsts = []
+        for i, answer in enumerate(corpus.answers):
+            try:
+                firsts.append(first_answer(answer, d.answer_column, i))
+            except DataError:
+                first_answer(answer, d.answer_column, *where(i))     # raises, naming the file and its row
         ids = tokenizer(firsts, add_special_tokens=False, verbose=False)["input_ids"]
         empty = [i for i, x in enumerate(ids) if not x]
         if empty:
-            raise DataError(f"data.answer_column: row {empty[0]} of '{d.answer_column}' in '{d.path}' is "
+            row, file = where(empty[0])
+            raise DataError(f"data.answer_column: row {row} of '{d.answer_column}'{file} is "
                             f"{firsts[empty[0]]!r:.40}, which tokenises to no tokens (expected a non-empty answer; "
                             f"{len(empty)} of {n} rows)")
     lengths = corpus.lengths()

@@ -172,6 +172,11 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
                    "answer_control_chars": [["yes", "x"], ["\x00\u200b", "fine"], ["no"]]}[name]
         path = _write_parquet(tmp / "c.parquet", prompt=[LONG_TEXT] * 3, answers=answers)
         return argv, [f"data.path={path}", "data.answer_column=answers"]
+    if name == "empty_answer_in_second_shard":            # a glob: the message names the shard and its row
+        (tmp / "shards").mkdir()
+        _write_parquet(tmp / "shards" / "a.parquet", prompt=[LONG_TEXT] * 2, answers=[["yes"], ["no"]])
+        _write_parquet(tmp / "shards" / "b.parquet", prompt=[LONG_TEXT] * 2, answers=[["fine"], [" "]])
+        return argv, [f"data.path={tmp / 'shards'}/*.parquet", "data.answer_column=answers"]
     if name == "num_cpus_below_layout":
         return argv, ["system.num_cpus=1"]
     if name == "num_gpus_below_layout":
@@ -262,6 +267,8 @@ TRAIN_CASES = {
                              "no tokens"],
     "answer_whitespace": ["data.answer_column: row 2 of 'answers' in", "tokenises to no tokens"],
     "answer_control_chars": ["data.answer_column: row 1 of 'answers' in", "tokenises to no tokens"],
+    "empty_answer_in_second_shard": ["data.answer_column: row 1 of 'answers' in", "shards/b.parquet' is ' ', "
+                                     "which tokenises to no tokens"],
     "num_cpus_below_layout": ["system.num_cpus: the layout needs 2.5 CPUs (learner 2 x 0.5, scorer 1 x 0.5",
                               "but system.num_cpus=1"],
     "num_gpus_below_layout": ["system.num_gpus: the layout needs 2 GPUs", "but system.num_gpus=1"],

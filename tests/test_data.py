@@ -97,6 +97,13 @@ def test_glob_and_list_paths_as_datasets_data_files(tmp_path, monkeypatch):
         read_texts(DataConfig(path=[], text_column="text"))
 
 
+def test_errors_name_the_file_and_its_row_when_a_glob_spans_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "three"}\n{"text": null}\n')
+    with pytest.raises(DataError, match=r"data.text_column: row 1 of '.*b.jsonl' is NoneType, expected text"):
+        read_texts(DataConfig(path=str(tmp_path / "*.jsonl"), text_column="text"))
+
+
 def test_save_to_disk_directories(tmp_path):
     """A directory written by datasets' save_to_disk (a Dataset, or a DatasetDict's 'train' split) loads."""
     import datasets
