@@ -52,7 +52,8 @@ class LearnerRankRole:
         return self.learner.broadcast_weights()
 
     def validation_nll(self, docs) -> tuple[float, int]:
-        """Every rank takes part (ZeRO-3 forwards are collective); rank r scores documents r::world."""
+        """Every rank takes part (ZeRO-3 forwards are collective); rank r scores documents r::world
+        (under ZeRO-3 a rank with one document fewer runs an uncounted dummy, see the learner)."""
         return self.learner.validation_nll(docs.select(list(range(self.rank, len(docs), self.world))))
 
     def ping(self) -> bool:
