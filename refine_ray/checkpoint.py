@@ -1,48 +1,103 @@
-"""Atomic, resumable checkpoints of a whole run.
+"""Atomic, verified, pickle-free checkpoints of a whole run.
 
 Layout under ``<output_dir>/checkpoints/``::
 
     step_000012/            one complete checkpoint
-        learner/ds/...      DeepSpeed: weights, optimizer, scheduler (every rank writes its shards)
-        trainer.pt          step, weight version, data cursor, pending async experience
+        learner/            DeepSpeed save_dir: ``latest`` + tag folder ``ds/`` (every rank writes its shards)
+        trainer.json        step, weight version, data cursor, failures, the run's config
+        pending.safetensors arrays of the pending async experience (when there is one)
+        manifest.json       sha256 and size of every other file, written last
     latest                  text file naming the newest complete checkpoint
 
-A checkpoint is written into ``step_N.tmp-<pid>`` and renamed into place only
-once complete; ``latest`` is replaced atomically afterwards. A crash mid-save
-leaves the previous checkpoint and ``latest`` untouched; stale ``*.tmp-*``
-folders are removed at the next save.
+A checkpoint is written into ``step_N.tmp-<pid>`` and renamed into place only once complete
+(manifest included); ``latest`` is replaced atomically afterwards. A crash mid-save leaves the
+previous checkpoint and ``latest`` untouched; stale ``*.tmp-*`` folders are removed at the next
+save. Pruning (``train.keep_checkpoints``) never removes the checkpoint ``latest`` names, nor
+checkpoints of later steps (an abandoned branch after ``train.resume_from``).
+
+Trust: nothing here is unpickled. The trainer state is JSON plus safetensors; DeepSpeed's own
+``.pt`` files are read only under :func:`weights_only_loading`, which forces ``torch.load``'s
+weights-only unpickler (tensors, containers, and an allow-list of DeepSpeed's plain classes).
+The manifest detects corruption (flipped or truncated bytes), not tampering: it is written by
+whoever writes the checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import Iterator, Optional
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.json"
+PENDING_ARRAYS = "pending.safetensors"
+STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupted checkpoint; the message is one line naming the file."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def completed_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Committed ``step_N`` folders of a run, oldest step first."""
+    root = checkpoint_root(output_dir)
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and step_of(p) >= 0), key=step_of) \
+        if root.is_dir() else []
+
+
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint ``checkpoints/latest`` names, or None; raises CheckpointError if it names none."""
     root = checkpoint_root(output_dir)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
     path = root / name
-    if not name or not path.is_dir():
-        raise FileNotFoundError(f"checkpoint pointer '{pointer}' names {name!r}, which is not a checkpoint "
-                                f"directory in '{root}' (expected step_N)")
-    if not (path / "trainer.pt").is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' named by '{pointer}' is incomplete (no trainer.pt)")
+    if not STEP_DIR.match(name) or not path.is_dir():
+        raise CheckpointError(f"checkpoint pointer '{pointer}' names {name!r}, which is not a checkpoint "
+                              f"directory in '{root}' (expected step_N)")
     return path
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """The ``step_N`` folder meant by a run dir, its ``checkpoints/`` dir or ``checkpoints/latest``,
+    a step dir, its ``learner/`` or the DeepSpeed tag folder ``learner/ds``.
+
+    Raises:
+        CheckpointError: ``path`` is none of these, or the run has no checkpoint yet.
+    """
+    p = Path(path)
+    if p.name == LATEST and p.is_file() and p.parent.name == "checkpoints":    # the pointer file itself
+        p = p.parent
+    if (p / "checkpoints").is_dir() or (p.name == "checkpoints" and (p / LATEST).is_file()):
+        run = p if (p / "checkpoints").is_dir() else p.parent
+        found = latest_checkpoint(run)
+        if found is None:
+            raise CheckpointError(f"'{path}': the run has no checkpoint yet (no '{checkpoint_root(run) / LATEST}')")
+        return found
+    for candidate in (p, p.parent, p.parent.parent):      # step_N, step_N/learner, step_N/learner/ds
+        if STEP_DIR.match(candidate.name) and ((candidate / TRAINER_STATE).is_file()
+                                               or (candidate / MANIFEST).is_file()):
+            return candidate
+    raise CheckpointError(f"'{path}' is not a refine-ray checkpoint (expected a run directory, its "
+                          f"checkpoints/ folder, a checkpoints/step_N folder or step_N/learner)")
+
+
+# ------------------------------------------------------------------ writing
 def begin_save(output_dir: str | Path, step: int) -> tuple[Path, Path]:
     """(temporary folder to write into, final folder) for step ``step``."""
     root = checkpoint_root(output_dir)
@@ -55,25 +110,195 @@ def begin_save(output_dir: str | Path, step: int) -> tuple[Path, Path]:
     return tmp, final
 
 
-def commit_save(tmp: Path, final: Path, trainer_state: dict, keep: int = 2) -> Path:
-    """Write the trainer state last, move the folder into place, then point ``latest`` at it."""
-    torch.save(trainer_state, tmp / "trainer.pt.partial")
-    os.replace(tmp / "trainer.pt.partial", tmp / "trainer.pt")
+def commit_save(tmp: Path, final: Path, trainer_state: dict, pending_arrays: Optional[dict] = None,
+                keep: int = 2) -> Path:
+    """Write the trainer state and the manifest, move the folder into place, then point ``latest`` at it.
+
+    ``trainer_state`` must be JSON-serialisable; ``pending_arrays`` maps names to numpy arrays.
+    """
+    _write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1).encode())
+    if pending_arrays:
+        from safetensors.numpy import save_file
+
+        save_file(pending_arrays, str(tmp / PENDING_ARRAYS))
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    manifest = {"format": 1, "files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                                       for f in files}}
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer_tmp = final.parent / f"{LATEST}.tmp-{os.getpid()}"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, final.parent / LATEST)
-    _prune(final.parent, keep)
+    _write_atomic(final.parent / LATEST, final.name.encode())
+    _prune(final.parent.parent, final, keep)
     return final
 
 
-def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / "trainer.pt", weights_only=False)
+def _write_atomic(path: Path, data: bytes) -> None:
+    part = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
-    for old in done[:-keep] if keep > 0 else []:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _prune(output_dir: Path, current: Path, keep: int) -> None:
+    """Keep ``current`` and the ``keep - 1`` newest earlier checkpoints; later steps are left alone."""
+    earlier = [p for p in completed_checkpoints(output_dir) if step_of(p) < step_of(current)]
+    for old in earlier[:max(len(earlier) - (keep - 1), 0)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ reading
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint against its manifest (sizes first, then sha256).
+
+    Raises:
+        CheckpointError: no manifest, a file missing, truncated or changed; the message names the
+            file and the checkpoint to fall back to (``train.resume_from``).
+    """
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST} (incomplete, or not written by this "
+                              f"version of refine-ray){_fallback(path)}") from None
+    except (OSError, ValueError, KeyError, AssertionError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is unreadable{_fallback(path)}") from None
+    for rel, entry in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint '{path}': file '{rel}' is missing{_fallback(path)}")
+        if f.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(f"checkpoint '{path}': file '{rel}' has {f.stat().st_size} bytes, the manifest "
+                                  f"says {entry.get('bytes')} (truncated or replaced){_fallback(path)}")
+    for rel, entry in files.items():
+        if _sha256(path / rel) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint '{path}': file '{rel}' does not match its sha256 in {MANIFEST} "
+                                  f"(corrupted or modified){_fallback(path)}")
+
+
+def _fallback(path: Path) -> str:
+    earlier = [p for p in completed_checkpoints(path.parent.parent) if step_of(p) < step_of(path)]
+    if earlier:
+        return f"; resume from the previous checkpoint with train.resume_from={earlier[-1]}"
+    return "; no earlier checkpoint exists (train.overwrite=true starts the run over)"
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The trainer state of a verified checkpoint, with ``pending`` arrays loaded (``pending_arrays``)."""
+    try:
+        state = json.loads((Path(path) / TRAINER_STATE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} is unreadable ({e})") from None
+    missing = [k for k in ("step", "version", "cursor", "failures", "pending") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} lacks {', '.join(missing)} "
+                              f"(not written by refine-ray)")
+    state["pending_arrays"] = {}
+    if (Path(path) / PENDING_ARRAYS).is_file():
+        from safetensors.numpy import load_file
+
+        state["pending_arrays"] = load_file(str(Path(path) / PENDING_ARRAYS))
+    return state
+
+
+# DeepSpeed's checkpoint files pickle a few plain classes beside tensors (seen in 0.19.8's ZeRO
+# 0-3 files); these, and only these, are allowed to be rebuilt by the weights-only unpickler.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Make every ``torch.load`` in this block weights-only, even DeepSpeed's ``weights_only=False`` calls.
+
+    A checkpoint directory from someone else then cannot run code on resume or export: a
+    pickled object outside tensors/containers/``DEEPSPEED_SAFE_GLOBALS`` fails to load with
+    ``pickle.UnpicklingError`` naming the global. Process-wide (environment variable
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``): use it in single-threaded code such as a learner actor's load.
+    """
+    import importlib
+
+    import torch
+
+    classes = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            classes.append(getattr(importlib.import_module(module), attr))
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(classes):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+# ------------------------------------------------------------------ pending experience without pickle
+def encode_batches(obj, key: str, arrays: dict):
+    """A JSON tree for ``obj`` (transport batches, lists, tuples, dicts, numbers, numpy arrays);
+    arrays go into ``arrays`` under dotted names. Raises TypeError for anything else."""
+    import dataclasses
+
+    import numpy as np
+
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        arrays[key] = np.ascontiguousarray(obj)
+        return {"array": key}
+    if dataclasses.is_dataclass(obj) and type(obj).__name__ in _batch_types():
+        return {"batch": type(obj).__name__,
+                "fields": {f.name: encode_batches(getattr(obj, f.name), f"{key}.{f.name}", arrays)
+                           for f in dataclasses.fields(obj)}}
+    if isinstance(obj, dict):
+        return {"dict": {str(k): encode_batches(v, f"{key}.{k}", arrays) for k, v in obj.items()}}
+    if isinstance(obj, (list, tuple)):
+        return {"tuple" if isinstance(obj, tuple) else "list":
+                [encode_batches(v, f"{key}.{i}", arrays) for i, v in enumerate(obj)]}
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
+
+
+def decode_batches(tree, arrays: dict):
+    """Inverse of :func:`encode_batches`; only the known batch classes are rebuilt."""
+    if not isinstance(tree, dict):
+        return tree
+    if "array" in tree:
+        return arrays[tree["array"]]
+    if "batch" in tree:
+        cls = _batch_types()[tree["batch"]]
+        return cls(**{k: decode_batches(v, arrays) for k, v in tree["fields"].items()})
+    if "dict" in tree:
+        return {k: decode_batches(v, arrays) for k, v in tree["dict"].items()}
+    if "tuple" in tree:
+        return tuple(decode_batches(v, arrays) for v in tree["tuple"])
+    return [decode_batches(v, arrays) for v in tree["list"]]
+
+
+def _batch_types() -> dict:
+    from refine_ray.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
+
+    return {c.__name__: c for c in (DocBatch, ScoredBatch, RolloutBatch, RewardBatch)}

@@ -141,15 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refine-ray: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "train":
+        from refine_ray.checkpoint import CheckpointError
         from refine_ray.data import DataError
         from refine_ray.preflight import PreflightError
+        from refine_ray.run_dir import RunDirError
         from refine_ray.train import run_training
 
         try:
             history = run_training(cfg)
-        except (DataError, ConfigError, PreflightError) as e:
+        except (DataError, ConfigError, PreflightError, RunDirError, CheckpointError) as e:
             print(f"refine-ray: {e}", file=sys.stderr)
             return 2
+        if not history:
+            print(f"nothing to do: the run in {cfg.train.output_dir} is already at train.steps={cfg.train.steps} "
+                  f"(raise train.steps to continue, or train.overwrite=true to start over)")
+            return 0
         last = history[-1]
         print(f"done: {len(history)} steps, loss {last['loss']:.4f}, reward {last['reward/mean']:.4f}, "
               f"weights v{int(last['version'])}; outputs in {cfg.train.output_dir}")

@@ -196,6 +196,8 @@ class TrainConfig:
     save_every: int = 0                   # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = True                   # continue from <output_dir>/checkpoints/latest if present
+    resume_from: Optional[str] = None     # a checkpoint dir (step_N) to resume from instead of latest
+    overwrite: bool = False               # replace an existing run in output_dir instead of refusing
     max_retries: int = 2                  # re-issues of a step's work after an inference actor dies
     task_update: Literal["none", "sft"] = "none"  # post-training: task SFT on prompt+answer after REFINE
     task_coef: float = 1.0

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -112,8 +113,11 @@ def merge(values: list) -> Experience:
 
 
 class RefineTrainer:
-    def __init__(self, cfg: ExperimentConfig, vocab_size: int, lengths: Optional[np.ndarray] = None):
-        """``lengths``: token count per corpus row if already known (preflight); else a scorer counts."""
+    def __init__(self, cfg: ExperimentConfig, vocab_size: int, lengths: Optional[np.ndarray] = None,
+                 resume_from: Optional[Path] = None):
+        """``lengths``: token count per corpus row if already known (preflight); else a scorer counts.
+        ``resume_from``: the checkpoint preflight chose; else ``train.resume_from``, else ``latest``
+        when ``train.resume``. Raises ``checkpoint.CheckpointError`` for a corrupted checkpoint."""
         self.cfg = cfg
         init_ray(cfg)
         self.placement = Placement(cfg)
@@ -145,9 +149,15 @@ class RefineTrainer:
         self.pending: Optional[Generation] = None
         self.last_experience: Optional[Experience] = None
         self.val_docs: Optional[DocBatch] = None
-        resume = ckpt.latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
-        if resume is not None:
-            self.load(resume)
+        if resume_from is None:            # not chosen (and verified) by preflight
+            if cfg.train.resume_from:
+                resume_from = ckpt.find_checkpoint(cfg.train.resume_from)
+            elif cfg.train.resume:
+                resume_from = ckpt.latest_checkpoint(cfg.train.output_dir)
+            if resume_from is not None:
+                ckpt.verify_checkpoint(resume_from)
+        if resume_from is not None:
+            self.load(Path(resume_from))
         else:
             self.publish(wait=True)   # version 0: every role starts from the learner's initial weights
 
@@ -339,18 +349,21 @@ class RefineTrainer:
             pending = self.collect(self.pending).shard_values
             self.pending = Generation(self.pending.step, ready=pending)
         self._learner_call("save", str(tmp / "learner"), {})
+        arrays: dict = {}
         state = {"step": self.step_index, "version": self.version, "cursor": self.cursor.state_dict(),
-                 "failures": self.failures, "pending": pending,
+                 "failures": self.failures, "pending": ckpt.encode_batches(pending, "pending", arrays),
                  "pending_step": None if self.pending is None else self.pending.step, "config": to_dict(self.cfg)}
-        return str(ckpt.commit_save(tmp, final, state, self.cfg.train.keep_checkpoints))
+        return str(ckpt.commit_save(tmp, final, state, arrays, self.cfg.train.keep_checkpoints))
 
     def load(self, path) -> None:
+        """Resume from checkpoint folder ``path`` (verified by preflight; verified again here if not)."""
         state = ckpt.load_trainer_state(path)
         self._learner_call("load", str(path / "learner"))
         self.step_index, self.version, self.failures = state["step"], state["version"], state["failures"]
         self.cursor.load_state_dict(state["cursor"])
         if state["pending"] is not None:
-            self.pending = Generation(state["pending_step"], ready=state["pending"])
+            self.pending = Generation(state["pending_step"],
+                                      ready=ckpt.decode_batches(state["pending"], state["pending_arrays"]))
         self.publish(wait=True)
         log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.version)
 

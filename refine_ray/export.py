@@ -7,14 +7,15 @@ Supported SOURCEs:
   * ``tiny:TYPE`` (delta_net, gated_deltanet, lact): a random tiny model (seeded) sized for
     the tokenizer; for smoke tests.
   * a local HF directory (``config.json`` with a supported ``model_type``): re-saved.
-  * a DeepSpeed checkpoint written by ``RefineLearner.save`` (``engine.save_checkpoint(path,
-    tag=...)``), given as that save_dir, or as the run dir / ``checkpoints/step_N`` dir of the
-    run-checkpoint layout (``<run>/checkpoints/latest`` -> ``step_N/learner/ds``). The tag is
-    read from the save_dir's ``latest`` file, or is the only sub-directory holding
-    ``mp_rank_00_model_states.pt``. With ZeRO
-    optimizer shards (stage 1-3) the fp32 master weights are consolidated with DeepSpeed's
-    ``get_fp32_state_dict_from_zero_checkpoint``; with stage 0 the module weights of
-    ``mp_rank_00_model_states.pt`` are used.
+  * a refine-ray training checkpoint, given as the run dir (``outputs/<run>``: its latest
+    checkpoint), ``checkpoints/`` or ``checkpoints/latest``, ``checkpoints/step_N``,
+    ``step_N/learner`` (DeepSpeed's save_dir) or ``step_N/learner/ds`` (the tag). Its files are
+    verified against the checkpoint's ``manifest.json`` first, and the run config comes from its
+    ``trainer.json``. ZeRO 1-3 weights are consolidated from every rank's fp32 partition with
+    DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (ZeRO-3 keeps no weights in its
+    model-state files); ZeRO 0 uses the module weights of ``mp_rank_00_model_states.pt``.
+    DeepSpeed's files are read with the weights-only unpickler (``checkpoint.weights_only_loading``).
+  * a bare DeepSpeed save_dir (``latest`` naming the tag, or a single tag folder) or tag folder.
   * a plain state-dict file (``.pt``/``.bin``/``.safetensors``; a ``module.`` prefix is stripped).
 For the last two the architecture comes from the run's ``config.json`` (the
 ExperimentConfig as JSON, ``outputs/<run>/config.json``): ``--run-config``, else the first
@@ -41,6 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
+from refine_ray import checkpoint as ckpt
 from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict
 from refine_ray.models import registry
 
@@ -94,6 +96,13 @@ def _find_run_config(src: Path, run_config: Optional[str]) -> ExperimentConfig:
                       f"pass --run-config outputs/<run>/config.json")
 
 
+def _run_config_from(raw: dict, src: Path) -> ExperimentConfig:
+    try:
+        return from_dict(ExperimentConfig, raw, "")
+    except ConfigError as e:
+        raise ExportError(f"{src}: the checkpoint's run config is not an ExperimentConfig ({e})") from None
+
+
 def _architecture(cfg: ModelConfig, vocab_size: int):
     """A float32 CPU model with the run's architecture (weights are overwritten)."""
     if cfg.path is not None:
@@ -110,45 +119,72 @@ def _architecture(cfg: ModelConfig, vocab_size: int):
         raise ExportError(str(e).splitlines()[0]) from None
 
 
-def _resolve_deepspeed_dir(d: Path) -> Path:
-    """Follow a run dir / checkpoint dir down to the DeepSpeed save_dir.
+def _deepspeed_source(src: Path) -> tuple[Path, str, Optional[dict]]:
+    """(DeepSpeed save_dir, tag, the run's config dict or None) for a source directory.
 
-    ``<run>/checkpoints/latest`` (a file naming ``step_N``) -> ``step_N/learner/ds`` (the
-    learner's save_dir) -> its ``latest`` file naming the DeepSpeed tag.
+    A refine-ray run dir, ``checkpoints/``, ``step_N``, ``step_N/learner`` or ``step_N/learner/ds``
+    resolves to that checkpoint (verified against its manifest; its ``trainer.json`` holds the run
+    config). Anything else is taken as a bare DeepSpeed save_dir (``latest`` naming the tag, or one
+    tag folder) or a tag folder itself.
     """
-    for _ in range(6):
-        root_ptr = d / "checkpoints" / "latest"
-        latest = d / "latest"
-        if root_ptr.is_file():
-            d = d / "checkpoints" / root_ptr.read_text().strip()
-        elif (d / "learner" / "ds").is_dir():
-            d = d / "learner" / "ds"
-        elif latest.is_file() and (d / latest.read_text().strip()).is_dir() \
-                and not (d / latest.read_text().strip() / "mp_rank_00_model_states.pt").is_file():
-            d = d / latest.read_text().strip()
-        else:
-            break
-    return d
-
-
-def _deepspeed_state_dict(src: Path) -> dict[str, torch.Tensor]:
-    latest = src / "latest"
+    try:
+        step = ckpt.find_checkpoint(src)
+    except ckpt.CheckpointError:
+        step = None
+    run_cfg = None
+    if step is not None:
+        try:
+            ckpt.verify_checkpoint(step)
+            run_cfg = ckpt.load_trainer_state(step).get("config")
+        except ckpt.CheckpointError as e:
+            raise ExportError(str(e)) from None
+        save_dir = step / "learner"
+    elif any(src.glob("*model_states.pt")):             # a tag folder
+        return src.parent, src.name, None
+    else:
+        save_dir = src
+    latest = save_dir / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
     else:
-        tags = sorted(d.name for d in src.iterdir() if (d / "mp_rank_00_model_states.pt").is_file())
+        tags = sorted(d.name for d in save_dir.iterdir() if d.is_dir() and any(d.glob("*model_states.pt")))
         if len(tags) != 1:
-            raise ExportError(f"{src}: expected one DeepSpeed tag directory, found {tags or 'none'}")
+            raise ExportError(f"{save_dir}: not a refine-ray checkpoint, and not a DeepSpeed save_dir with one "
+                              f"tag directory (found {tags or 'none'})")
         tag = tags[0]
-    tag_dir = src / tag
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
-        raise ExportError(f"{src}: tag '{tag}' has no mp_rank_00_model_states.pt")
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not any((save_dir / tag).glob("*model_states.pt")):
+        raise ExportError(f"{save_dir}: DeepSpeed tag '{tag}' has no *model_states.pt")
+    return save_dir, tag, run_cfg if isinstance(run_cfg, dict) else None
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(src), tag=tag))
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+def _deepspeed_state_dict(save_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed checkpoint, ZeRO 0-3, read without unpickling code.
+
+    ZeRO 1-3 (optimizer shards present): DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``
+    merges every rank's fp32 partition (ZeRO-3 keeps no weights in the model-state files).
+    ZeRO 0: the module weights of ``mp_rank_00_model_states.pt``.
+    """
+    import pickle
+
+    tag_dir = save_dir / tag
+    try:
+        with ckpt.weights_only_loading():
+            if any(tag_dir.glob("*optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                return dict(get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag))
+            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ExportError(f"{tag_dir}: refusing to load a checkpoint file that pickles code or unknown "
+                          f"objects ({_first_line(e)})") from None
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ExportError(f"{tag_dir}: unreadable DeepSpeed checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     return dict(states["module"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _plain_state_dict(src: Path) -> dict[str, torch.Tensor]:
@@ -184,15 +220,18 @@ def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: O
             raise ExportError(f"--from '{source}': {str(e).splitlines()[0]}") from None
         tok = _tokenizer(tokenizer_path or (str(src) if _has_tokenizer(src) else None))
         return model, tok
-    if src.is_dir():
-        src = _resolve_deepspeed_dir(src)
-        sd = _deepspeed_state_dict(src)
+    saved_cfg = None
+    if src.is_dir() or (src.name == ckpt.LATEST and src.parent.name == "checkpoints"):
+        save_dir, tag, saved_cfg = _deepspeed_source(src)
+        sd = _deepspeed_state_dict(save_dir, tag)
+        src = save_dir
     elif src.suffix in STATE_FILES:
         sd = _plain_state_dict(src)
     else:
         raise ExportError(f"--from '{source}': expected tiny:TYPE, an HF dir, a DeepSpeed checkpoint dir "
                           f"or a state-dict file ({'/'.join(STATE_FILES)})")
-    cfg = _find_run_config(src, run_config)
+    cfg = _run_config_from(saved_cfg, src) if saved_cfg is not None and run_config is None \
+        else _find_run_config(src, run_config)
     tok = _tokenizer(tokenizer_path or cfg.tokenizer.path)
     model = _architecture(cfg.model, len(tok))
     expected = set(model.state_dict())

@@ -226,5 +226,8 @@ class RefineLearner:
         self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
 
     def load(self, path: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(path, tag="ds")
+        from refine_ray.checkpoint import weights_only_loading
+
+        with weights_only_loading():        # a checkpoint from elsewhere must not run code here
+            _, client_state = self.engine.load_checkpoint(path, tag="ds")
         return client_state or {}

@@ -3,17 +3,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path):
+    """``resume_step``: the step a resumed run continues at. Rows of that step and later (logged
+    after the checkpoint, before a crash) are dropped so every step appears once; earlier rows
+    stay and are plotted with the new ones. None: a fresh run, a new file."""
+
+    def __init__(self, output_dir: str | Path, resume_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.dir / "tensorboard"))
-        self.jsonl = open(self.dir / "metrics.jsonl", "a")
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step)
+        path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:          # a line cut short by a crash
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < resume_step:
+                    self.history.append(row)
+        partial = path.with_name("metrics.jsonl.partial")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        partial.replace(path)
+        self.jsonl = open(path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():

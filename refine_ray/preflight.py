@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from refine_ray import checkpoint as ckpt
-from refine_ray.config import ConfigError, ExperimentConfig
+from refine_ray import run_dir
+from refine_ray.config import ConfigError, ExperimentConfig, to_dict
 from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer, locate_row, read_texts
 from refine_ray.models import registry
 from refine_ray.scoring import min_document_tokens
@@ -77,32 +78,41 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+ARCHITECTURE_KEYS = ("type", "path", "hidden_size", "num_hidden_layers", "num_heads")
+
+
 def check_output(cfg: ExperimentConfig):
-    """The output dir is usable; returns the checkpoint a resume would load (or None)."""
+    """The output dir may be used as asked (one run per directory, ``refine_ray.run_dir``); a
+    checkpoint to resume from is complete, matches its manifest and was written for this
+    architecture. Returns that checkpoint, or None for a fresh start."""
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise PreflightError(f"train.output_dir: '{out}' exists and is not a directory")
-    if not cfg.train.resume or not out.is_dir():
-        return None
+    key = "train.resume_from" if cfg.train.resume_from else "train.resume"
     try:
-        path = ckpt.latest_checkpoint(out)
-    except (OSError, UnicodeDecodeError) as e:
-        raise PreflightError(f"train.resume: {_first_line(e)}") from None
-    if path is None:
-        return None
-    try:
+        path = run_dir.plan_start(cfg.train)
+        if path is None:
+            return None
+        ckpt.verify_checkpoint(path)
         state = ckpt.load_trainer_state(path)
-    except Exception as e:  # torch.load raises many types for a corrupt file
-        raise PreflightError(f"train.resume: checkpoint '{path}': trainer.pt is unreadable ({_first_line(e)}); "
-                             f"set train.resume=false or point '{ckpt.checkpoint_root(out) / ckpt.LATEST}' "
-                             f"at a good checkpoint") from None
-    missing = [k for k in ("step", "version", "cursor", "failures", "pending") if not isinstance(state, dict)
-               or k not in state]
-    if missing:
-        raise PreflightError(f"train.resume: checkpoint '{path}': trainer.pt lacks {', '.join(missing)} "
-                             f"(not written by refine-ray)")
+    except run_dir.RunDirError as e:
+        raise PreflightError(str(e)) from None
+    except (ckpt.CheckpointError, OSError, UnicodeDecodeError) as e:
+        raise PreflightError(f"{key}: {_first_line(e)}") from None
     if not (path / "learner").is_dir():
-        raise PreflightError(f"train.resume: checkpoint '{path}' has no learner/ directory (incomplete checkpoint)")
+        raise PreflightError(f"{key}: checkpoint '{path}' has no learner/ directory (incomplete checkpoint)")
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    then, now = saved.get("model", {}), to_dict(cfg)["model"]
+    differ = [k for k in ARCHITECTURE_KEYS if k in then and then[k] != now[k]]
+    if saved.get("tokenizer", {}).get("path") != cfg.tokenizer.path and "tokenizer" in saved:
+        differ.append("tokenizer.path")
+    if differ:
+        k = differ[0]
+        was = saved["tokenizer"]["path"] if k == "tokenizer.path" else then[k]
+        is_ = cfg.tokenizer.path if k == "tokenizer.path" else now[k]
+        name = k if k == "tokenizer.path" else f"model.{k}"
+        raise PreflightError(f"{key}: checkpoint '{path}' was written with {name}={was!r}, this config has "
+                             f"{is_!r}; resume with the run's settings or pick another train.output_dir")
     return path
 
 

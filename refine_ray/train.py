@@ -17,16 +17,28 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
     from refine_ray.preflight import preflight
 
     report = preflight(cfg)   # bad inputs stop here, one line, before Ray or any file is touched
-    tokenizer = report.tokenizer
+    from refine_ray import checkpoint as ckpt
     from refine_ray.driver import RefineTrainer
+    from refine_ray.metrics_log import MetricsLogger
+    from refine_ray.run_dir import claim
 
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    from refine_ray.metrics_log import MetricsLogger
+    with claim(cfg.train) as resume_from:       # this run's directory, locked until the run ends
+        if resume_from is not None and resume_from != report.resume_from:
+            ckpt.verify_checkpoint(resume_from)     # the directory changed after preflight
+        partial = out / "config.json.partial"
+        partial.write_text(json.dumps(to_dict(cfg), indent=2))
+        partial.replace(out / "config.json")
+        logger = MetricsLogger(out, resume_step=None if resume_from is None else ckpt.step_of(resume_from))
+        try:
+            trainer = RefineTrainer(cfg, len(report.tokenizer), lengths=report.lengths, resume_from=resume_from)
+        except BaseException:
+            logger.close()
+            raise
+        return _train(cfg, trainer, logger)
 
-    logger = MetricsLogger(out)
-    trainer = RefineTrainer(cfg, len(tokenizer), lengths=report.lengths)
+
+def _train(cfg: ExperimentConfig, trainer, logger) -> list[dict]:
     from refine_ray.ray_metrics import RayMetricsExporter
 
     exporter = RayMetricsExporter(cfg.name)     # headline figures on the Ray dashboard / Prometheus
