@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from refine_ray import checkpoint as ckpt
 from refine_ray.cli import main
 from refine_ray.config import load_config
 from refine_ray.models import registry
@@ -75,12 +76,11 @@ def vocab() -> int:
 def run(tmp_path):
     """A finished run's directory with a complete checkpoint, and a good corpus beside it."""
     out = tmp_path / "runs" / "r"
-    step = out / "checkpoints" / "step_000002"
-    (step / "learner" / "ds").mkdir(parents=True)
-    (step / "learner" / "ds" / "latest").write_text("ds")
-    torch.save({"step": 2, "version": 2, "cursor": {"epoch": 0, "position": 4, "skipped": 0}, "failures": 0,
-                "pending": None, "pending_step": None, "config": {}}, step / "trainer.pt")
-    (out / "checkpoints" / "latest").write_text("step_000002")
+    tmp, step = ckpt.begin_save(out, 2)                    # committed as the trainer does: manifest, latest
+    (tmp / "learner" / "ds").mkdir(parents=True)
+    (tmp / "learner" / "ds" / "latest").write_text("ds")
+    ckpt.commit_save(tmp, step, {"step": 2, "version": 2, "cursor": {"epoch": 0, "position": 4, "skipped": 0},
+                                 "failures": 0, "pending": None, "pending_step": None, "config": {}})
     (out / "config.json").write_text(json.dumps({"name": "r"}))
     (out / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n')
     corpus = _write_parquet(tmp_path / "corpus.parquet", prompt=[LONG_TEXT * (i + 1) for i in range(4)])
@@ -162,7 +162,7 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
         (out / "checkpoints" / "latest").write_text("step_000009")
         return argv, []
     if name == "corrupt_trainer_state":
-        (out / "checkpoints" / "step_000002" / "trainer.pt").write_bytes(b"\x00garbage")
+        (out / "checkpoints" / "step_000002" / "trainer.json").write_bytes(b"\x00garbage")
         return argv, []
     if name == "output_dir_is_a_file":
         (tmp / "runs" / "file").write_text("not a directory")
@@ -261,7 +261,7 @@ TRAIN_CASES = {
     "missing_config_file": ["config error: config file", "nope.yaml' does not exist"],
     "latest_names_missing_step": ["train.resume: checkpoint pointer", "names 'step_000009', which is not a "
                                   "checkpoint directory"],
-    "corrupt_trainer_state": ["train.resume: checkpoint", "trainer.pt is unreadable"],
+    "corrupt_trainer_state": ["train.resume: checkpoint", "file 'trainer.json' has 8 bytes, the manifest says"],
     "output_dir_is_a_file": ["train.output_dir:", "exists and is not a directory"],
     "answer_empty_in_list": ["data.answer_column: row 1 of 'answers' in", "c.parquet", "is '', which tokenises to "
                              "no tokens"],
