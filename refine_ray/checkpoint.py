@@ -187,6 +187,29 @@ def verify_checkpoint(path: Path) -> None:
         if _sha256(path / rel) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint '{path}': file '{rel}' does not match its sha256 in {MANIFEST} "
                                   f"(corrupted or modified){_fallback(path)}")
+    check_pickled_globals(path)
+
+
+def check_pickled_globals(path: Path) -> None:
+    """Refuse ``.pt`` files that pickle anything beyond tensors, containers and
+    ``DEEPSPEED_SAFE_GLOBALS``; read with torch's scanner, which executes nothing.
+
+    Raises:
+        CheckpointError: naming the file and the first offending global.
+    """
+    import torch
+
+    for f in sorted(Path(path).rglob("*.pt")):
+        try:
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+                      if g not in DEEPSPEED_SAFE_GLOBALS]
+        except Exception as e:      # not a torch zip file: the manifest passed, so it was written so
+            raise CheckpointError(f"checkpoint '{path}': '{f.relative_to(path)}' is not a torch checkpoint "
+                                  f"file ({type(e).__name__})") from None
+        if unsafe:
+            raise CheckpointError(f"checkpoint '{path}': '{f.relative_to(path)}' pickles {unsafe[0]!r}, which "
+                                  f"refine-ray does not load (only tensors and DeepSpeed's plain classes); "
+                                  f"refusing a checkpoint that could run code")
 
 
 def _fallback(path: Path) -> str:

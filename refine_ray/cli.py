@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from refine_ray.checkpoint import CheckpointError
         from refine_ray.data import DataError
+        from refine_ray.driver import LearnerFailure
         from refine_ray.preflight import PreflightError
         from refine_ray.run_dir import RunDirError
         from refine_ray.train import run_training
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, ConfigError, PreflightError, RunDirError, CheckpointError) as e:
             print(f"refine-ray: {e}", file=sys.stderr)
             return 2
+        except LearnerFailure as e:                  # a runtime failure: one line with the way to resume
+            print(f"refine-ray: {e}", file=sys.stderr)
+            return 1
         if not history:
             print(f"nothing to do: the run in {cfg.train.output_dir} is already at train.steps={cfg.train.steps} "
                   f"(raise train.steps to continue, or train.overwrite=true to start over)")

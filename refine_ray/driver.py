@@ -271,7 +271,8 @@ class RefineTrainer:
 
             from refine_ray.data import Corpus, load_tokenizer
 
-            corpus = Corpus(replace(self.cfg.data, path=self.cfg.train.val_path), load_tokenizer(self.cfg.tokenizer.path))
+            val = replace(self.cfg.data, path=self.cfg.train.val_path, answer_column=None)   # text only
+            corpus = Corpus(val, load_tokenizer(self.cfg.tokenizer.path))
             docs = [corpus.document(i) for i in range(min(self.cfg.train.val_docs, len(corpus)))]
             docs = [d for d in docs if len(d.ids) >= 2]
             self.val_docs = DocBatch.from_lists([d.doc_id for d in docs], [d.ids for d in docs])

@@ -97,7 +97,9 @@ def check_output(cfg: ExperimentConfig):
         state = ckpt.load_trainer_state(path)
     except run_dir.RunDirError as e:
         raise PreflightError(str(e)) from None
-    except (ckpt.CheckpointError, OSError, UnicodeDecodeError) as e:
+    except ckpt.CheckpointError as e:          # already one line, with the way out: keep it whole
+        raise PreflightError(f"{key}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise PreflightError(f"{key}: {_first_line(e)}") from None
     if not (path / "learner").is_dir():
         raise PreflightError(f"{key}: checkpoint '{path}' has no learner/ directory (incomplete checkpoint)")
@@ -305,8 +307,8 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     if cfg.train.val_path:                # held-out documents: same column rules, errors name train.val_path
         from dataclasses import replace
 
-        try:   # read as the driver reads them: its validation Corpus keeps data.answer_column
-            read_texts(replace(cfg.data, path=cfg.train.val_path))
+        try:   # read as the driver reads them: text only (validation is NTP on the documents)
+            read_texts(replace(cfg.data, path=cfg.train.val_path, answer_column=None))
         except DataError as e:            # the message names the value itself, under the key that holds it
             msg = str(e)
             raise DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else

@@ -40,8 +40,9 @@ class SentenceEncoder:
             enc = self.tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=128,
                                  return_tensors="pt").to(self.device)
             h = self.model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            m = enc["attention_mask"].unsqueeze(-1).bool()
+            # mean over real tokens; select, not multiply, so nothing at a pad can turn the sum NaN
+            pooled = torch.where(m, h, torch.zeros_like(h)).sum(1) / m.sum(1).clamp(min=1).to(h.dtype)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out).float().cpu()
 

@@ -221,10 +221,6 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
         return argv, [f"train.val_path={tmp / 'held_out.parquet'}"]
     if name == "val_path_glob_matches_nothing":
         return argv, [f"train.val_path={tmp / 'held_out' / '*.jsonl'}"]
-    if name == "val_path_without_answer_column":          # the driver's validation corpus keeps answer_column
-        path = _write_parquet(tmp / "c.parquet", prompt=[LONG_TEXT] * 3, answers=[["yes"], ["no"], ["maybe"]])
-        return argv, [f"data.path={path}", "data.answer_column=answers",
-                      f"train.val_path={_write_parquet(tmp / 'v.parquet', prompt=[LONG_TEXT])}"]
     if name == "val_path_missing_text_column":
         return argv, [f"train.val_path={_write_parquet(tmp / 'v.parquet', body=[LONG_TEXT])}"]
     raise AssertionError(name)
@@ -293,7 +289,6 @@ TRAIN_CASES = {
     "data_path_list_of_numbers": ["config error: data.path: expected a string or a list of strings, got [1, 2]"],
     "val_path_missing": ["train.val_path:", "held_out.parquet' does not exist"],
     "val_path_glob_matches_nothing": ["train.val_path:", "held_out/*.jsonl' matches no files"],
-    "val_path_without_answer_column": ["train.val_path: data.answer_column: 'answers' not in", "columns: prompt"],
     "val_path_missing_text_column": ["train.val_path: data.text_column: 'prompt' not in", "columns: body"],
 }
 

@@ -99,7 +99,7 @@ def test_failed_export_leaves_nothing(tmp_path, tokenizer, capsys):
 def test_bad_sources_are_one_line_errors(tmp_path, capsys):
     torch.save({"w": torch.zeros(1)}, tmp_path / "weights.pt")
     for source, needle in (("tiny:mamba", "unknown type"), (str(tmp_path / "nope"), "no such file"),
-                           (str(tmp_path), "expected one DeepSpeed tag directory"),
+                           (str(tmp_path), "not a refine-ray checkpoint, and not a DeepSpeed save_dir"),
                            (str(tmp_path / "weights.pt"), "no run config.json found")):
         assert main(["export", "--from", source, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
@@ -125,21 +125,21 @@ DS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_export_deepspeed_zero_checkpoint(tmp_path, tokenizer):
-    # The run-checkpoint layout: <run>/checkpoints/latest -> step_N/learner/ds (DeepSpeed save_dir, tag 'ds').
+def test_export_bare_deepspeed_save_dir(tmp_path, tokenizer):
+    # A DeepSpeed save_dir not written by refine-ray (run checkpoints: tests/system/test_export_runs.py);
+    # the architecture comes from the run config found in a parent directory.
     run = tmp_path / "run"
-    ckpt = run / "checkpoints" / "step_000001" / "learner" / "ds"
+    ckpt = run / "ds_save"
     ckpt.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(to_dict(ExperimentConfig())))
-    (run / "checkpoints" / "latest").write_text("step_000001")
     port = str(29500 + (hash(str(tmp_path)) % 400))
-    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(ckpt), str(len(tokenizer)), port, "ds"],
+    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(ckpt), str(len(tokenizer)), port, "global_step1"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (ckpt / "latest").read_text() == "ds"
-    expected = torch.load(ckpt / "expected.pt")
+    assert (ckpt / "latest").read_text() == "global_step1"
+    expected = torch.load(ckpt / "expected.pt", weights_only=True)
     (ckpt / "expected.pt").unlink()
-    model = export_model(str(run), tmp_path / "hf")                  # ZeRO-1: fp32 master weights
+    model = export_model(str(ckpt), tmp_path / "hf")                 # ZeRO-1: fp32 master weights
     back = registry.load_model(str(tmp_path / "hf"))
     for k, v in expected.items():
         assert torch.equal(back.state_dict()[k], v), k

@@ -1,0 +1,155 @@
+"""A run directory belongs to one run; checkpoints are verified and never unpickled.
+
+Real `refine-ray train` runs on a local Ray cluster (tiny DeltaNet, one DeepSpeed rank on gloo):
+a fresh start into an old run refuses, overwrite replaces it consistently, a second run into a
+locked directory refuses (a dead holder's lock is reclaimed), flipped or truncated checkpoint
+bytes and a checkpoint from another model size are caught before Ray work starts, a pickle
+payload is never executed by train or export, and train.resume_from picks a checkpoint.
+"""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+
+from refine_ray import checkpoint as ckpt
+from refine_ray.cli import main
+
+TINY = ["--config", "configs/tiny_deltanet_mid.yaml", "data.max_length=160", "refine.n_chunks=2",
+        "refine.response_length=4", "learner.num_ranks=1", "learner.gpus_per_rank=0.4",
+        "scorer.gpus_per_actor=0.15", "rollout.gpus_per_actor=0.15", "reward.gpus_per_actor=0.15"]
+
+
+def train(run, *extra):
+    return main(["train", *TINY, f"train.output_dir={run}", *extra])
+
+
+def tree(path):
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def old_run(cluster, tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2."""
+    run = tmp_path_factory.mktemp("old") / "run"
+    assert train(run, "train.steps=2", "train.save_every=1") == 0
+    return run
+
+
+@pytest.fixture
+def run(old_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(old_run, copy)
+    return copy
+
+
+def test_fresh_start_into_an_old_run_refuses(run, capsys):
+    before = tree(run)
+    assert train(run, "train.resume=false") == 2
+    one_line_error(capsys, "already holds a run", "train.overwrite=true")
+    assert tree(run) == before
+    assert train(run, "model.hidden_size=32") == 2                       # resume with another model size
+    one_line_error(capsys, "model.hidden_size=64", "32")
+    assert tree(run) == before
+    assert train(run, "train.steps=2") == 0                             # the same run: nothing left to do
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_lock_refuses_a_second_run_and_overwrite_replaces(run, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from refine_ray.run_dir import RunDirLock; RunDirLock(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(600)"), str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree(run)
+        assert train(run, "train.overwrite=true") == 2
+        one_line_error(capsys, "in use by another run", f"pid {holder.pid}")
+        assert tree(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").is_file()                                     # the dead holder's lock is left behind
+    assert train(run, "train.overwrite=true", "train.steps=1") == 0    # ... and reclaimed
+    assert "removed the previous run" in capsys.readouterr().out
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]      # nothing moved aside is left
+    assert ckpt.latest_checkpoint(run).name == "step_000001"
+    assert [p.name for p in ckpt.completed_checkpoints(run)] == ["step_000001"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0]
+    assert main(["export", "--from", str(run), "--out", str(run.parent / "hf")]) == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_checkpoint_is_caught_before_resume_and_export(run, capsys, damage):
+    victim = run / "checkpoints" / "step_000002" / "learner" / "ds" / "mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[:len(data) // 2]
+    victim.write_bytes(bytes(data))
+    before = tree(run)
+    assert train(run, "train.steps=3") == 2
+    one_line_error(capsys, "learner/ds/mp_rank_00_model_states.pt", "train.resume_from=", "step_000001")
+    assert main(["export", "--from", str(run), "--out", str(run.parent / "hf")]) == 2
+    one_line_error(capsys, "mp_rank_00_model_states.pt")
+    assert tree(run) == before and not (run.parent / "hf").exists()
+    if damage == "flip":      # the suggested way out works: resume from the previous checkpoint
+        good = run / "checkpoints" / "step_000001"
+        assert train(run, "train.steps=2", f"train.resume_from={good}") == 0
+        assert ckpt.latest_checkpoint(run).name == "step_000002"
+        ckpt.verify_checkpoint(ckpt.latest_checkpoint(run))
+
+
+class Payload:
+    """Unpickling this would create a marker file: a stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_is_never_executed(run, capsys, tmp_path):
+    marker = tmp_path / "payload-ran"
+    step = run / "checkpoints" / "step_000002"
+    victim = step / "learner" / "ds" / "mp_rank_00_model_states.pt"
+    states = torch.load(victim, weights_only=True)
+    states["client_state_hook"] = Payload(str(marker))
+    torch.save(states, victim)
+    manifest = json.loads((step / ckpt.MANIFEST).read_text())    # an attacker rewrites the manifest too
+    manifest["files"]["learner/ds/mp_rank_00_model_states.pt"] = {
+        "bytes": victim.stat().st_size, "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
+    (step / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (step / "trainer.pt").write_bytes(victim.read_bytes())         # a pickled trainer state is never read
+    assert train(run, "train.steps=3") == 2
+    one_line_error(capsys, "refusing a checkpoint that could run code")
+    assert main(["export", "--from", str(step), "--out", str(tmp_path / "hf")]) == 2
+    one_line_error(capsys, "could run code")
+    with pytest.raises(Exception, match="Unsupported global"):       # also refused below the scan
+        with ckpt.weights_only_loading():
+            torch.load(victim, weights_only=False)
+    time.sleep(0.1)
+    assert not marker.exists()
