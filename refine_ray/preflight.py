@@ -150,6 +150,21 @@ def check_writable(path: str | Path, what: str, is_dir: bool = True) -> None:
         raise PreflightError(f"{name} is not writable (the file is read-only)")
 
 
+def _check_pickled_weights(d: Path) -> None:
+    """``pytorch_model*.bin`` files hold nothing but tensors (globals listed by torch's scanner,
+    which executes nothing); a file that pickles code is refused before any actor loads it."""
+    import torch
+
+    for f in sorted(d.glob("pytorch_model*.bin")):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:
+            raise ConfigError(f"model.path: '{f}' is not a torch weights file ({_first_line(e)})") from None
+        if unsafe:
+            raise ConfigError(f"model.path: '{f}' pickles {unsafe[0]!r}, not just tensors; refusing weights "
+                              f"that could run code (convert them to safetensors)")
+
+
 def check_weights(d: Path, model_type: str) -> None:
     """``model.path``'s safetensors files are complete and hold the shapes its ``config.json`` builds.
 
@@ -157,7 +172,7 @@ def check_weights(d: Path, model_type: str) -> None:
     or longer than its header's data offsets say: truncated downloads) and builds the
     model on the meta device for the expected shapes. Tensors the model lacks and
     tied weights absent from the file are left to transformers (it warns); a
-    ``pytorch_model.bin`` is a pickle and is not opened here.
+    ``pytorch_model.bin`` is only scanned for pickled globals (nothing unpickled).
 
     Raises:
         ConfigError: ``model.path: '<file>' ...`` naming the file and the first wrong tensor.
@@ -176,6 +191,7 @@ def check_weights(d: Path, model_type: str) -> None:
     elif (d / "model.safetensors").is_file():
         names = ["model.safetensors"]
     else:
+        _check_pickled_weights(d)
         return
     config_cls, model_cls = registry._classes(model_type)
     try:

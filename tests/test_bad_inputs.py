@@ -181,6 +181,8 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
         return argv, ["system.num_cpus=1"]
     if name == "num_gpus_below_layout":
         return argv, ["system.num_gpus=1"]
+    if name == "weights_bin_pickles_code":
+        return argv, [f"model.path={_payload_model(tmp / 'model', vocab, tmp / 'payload-ran')}"]
     if name.startswith("safetensors_") or name == "weights_shape_mismatch":
         d = tmp / "model"
         registry.build_model("delta_net", seed=0, vocab_size=vocab).save_pretrained(d)
@@ -268,6 +270,7 @@ TRAIN_CASES = {
     "num_cpus_below_layout": ["system.num_cpus: the layout needs 2.5 CPUs (learner 2 x 0.5, scorer 1 x 0.5",
                               "but system.num_cpus=1"],
     "num_gpus_below_layout": ["system.num_gpus: the layout needs 2 GPUs", "but system.num_gpus=1"],
+    "weights_bin_pickles_code": ["model.path:", "pytorch_model.bin' pickles 'io.open'", "could run code"],
     "safetensors_truncated": ["model.path:", "model.safetensors' is not a complete safetensors file",
                               "not fully covered"],
     "safetensors_garbage": ["model.path:", "model.safetensors' is not a complete safetensors file"],
@@ -352,6 +355,35 @@ def test_good_inputs_in_every_path_form_pass_preflight(run, tmp_path):
         assert report.rows == report.usable == 4, path
         assert list(report.lengths) == list(preflight(load_config(CONFIG, [*SMALL, f"data.path={corpus}",
                                                                            f"train.output_dir={out}"])).lengths)
+
+
+class _Payload:
+    """Unpickling this creates a marker file: a harmless stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload_model(d, vocab, marker):
+    """An HF model dir whose pytorch_model.bin also pickles a payload."""
+    model = registry.build_model("delta_net", seed=0, vocab_size=vocab)
+    model.config.save_pretrained(d)
+    torch.save({**model.state_dict(), "payload": _Payload(marker)}, d / "pytorch_model.bin")
+    return d
+
+
+def test_pickle_payload_in_model_weights_never_runs(tmp_path, vocab, capsys):
+    """eval and export refuse a pytorch_model.bin that pickles code (train: the case above)."""
+    marker = tmp_path / "payload-ran"
+    d = _payload_model(tmp_path / "model", vocab, marker)
+    assert main(["eval", *EVAL, "--model", str(d), "--niah", "single:256:1", "--out", str(tmp_path / "r.json")]) == 2
+    assert "refusing to load weights that pickle code" in _one_line_error(capsys)
+    assert main(["export", "--from", str(d), "--out", str(tmp_path / "hf")]) == 2
+    assert "refusing to load weights that pickle code" in _one_line_error(capsys)
+    assert not marker.exists() and not (tmp_path / "hf").exists() and not (tmp_path / "r.json").exists()
 
 
 EVAL = ["--model", "tiny:delta_net", "--no-progress", "--max-prompt-tokens", "64", "--max-gen-tokens", "2",

@@ -94,11 +94,27 @@ def model_type_of(path: str) -> str:
 
 
 def load_model(path: str, dtype: Optional[torch.dtype] = None, device=None):
-    """Load a local HF directory (config.json + weights) into our class for its model_type."""
+    """Load a local HF directory (config.json + weights) into our class for its model_type.
+
+    ``.bin`` weights go through transformers' weights-only ``torch.load``: a file that pickles
+    anything but tensors is refused, never executed.
+
+    Raises:
+        ValueError: one line, for a weights file that pickles code or unknown objects.
+    """
+    import pickle
+
     model_type = model_type_of(path)
     _, model_cls = _classes(model_type)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    model = model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    try:
+        model = model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        import re
+
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"'{path}': refusing to load weights that pickle code or unknown objects "
+                         f"({unsafe.group(1) if unsafe else type(e).__name__})") from None
     if device is not None:
         model = model.to(device)
     return model

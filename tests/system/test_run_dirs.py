@@ -153,3 +153,18 @@ def test_pickle_payload_is_never_executed(run, capsys, tmp_path):
             torch.load(victim, weights_only=False)
     time.sleep(0.1)
     assert not marker.exists()
+
+
+def test_pruning_keeps_the_checkpoint_latest_names(tmp_path):
+    """Higher-numbered checkpoints (an abandoned branch after resume_from) never push out the new one."""
+    for step in (5, 6):                       # left by a longer earlier trajectory
+        tmp, final = ckpt.begin_save(tmp_path, step)
+        ckpt.commit_save(tmp, final, {"step": step}, keep=1)
+    tmp, final = ckpt.begin_save(tmp_path, 2)
+    (tmp / "learner").mkdir()
+    ckpt.commit_save(tmp, final, {"step": 2}, keep=1)
+    assert ckpt.latest_checkpoint(tmp_path) == final and final.is_dir()
+    ckpt.verify_checkpoint(final)
+    tmp, final3 = ckpt.begin_save(tmp_path, 3)
+    ckpt.commit_save(tmp, final3, {"step": 3}, keep=1)
+    assert [p.name for p in ckpt.completed_checkpoints(tmp_path)] == ["step_000003", "step_000005", "step_000006"]
