@@ -167,4 +167,4 @@ def test_pruning_keeps_the_checkpoint_latest_names(tmp_path):
     ckpt.verify_checkpoint(final)
     tmp, final3 = ckpt.begin_save(tmp_path, 3)
     ckpt.commit_save(tmp, final3, {"step": 3}, keep=1)
-    assert [p.name for p in ckpt.completed_checkpoints(tmp_path)] == ["step_000003", "step_000005", "step_000006"]
+    assert [p.name for p in ckpt.completed_checkpoints(tmp_path)] == ["step_000003", "step_000006"]
