@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except LearnerFailure as e:                  # a runtime failure: one line with the way to resume
             print(f"refine-ray: {e}", file=sys.stderr)
-            return 1
+            return 3
         if not history:
             print(f"nothing to do: the run in {cfg.train.output_dir} is already at train.steps={cfg.train.steps} "
                   f"(raise train.steps to continue, or train.overwrite=true to start over)")
