@@ -26,7 +26,8 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("zero,ranks", [(0, 1), (1, 1), (2, 1), (3, 2)])
+@pytest.mark.parametrize("zero,ranks", [pytest.param(0, 1, marks=pytest.mark.slow), (1, 1),
+                                        pytest.param(2, 1, marks=pytest.mark.slow), (3, 2)])
 def test_export_equals_live_learner_weights(cluster, tmp_path, zero, ranks):
     run = tmp_path / "run"
     cfg = load_config("configs/tiny_deltanet_mid.yaml", TINY + [
