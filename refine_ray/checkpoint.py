@@ -158,35 +158,37 @@ def _prune(output_dir: Path, current: Path, keep: int) -> None:
 
 
 # ------------------------------------------------------------------ reading
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, way_out: str = "resume from it with train.resume_from={}") -> None:
     """Check every file of a checkpoint against its manifest (sizes first, then sha256).
 
     Raises:
         CheckpointError: no manifest, a file missing, truncated or changed; the message names the
-            file and the checkpoint to fall back to (``train.resume_from``).
+            file and the previous checkpoint with ``way_out`` (formatted with its path).
     """
     path = Path(path)
     manifest_file = path / MANIFEST
     try:
         manifest = json.loads(manifest_file.read_text())
         files = manifest["files"]
-        assert isinstance(files, dict)
+        assert isinstance(files, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST} (incomplete, or not written by this "
-                              f"version of refine-ray){_fallback(path)}") from None
+                              f"version of refine-ray){_fallback(path, way_out)}") from None
     except (OSError, ValueError, KeyError, AssertionError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is unreadable{_fallback(path)}") from None
+        raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is unreadable{_fallback(path, way_out)}") from None
     for rel, entry in files.items():
         f = path / rel
         if not f.is_file():
-            raise CheckpointError(f"checkpoint '{path}': file '{rel}' is missing{_fallback(path)}")
+            raise CheckpointError(f"checkpoint '{path}': file '{rel}' is missing{_fallback(path, way_out)}")
         if f.stat().st_size != entry.get("bytes"):
             raise CheckpointError(f"checkpoint '{path}': file '{rel}' has {f.stat().st_size} bytes, the manifest "
-                                  f"says {entry.get('bytes')} (truncated or replaced){_fallback(path)}")
+                                  f"says {entry.get('bytes')} (truncated or replaced){_fallback(path, way_out)}")
     for rel, entry in files.items():
         if _sha256(path / rel) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint '{path}': file '{rel}' does not match its sha256 in {MANIFEST} "
-                                  f"(corrupted or modified){_fallback(path)}")
+                                  f"(corrupted or modified){_fallback(path, way_out)}")
     check_pickled_globals(path)
 
 
@@ -212,11 +214,11 @@ def check_pickled_globals(path: Path) -> None:
                                   f"refusing a checkpoint that could run code")
 
 
-def _fallback(path: Path) -> str:
+def _fallback(path: Path, way_out: str) -> str:
     earlier = [p for p in completed_checkpoints(path.parent.parent) if step_of(p) < step_of(path)]
     if earlier:
-        return f"; resume from the previous checkpoint with train.resume_from={earlier[-1]}"
-    return "; no earlier checkpoint exists (train.overwrite=true starts the run over)"
+        return f"; the previous checkpoint is {earlier[-1]}: {way_out.format(earlier[-1])}"
+    return "; no earlier checkpoint exists"
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -230,12 +232,23 @@ def load_trainer_state(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} lacks {', '.join(missing)} "
                               f"(not written by refine-ray)")
+    cursor = state["cursor"]
+    wrong = [k for k in ("step", "version", "failures") if not _count(state[k])]
+    if not isinstance(cursor, dict) or not all(_count(cursor.get(k)) for k in ("epoch", "position", "skipped")):
+        wrong.append("cursor")
+    if wrong:
+        raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} has malformed {', '.join(wrong)} "
+                              f"(expected counts >= 0; not written by refine-ray)")
     state["pending_arrays"] = {}
     if (Path(path) / PENDING_ARRAYS).is_file():
         from safetensors.numpy import load_file
 
         state["pending_arrays"] = load_file(str(Path(path) / PENDING_ARRAYS))
     return state
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 # DeepSpeed's checkpoint files pickle a few plain classes beside tensors (seen in 0.19.8's ZeRO

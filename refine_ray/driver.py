@@ -81,8 +81,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     address = cfg.system.ray_address or os.environ.get("RAY_ADDRESS")   # `ray job submit` sets RAY_ADDRESS
     if address:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.system.num_cpus, num_gpus=cfg.system.num_gpus, include_dashboard=False)
+    else:   # a new local cluster, never one that happens to run on this machine
+        ray.init(address="local", num_cpus=cfg.system.num_cpus, num_gpus=cfg.system.num_gpus,
+                 include_dashboard=False)
 
 
 def merge(values: list) -> Experience:
@@ -187,7 +188,8 @@ class RefineTrainer:
         except (RayActorError, RayTaskError) as e:
             latest = ckpt.latest_checkpoint(self.cfg.train.output_dir)
             where = f"checkpoint '{latest}'" if latest else "the start (no checkpoint yet)"
-            hint = f"stopping. Run the same command again to resume from {where}."
+            again = "the same command" + (" without train.overwrite=true" if self.cfg.train.overwrite else "")
+            hint = f"stopping. Run {again} again to resume from {where}."
             if isinstance(e, RayActorError):
                 raise LearnerFailure(f"a learner rank died during '{method}' at step {self.step_index} "
                                      f"({type(e).__name__}); {hint}") from None

@@ -129,12 +129,14 @@ def _deepspeed_source(src: Path) -> tuple[Path, str, Optional[dict]]:
     """
     try:
         step = ckpt.find_checkpoint(src)
-    except ckpt.CheckpointError:
+    except ckpt.CheckpointError as e:
+        if (src / "checkpoints").is_dir() or src.name in ("checkpoints", ckpt.LATEST):   # a run, but no checkpoint
+            raise ExportError(str(e)) from None
         step = None
     run_cfg = None
     if step is not None:
         try:
-            ckpt.verify_checkpoint(step)
+            ckpt.verify_checkpoint(step, way_out="export it with --from {}")
             run_cfg = ckpt.load_trainer_state(step).get("config")
         except ckpt.CheckpointError as e:
             raise ExportError(str(e)) from None
@@ -291,12 +293,27 @@ def save_atomic(model, tokenizer, out: str | Path, overwrite: bool = False,
     return out
 
 
+def _check_out_apart(source: str, out: Path) -> None:
+    """``--out`` must not be the source, hold it, lie in its checkpoints, or be a training run:
+    ``--overwrite`` would delete them. An export inside a run (``<run>/hf``) is fine."""
+    if source.startswith("tiny:"):
+        return
+    src, dst = Path(source).resolve(), out.resolve()
+    run_part = src in dst.parents and dst.relative_to(src).parts[0] in ("checkpoints", "tensorboard")
+    if dst == src or dst in src.parents or run_part:
+        raise ExportError(f"--out '{out}' is or holds the source '{source}'; export next to it or inside a run "
+                          f"(e.g. --out {Path(source) / 'hf'})")
+    if (dst / "checkpoints").is_dir() or (dst / "metrics.jsonl").is_file():
+        raise ExportError(f"--out '{out}' is a training run directory; refusing to replace it with an export")
+
+
 def export_model(source: str, out: str | Path, tokenizer_path: Optional[str] = None,
                  run_config: Optional[str] = None, dtype: str = "float32", overwrite: bool = False,
                  check: Optional[Callable[[Path], None]] = None):
     """Load ``source`` and save it to ``out`` atomically; returns the exported model."""
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r}: expected float32 or bfloat16")
+    _check_out_apart(source, Path(out))
     model, tok = load_source(source, tokenizer_path, run_config)
     if model.config.vocab_size < len(tok):
         raise ExportError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}")

@@ -90,7 +90,7 @@ def check_output(cfg: ExperimentConfig):
         raise PreflightError(f"train.output_dir: '{out}' exists and is not a directory")
     key = "train.resume_from" if cfg.train.resume_from else "train.resume"
     try:
-        path = run_dir.plan_start(cfg.train)
+        path = run_dir.plan_start(cfg).resume_from
         if path is None:
             return None
         ckpt.verify_checkpoint(path)

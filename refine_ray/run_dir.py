@@ -7,7 +7,9 @@ Rules (checked read-only by :func:`plan_start` in preflight, then again under th
 * ``train.resume=true`` (default) with a checkpoint in ``checkpoints/latest``: resume from it.
 * otherwise the run starts fresh, which needs an empty (or absent) output directory; a directory
   holding a run is replaced only with ``train.overwrite=true`` (moved aside atomically, then
-  deleted, and said so), and a non-empty directory that is not a refine-ray run is never replaced.
+  deleted, and said so), and a non-empty directory that is not a refine-ray run (or that holds
+  the working directory) is never replaced. One exception keeps "run the same command again"
+  true: a run of this very config that stopped before its first checkpoint starts over.
 
 The lock is ``fcntl.flock`` on ``<output_dir>/.lock`` for the whole run; the file records the
 holder's pid, host and start time for the message a second run gets. A lock whose process died
@@ -24,6 +26,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -47,15 +50,28 @@ def looks_like_run(out: Path) -> bool:
     return any((out / m).exists() for m in RUN_MARKERS)
 
 
-def plan_start(train) -> Optional[Path]:
-    """The checkpoint a run with these ``train`` settings resumes from, or None for a fresh start.
+@dataclass
+class Plan:
+    resume_from: Optional[Path]     # the checkpoint to resume from, or None for a fresh start
+    replace: bool                   # move what the directory holds aside first
+
+
+def plan_start(cfg, holding_lock: bool = False) -> Plan:
+    """What a run with this ``ExperimentConfig`` does with its ``train.output_dir`` (read-only);
+    ``holding_lock``: called by the run that holds the directory's lock.
 
     Raises:
         RunDirError: a fresh start into a directory holding files without ``train.overwrite``, an
-            overwrite of something that is not a run, or ``resume_from`` that conflicts with the dir.
+            overwrite of something that is not a run (or of the working directory), a directory
+            another run holds, or ``resume_from`` that conflicts with the directory.
         checkpoint.CheckpointError: ``latest`` or ``resume_from`` names no checkpoint.
     """
+    train = cfg.train
     out = Path(train.output_dir)
+    if not holding_lock:
+        check_not_locked(out)
+    if train.overwrite and holds_files(out):
+        _check_replaceable(out)
     if train.resume_from:
         found = ckpt.find_checkpoint(train.resume_from)
         inside = out.resolve() in found.resolve().parents
@@ -64,25 +80,53 @@ def plan_start(train) -> Optional[Path]:
         if holds_files(out) and not inside and not train.overwrite:
             raise RunDirError(f"train.output_dir: '{out}' already holds files, and train.resume_from '{found}' "
                               f"belongs to another run; pick an empty train.output_dir or set train.overwrite=true")
-        if train.overwrite:
-            _check_replaceable(out)
-        return found
+        return Plan(found, train.overwrite and holds_files(out))
     if train.resume and not train.overwrite and out.is_dir():
         found = ckpt.latest_checkpoint(out)
         if found is not None:
-            return found
-    if holds_files(out):
-        if not train.overwrite:
-            what = "a run" if looks_like_run(out) else "files"
-            hint = (" (it has no checkpoint to resume)" if train.resume and looks_like_run(out) else
-                    " (train.resume=false starts a new run)" if looks_like_run(out) else "")
-            raise RunDirError(f"train.output_dir: '{out}' already holds {what}{hint}; a new run would mix with "
-                              f"it. Pick another train.output_dir or set train.overwrite=true to replace it")
-        _check_replaceable(out)
-    return None
+            return Plan(found, False)
+    if not holds_files(out):
+        return Plan(None, False)
+    if train.overwrite or (train.resume and _same_run_before_first_checkpoint(out, cfg)):
+        return Plan(None, True)
+    what = "a run" if looks_like_run(out) else "files"
+    hint = " (train.resume=false starts a new run)" if looks_like_run(out) and not train.resume else ""
+    raise RunDirError(f"train.output_dir: '{out}' already holds {what}{hint}; a new run would mix with "
+                      f"it. Pick another train.output_dir or set train.overwrite=true to replace it")
+
+
+def _same_run_before_first_checkpoint(out: Path, cfg) -> bool:
+    """This very config stopped before its first checkpoint: running it again starts it over."""
+    from refine_ray.config import to_dict
+
+    if ckpt.completed_checkpoints(out) or any(p.name not in (*RUN_MARKERS, "summary.png", LOCK) for p in out.iterdir()):
+        return False
+    try:
+        return json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def check_not_locked(out: Path) -> None:
+    """Raise RunDirError if a live run holds ``out``'s lock (the lock file is left as it was)."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise RunDirError(f"train.output_dir: '{out}' is in use by another run ({_read_holder(fd)}); wait for "
+                          f"it to finish or pick another train.output_dir") from None
+    finally:
+        os.close(fd)
 
 
 def _check_replaceable(out: Path) -> None:
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise RunDirError(f"train.overwrite: '{out}' is the working directory or holds it; refusing to replace it")
     if holds_files(out) and not looks_like_run(out):
         raise RunDirError(f"train.overwrite: '{out}' is not a refine-ray run directory (none of "
                           f"{', '.join(RUN_MARKERS)}); refusing to delete it")
@@ -132,29 +176,35 @@ def _read_holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def claim(train) -> Iterator[Optional[Path]]:
+def claim(cfg) -> Iterator[Optional[Path]]:
     """Lock ``train.output_dir`` for this run and yield the checkpoint to resume from (or None).
 
-    The plan is made again under the lock (another run may have finished in between); with
-    ``train.overwrite=true`` a previous run is renamed aside atomically and then deleted.
+    The plan is made again under the lock (another run may have finished in between); a
+    directory to be replaced is renamed aside atomically and then deleted, and said so.
     """
-    out = Path(train.output_dir)
+    out = Path(cfg.train.output_dir).resolve()
     lock = RunDirLock(out)
     try:
-        resume_from = plan_start(train)
-        if resume_from is None and holds_files(out):        # overwrite (plan_start refused otherwise)
+        try:
+            plan = plan_start(cfg, holding_lock=True)
+        except BaseException:
+            lock.release()
+            raise
+        if plan.replace:
             lock = _replace(out, lock)
-        yield resume_from
+        yield plan.resume_from
     finally:
         lock.release()
 
 
 def _replace(out: Path, lock: RunDirLock) -> RunDirLock:
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*RUN_MARKERS, "summary.png", LOCK))
     aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.replace(out, aside)                # atomic: the old run is whole, either here or there
     new_lock = RunDirLock(out)            # a run that slipped in between makes this raise
     lock.release()
     shutil.rmtree(aside, ignore_errors=True)
-    log.warning("train.overwrite: replaced the previous run in %s", out)
-    print(f"refine-ray: train.overwrite=true: removed the previous run in {out}")
+    extra = f" (including {', '.join(foreign)}, which train did not write)" if foreign else ""
+    log.warning("train.overwrite: replaced the previous run in %s%s", out, extra)
+    print(f"refine-ray: removed the previous run in {out}{extra}")
     return new_lock

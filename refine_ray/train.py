@@ -22,8 +22,10 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
     from refine_ray.metrics_log import MetricsLogger
     from refine_ray.run_dir import claim
 
+    if report.resume_from is not None and ckpt.step_of(report.resume_from) >= cfg.train.steps:
+        return []                               # already done: nothing to start
     out = Path(cfg.train.output_dir)
-    with claim(cfg.train) as resume_from:       # this run's directory, locked until the run ends
+    with claim(cfg) as resume_from:       # this run's directory, locked until the run ends
         if resume_from is not None and resume_from != report.resume_from:
             ckpt.verify_checkpoint(resume_from)     # the directory changed after preflight
         partial = out / "config.json.partial"

@@ -88,6 +88,9 @@ def model_type_of(path: str) -> str:
         raise FileNotFoundError(f"no config.json in {path!r} (expected a local HF model directory)")
     with open(cfg_path) as f:
         model_type = json.load(f).get("model_type")
+    if model_type is None and os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"{path!r} is a training run, not a model: export it first "
+                         f"(refine-ray export --from {path} --out {os.path.join(path, 'hf')})")
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(f"{cfg_path}: unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
     return model_type

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -20,7 +21,8 @@ import torch
 from refine_ray import checkpoint as ckpt
 from refine_ray.cli import main
 
-TINY = ["--config", "configs/tiny_deltanet_mid.yaml", "data.max_length=160", "refine.n_chunks=2",
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--config", str(ROOT / "configs" / "tiny_deltanet_mid.yaml"), "data.max_length=160", "refine.n_chunks=2",
         "refine.response_length=4", "learner.num_ranks=1", "learner.gpus_per_rank=0.4",
         "scorer.gpus_per_actor=0.15", "rollout.gpus_per_actor=0.15", "reward.gpus_per_actor=0.15"]
 
@@ -113,7 +115,7 @@ def test_damaged_checkpoint_is_caught_before_resume_and_export(run, capsys, dama
     assert train(run, "train.steps=3") == 2
     one_line_error(capsys, "learner/ds/mp_rank_00_model_states.pt", "train.resume_from=", "step_000001")
     assert main(["export", "--from", str(run), "--out", str(run.parent / "hf")]) == 2
-    one_line_error(capsys, "mp_rank_00_model_states.pt")
+    one_line_error(capsys, "mp_rank_00_model_states.pt", "export it with --from", "step_000001")
     assert tree(run) == before and not (run.parent / "hf").exists()
     if damage == "flip":      # the suggested way out works: resume from the previous checkpoint
         good = run / "checkpoints" / "step_000001"
@@ -168,3 +170,57 @@ def test_pruning_keeps_the_checkpoint_latest_names(tmp_path):
     tmp, final3 = ckpt.begin_save(tmp_path, 3)
     ckpt.commit_save(tmp, final3, {"step": 3}, keep=1)
     assert [p.name for p in ckpt.completed_checkpoints(tmp_path)] == ["step_000003", "step_000006"]
+
+
+def test_out_of_the_way_cases(run, capsys, tmp_path):
+    """Export never replaces the run it reads; overwrite + resume_from replaces the old run whole;
+    malformed manifest entries and trainer state are one line; '.' is never replaced."""
+    before = tree(run)
+    for out in (run, run / "checkpoints", run.parent):
+        assert main(["export", "--from", str(run), "--out", str(out), "--overwrite"]) == 2
+        one_line_error(capsys, "is or holds the source")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("")
+    assert main(["export", "--from", str(run), "--out", str(other), "--overwrite"]) == 2
+    one_line_error(capsys, "is a training run directory")
+    assert tree(run) == before
+    step = run / "checkpoints" / "step_000002"
+    manifest = json.loads((step / ckpt.MANIFEST).read_text())
+    manifest["files"]["trainer.json"] = 5
+    (step / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert train(run, "train.steps=3") == 2
+    one_line_error(capsys, "manifest.json is unreadable")
+    state = json.loads((step / "trainer.json").read_text())
+    state["cursor"] = {"bogus": 1}
+    with pytest.raises(ckpt.CheckpointError, match="malformed cursor"):
+        (step / "trainer.json").write_text(json.dumps(state))
+        ckpt.load_trainer_state(step)
+
+
+def test_overwrite_with_resume_from_another_run_replaces_the_old_run(run, old_run, capsys, monkeypatch, tmp_path):
+    (run / "NOTES.md").write_text("mine")
+    first = old_run / "checkpoints" / "step_000001"
+    assert train(run, "train.overwrite=true", f"train.resume_from={first}", "train.steps=2") == 0
+    assert "including NOTES.md" in capsys.readouterr().out
+    assert [p.name for p in ckpt.completed_checkpoints(run)] == ["step_000002"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    monkeypatch.chdir(run)
+    assert train(".", "train.overwrite=true") == 2
+    one_line_error(capsys, "working directory")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(run, capsys):
+    """'Run the same command again' holds when nothing was saved yet (a crash in step 0)."""
+    argv = ["train.steps=1", "data.seed=7"]
+    shutil.rmtree(run)
+    run.mkdir()
+    from refine_ray.config import load_config, to_dict
+
+    cfg = load_config(TINY[1], TINY[2:] + [f"train.output_dir={run}", *argv])
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))    # what the crashed run left
+    (run / "metrics.jsonl").write_text("")
+    assert train(run, *argv, "data.seed=8") == 2                  # another config: not the same run
+    one_line_error(capsys, "already holds a run")
+    assert train(run, *argv) == 0
+    assert ckpt.latest_checkpoint(run).name == "step_000001"
