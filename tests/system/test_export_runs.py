@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from refine_ray.cli import main
@@ -17,13 +16,6 @@ from refine_ray.models import registry
 
 TINY = ["data.max_length=160", "refine.n_chunks=2", "refine.response_length=4", "learner.gpus_per_rank=0.4",
         "scorer.gpus_per_actor=0.15", "rollout.gpus_per_actor=0.15", "reward.gpus_per_actor=0.15"]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("zero,ranks", [pytest.param(0, 1, marks=pytest.mark.slow), (1, 1),

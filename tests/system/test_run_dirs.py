@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from refine_ray import checkpoint as ckpt
@@ -42,13 +41,6 @@ def one_line_error(capsys, *needles):
     for needle in needles:
         assert needle in err, err
     return err
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

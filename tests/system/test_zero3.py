@@ -9,7 +9,6 @@ random DeltaNet, parquet files written here.
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 
 from refine_ray.batches import DocBatch
 from refine_ray.config import load_config
@@ -24,13 +23,6 @@ def _text(tokenizer, n_tokens: int, seed: int) -> str:
     text = " ".join(words)
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n_tokens
     return text
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

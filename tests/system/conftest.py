@@ -1,0 +1,11 @@
+"""Fixtures shared by the system tests."""
+import pytest
+import ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for one test module: 8 CPUs and 2 logical GPUs, so placement runs as on GPUs."""
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
