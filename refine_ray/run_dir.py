@@ -185,11 +185,7 @@ def claim(cfg) -> Iterator[Optional[Path]]:
     out = Path(cfg.train.output_dir).resolve()
     lock = RunDirLock(out)
     try:
-        try:
-            plan = plan_start(cfg, holding_lock=True)
-        except BaseException:
-            lock.release()
-            raise
+        plan = plan_start(cfg, holding_lock=True)
         if plan.replace:
             lock = _replace(out, lock)
         yield plan.resume_from
