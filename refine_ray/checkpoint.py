@@ -199,12 +199,9 @@ def check_pickled_globals(path: Path) -> None:
     Raises:
         CheckpointError: naming the file and the first offending global.
     """
-    import torch
-
     for f in sorted(Path(path).rglob("*.pt")):
         try:
-            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-                      if g not in DEEPSPEED_SAFE_GLOBALS]
+            unsafe = unsafe_globals(f, allowed=DEEPSPEED_SAFE_GLOBALS)
         except Exception as e:      # not a torch zip file: the manifest passed, so it was written so
             raise CheckpointError(f"checkpoint '{path}': '{f.relative_to(path)}' is not a torch checkpoint "
                                   f"file ({type(e).__name__})") from None
@@ -212,6 +209,15 @@ def check_pickled_globals(path: Path) -> None:
             raise CheckpointError(f"checkpoint '{path}': '{f.relative_to(path)}' pickles {unsafe[0]!r}, which "
                                   f"refine-ray does not load (only tensors and DeepSpeed's plain classes); "
                                   f"refusing a checkpoint that could run code")
+
+
+def unsafe_globals(file: Path, allowed: tuple = ()) -> list[str]:
+    """Globals a torch pickle file would rebuild beyond tensors, containers and ``allowed``, listed
+    by torch's scanner (``get_unsafe_globals_in_checkpoint``), which executes nothing.
+    Raises whatever torch raises for a file that is not a torch checkpoint."""
+    import torch
+
+    return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(file)) if g not in allowed]
 
 
 def _fallback(path: Path, way_out: str) -> str:

@@ -45,6 +45,7 @@ import torch
 from refine_ray import checkpoint as ckpt
 from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict
 from refine_ray.models import registry
+from refine_ray.preflight import error_line
 
 __all__ = ["ExportError", "load_source", "save_atomic", "export_model"]
 
@@ -178,15 +179,10 @@ def _deepspeed_state_dict(save_dir: Path, tag: str) -> dict[str, torch.Tensor]:
             states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ExportError(f"{tag_dir}: refusing to load a checkpoint file that pickles code or unknown "
-                          f"objects ({_first_line(e)})") from None
+                          f"objects ({error_line(e, 300)})") from None
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise ExportError(f"{tag_dir}: unreadable DeepSpeed checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise ExportError(f"{tag_dir}: unreadable DeepSpeed checkpoint ({type(e).__name__}: {error_line(e, 300)})") from None
     return dict(states["module"])
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _plain_state_dict(src: Path) -> dict[str, torch.Tensor]:

@@ -73,9 +73,10 @@ class PreflightReport:
     lengths: object = None      # token count per corpus row (the driver's data cursor reuses it)
 
 
-def _first_line(e: BaseException) -> str:
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type name."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 ARCHITECTURE_KEYS = ("type", "path", "hidden_size", "num_hidden_layers", "num_heads")
@@ -100,7 +101,7 @@ def check_output(cfg: ExperimentConfig):
     except ckpt.CheckpointError as e:          # already one line, with the way out: keep it whole
         raise PreflightError(f"{key}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PreflightError(f"{key}: {_first_line(e)}") from None
+        raise PreflightError(f"{key}: {error_line(e)}") from None
     if not (path / "learner").is_dir():
         raise PreflightError(f"{key}: checkpoint '{path}' has no learner/ directory (incomplete checkpoint)")
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
@@ -153,13 +154,11 @@ def check_writable(path: str | Path, what: str, is_dir: bool = True) -> None:
 def _check_pickled_weights(d: Path) -> None:
     """``pytorch_model*.bin`` files hold nothing but tensors (globals listed by torch's scanner,
     which executes nothing); a file that pickles code is refused before any actor loads it."""
-    import torch
-
     for f in sorted(d.glob("pytorch_model*.bin")):
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            unsafe = ckpt.unsafe_globals(f)
         except Exception as e:
-            raise ConfigError(f"model.path: '{f}' is not a torch weights file ({_first_line(e)})") from None
+            raise ConfigError(f"model.path: '{f}' is not a torch weights file ({error_line(e)})") from None
         if unsafe:
             raise ConfigError(f"model.path: '{f}' pickles {unsafe[0]!r}, not just tensors; refusing weights "
                               f"that could run code (convert them to safetensors)")
@@ -184,7 +183,7 @@ def check_weights(d: Path, model_type: str) -> None:
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"model.path: '{index}' is not a safetensors index ({_first_line(e)})") from None
+            raise ConfigError(f"model.path: '{index}' is not a safetensors index ({error_line(e)})") from None
         for name in names:
             if not (d / name).is_file():
                 raise ConfigError(f"model.path: '{index}' names '{name}', which does not exist")
@@ -201,7 +200,7 @@ def check_weights(d: Path, model_type: str) -> None:
             model = model_cls(config_cls.from_pretrained(str(d)))
     except Exception as e:              # a config.json whose fields do not build the model
         raise ConfigError(f"model.path: cannot build a {model_type} model from '{d / 'config.json'}' "
-                          f"({_first_line(e)})") from None
+                          f"({error_line(e)})") from None
     prefix = f"{model.base_model_prefix}."
     expected = {k.removeprefix(prefix): list(v.shape) for k, v in model.state_dict().items()}
     seen = 0
@@ -211,7 +210,7 @@ def check_weights(d: Path, model_type: str) -> None:
                 shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as e:   # SafetensorError: header too small, file not fully covered; OSError
             raise ConfigError(f"model.path: '{d / name}' is not a complete safetensors file "
-                              f"({_first_line(e)})") from None
+                              f"({error_line(e)})") from None
         for key, shape in shapes.items():
             want = expected.get(key.removeprefix(prefix))
             seen += want is not None
@@ -230,11 +229,11 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
             registry.tiny_config(m.type, vocab_size, hidden_size=m.hidden_size,
                                  num_hidden_layers=m.num_hidden_layers, num_heads=m.num_heads)
         except ImportError as e:
-            raise ConfigError(f"model.type: {_first_line(e)}") from None
+            raise ConfigError(f"model.type: {error_line(e)}") from None
         except (ValueError, TypeError, AssertionError) as e:
             raise ConfigError(f"model: cannot build a {m.type} model from hidden_size={m.hidden_size}, "
                               f"num_hidden_layers={m.num_hidden_layers}, num_heads={m.num_heads} "
-                              f"({_first_line(e)})") from None
+                              f"({error_line(e)})") from None
         return
     d = Path(m.path)
     cfg_file = d / "config.json"
@@ -244,7 +243,7 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
     try:
         raw = json.loads(cfg_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"model.path: '{cfg_file}' is not valid JSON ({_first_line(e)})") from None
+        raise ConfigError(f"model.path: '{cfg_file}' is not valid JSON ({error_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"model.path: '{cfg_file}' is not a JSON object")
     model_type = raw.get("model_type")
@@ -254,7 +253,7 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
     try:
         registry._classes(model_type)
     except ImportError as e:
-        raise ConfigError(f"model.path: {_first_line(e)}") from None
+        raise ConfigError(f"model.path: {error_line(e)}") from None
     if not any((d / f).is_file() for f in WEIGHT_FILES):
         raise ConfigError(f"model.path: '{d}' has no weights (expected one of {', '.join(WEIGHT_FILES)})")
     model_vocab = raw.get("vocab_size")

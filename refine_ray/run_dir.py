@@ -36,6 +36,7 @@ log = logging.getLogger("refine_ray")
 
 LOCK = ".lock"
 RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
+RUN_FILES = (*RUN_MARKERS, "summary.png", LOCK)      # everything train itself writes into a run dir
 
 
 class RunDirError(ValueError):
@@ -99,7 +100,7 @@ def _same_run_before_first_checkpoint(out: Path, cfg) -> bool:
     """This very config stopped before its first checkpoint: running it again starts it over."""
     from refine_ray.config import to_dict
 
-    if ckpt.completed_checkpoints(out) or any(p.name not in (*RUN_MARKERS, "summary.png", LOCK) for p in out.iterdir()):
+    if ckpt.completed_checkpoints(out) or any(p.name not in RUN_FILES for p in out.iterdir()):
         return False
     try:
         return json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
@@ -117,8 +118,7 @@ def check_not_locked(out: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
     except BlockingIOError:
-        raise RunDirError(f"train.output_dir: '{out}' is in use by another run ({_read_holder(fd)}); wait for "
-                          f"it to finish or pick another train.output_dir") from None
+        raise _in_use(out, fd) from None
     finally:
         os.close(fd)
 
@@ -144,10 +144,9 @@ class RunDirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                error = _in_use(self.out, fd)
                 os.close(fd)
-                raise RunDirError(f"train.output_dir: '{self.out}' is in use by another run ({holder}); wait for "
-                                  f"it to finish or pick another train.output_dir") from None
+                raise error from None
             # The file may have been replaced between open and flock: then lock the new one.
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -167,12 +166,15 @@ class RunDirLock:
             self.fd = None
 
 
-def _read_holder(fd: int) -> str:
+def _in_use(out: Path, fd: int) -> RunDirError:
+    """The error for a lock another run holds, naming the holder recorded in the lock file."""
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+        holder = f"pid {info['pid']} on {info['host']}, since {info['since']}"
     except (ValueError, KeyError, OSError):
-        return "holder unknown"
+        holder = "holder unknown"
+    return RunDirError(f"train.output_dir: '{out}' is in use by another run ({holder}); wait for it to "
+                       f"finish or pick another train.output_dir")
 
 
 @contextlib.contextmanager
@@ -194,7 +196,7 @@ def claim(cfg) -> Iterator[Optional[Path]]:
 
 
 def _replace(out: Path, lock: RunDirLock) -> RunDirLock:
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*RUN_MARKERS, "summary.png", LOCK))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
     aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.replace(out, aside)                # atomic: the old run is whole, either here or there
     new_lock = RunDirLock(out)            # a run that slipped in between makes this raise
