@@ -310,6 +310,8 @@ def export_model(source: str, out: str | Path, tokenizer_path: Optional[str] = N
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r}: expected float32 or bfloat16")
     _check_out_apart(source, Path(out))
+    if Path(out).exists() and not overwrite:       # before the (possibly long) load; save_atomic checks again
+        raise ExportError(f"--out '{out}' already exists (use --overwrite to replace it)")
     model, tok = load_source(source, tokenizer_path, run_config)
     if model.config.vocab_size < len(tok):
         raise ExportError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}")
