@@ -67,7 +67,7 @@ def _eval(args) -> int:
 
     from refine_ray.data import DataError
     from refine_ray.eval.data import DataError as EvalDataError
-    from refine_ray.evaluate import (EvalError, build_eval_model, load_eval_sets, run_eval,
+    from refine_ray.eval.evaluate import (EvalError, build_eval_model, load_eval_sets, run_eval,
                                      summary_line)
 
     # Flags are shorthands for eval.* overrides; everything lands in one typed config.
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refine-ray: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "train":
-        from refine_ray.checkpoint import CheckpointError
+        from refine_ray.system.checkpoint import CheckpointError
         from refine_ray.data import DataError
-        from refine_ray.driver import LearnerFailure
+        from refine_ray.system.controller import LearnerFailure
         from refine_ray.preflight import PreflightError
-        from refine_ray.run_dir import RunDirError
+        from refine_ray.system.run_dir import RunDirError
         from refine_ray.train import run_training
 
         try:

@@ -42,7 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
-from refine_ray import checkpoint as ckpt
+from refine_ray.system import checkpoint as ckpt
 from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict
 from refine_ray.models import registry
 from refine_ray.preflight import error_line
@@ -112,7 +112,7 @@ def _architecture(cfg: ModelConfig, vocab_size: int):
                               f"comes from its config.json")
     from dataclasses import replace
 
-    from refine_ray.policy import build_policy   # the same model the learner built
+    from refine_ray.refine.policy import build_policy   # the same model the learner built
 
     try:
         return build_policy(replace(cfg, dtype="float32"), vocab_size, device="cpu")

@@ -11,7 +11,7 @@ directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest fi
     temporary file, so read-only filesystems, ``/proc``, ``/sys`` and a file where a
     parent directory should be are caught also as root);
   * the layout's CPUs/GPUs fit the declared local cluster
-    (:func:`refine_ray.placement.check_resources`);
+    (:func:`refine_ray.system.placement.check_resources`);
   * the output directory: not an existing file; a resume pointer
     (``checkpoints/latest``) that names a complete, loadable checkpoint;
   * ``data.max_length`` leaves room for ``refine.n_chunks`` cuts of
@@ -45,12 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from refine_ray import checkpoint as ckpt
-from refine_ray import run_dir
+from refine_ray.system import checkpoint as ckpt
+from refine_ray.system import run_dir
 from refine_ray.config import ConfigError, ExperimentConfig, to_dict
 from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer, locate_row, read_texts
 from refine_ray.models import registry
-from refine_ray.scoring import min_document_tokens
+from refine_ray.refine.scoring import min_document_tokens
 
 __all__ = ["PreflightError", "PreflightReport", "check_writable", "preflight"]
 
@@ -83,7 +83,7 @@ ARCHITECTURE_KEYS = ("type", "path", "hidden_size", "num_hidden_layers", "num_he
 
 
 def check_output(cfg: ExperimentConfig):
-    """The output dir may be used as asked (one run per directory, ``refine_ray.run_dir``); a
+    """The output dir may be used as asked (one run per directory, ``refine_ray.system.run_dir``); a
     checkpoint to resume from is complete, matches its manifest and was written for this
     architecture. Returns that checkpoint, or None for a fresh start."""
     out = Path(cfg.train.output_dir)
@@ -305,7 +305,7 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
 
 def preflight(cfg: ExperimentConfig) -> PreflightReport:
     """Open every input of a training job in this process; raise one-line errors, start nothing."""
-    from refine_ray.placement import check_resources
+    from refine_ray.system.placement import check_resources
 
     check_writable(cfg.train.output_dir, "train.output_dir")
     check_resources(cfg)

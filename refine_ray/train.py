@@ -17,10 +17,10 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
     from refine_ray.preflight import preflight
 
     report = preflight(cfg)   # bad inputs stop here, one line, before Ray or any file is touched
-    from refine_ray import checkpoint as ckpt
-    from refine_ray.driver import RefineTrainer
-    from refine_ray.metrics_log import MetricsLogger
-    from refine_ray.run_dir import claim
+    from refine_ray.system import checkpoint as ckpt
+    from refine_ray.system.controller import RefineTrainer
+    from refine_ray.system.metrics_log import MetricsLogger
+    from refine_ray.system.run_dir import claim
 
     if report.resume_from is not None and ckpt.step_of(report.resume_from) >= cfg.train.steps:
         return []                               # already done: nothing to start
@@ -41,7 +41,7 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
 
 
 def _train(cfg: ExperimentConfig, trainer, logger) -> list[dict]:
-    from refine_ray.ray_metrics import RayMetricsExporter
+    from refine_ray.system.ray_metrics import RayMetricsExporter
 
     exporter = RayMetricsExporter(cfg.name)     # headline figures on the Ray dashboard / Prometheus
     history = []

@@ -2,5 +2,5 @@
 
 Each module defines a plain class; the driver turns it into an actor with
 ``ray.remote(Class).options(...)`` so placement stays in one place
-(refine_ray.placement) and the classes stay testable without Ray.
+(refine_ray.system.placement) and the classes stay testable without Ray.
 """

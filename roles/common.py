@@ -38,14 +38,14 @@ class VersionedWeights:
 
     def join_weight_group(self, host: str, port: int, world: int, rank: int, group_id: int,
                           timeout_s: float = 120.0) -> bool:
-        from refine_ray.collective_sync import WeightGroup
+        from refine_ray.system.collective_sync import WeightGroup
 
         self.weight_group = WeightGroup(host, port, world, rank, group_id, timeout_s)
         return True
 
     def receive_weights(self, version: int, dtype_name: str, bucket_mb: float) -> int:
         """Receive a collective broadcast (collective weight sync); same ordering rules as update_weights."""
-        from refine_ray.collective_sync import sync_dtype
+        from refine_ray.system.collective_sync import sync_dtype
 
         params = [p for _, p in self._weight_module().named_parameters()]
         self.weight_group.receive(params, sync_dtype(dtype_name), bucket_mb)
@@ -59,7 +59,7 @@ class VersionedWeights:
         return self.version
 
     def _load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        from refine_ray.policy import load_numpy_weights
+        from refine_ray.refine.policy import load_numpy_weights
 
         load_numpy_weights(self.model, weights)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
-from refine_ray.batches import LearnBatch
+from refine_ray.system.batches import LearnBatch
 from refine_ray.config import ExperimentConfig
 from roles.common import setup_process
 
@@ -27,7 +27,7 @@ class LearnerRankRole:
         os.environ.update({"RANK": str(self.rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(self.world),
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
         setup_process(self.cfg.train.seed)
-        from refine_ray.learner import RefineLearner
+        from refine_ray.system.learner import RefineLearner
 
         self.learner = RefineLearner(self.cfg, vocab_size)
         return True

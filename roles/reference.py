@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refine_ray.batches import RolloutBatch, ScoredBatch
+from refine_ray.system.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.data import load_tokenizer
-from refine_ray.policy import build_policy
-from refine_ray.sequence_logprobs import document_logprobs
+from refine_ray.refine.policy import build_policy
+from refine_ray.refine.sequence_logprobs import document_logprobs
 from roles.common import setup_process
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import time
 
-from refine_ray.batches import RewardBatch, RolloutBatch, ScoredBatch
+from refine_ray.system.batches import RewardBatch, RolloutBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.data import load_tokenizer
-from refine_ray.rewarding import SequenceRewarder
+from refine_ray.refine.rewarding import SequenceRewarder
 from roles.common import setup_process
 
 

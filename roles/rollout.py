@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import time
 
-from refine_ray.batches import RolloutBatch, ScoredBatch
+from refine_ray.system.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.data import load_tokenizer
-from refine_ray.policy import build_policy
-from refine_ray.rollout_engine import FastWeightRollout
+from refine_ray.refine.policy import build_policy
+from refine_ray.refine.sampling import FastWeightRollout
 from roles.common import VersionedWeights, setup_process
 
 
@@ -16,7 +16,7 @@ class RolloutRole(VersionedWeights):
         self.device = setup_process(cfg.train.seed + seed)
         vocab = len(load_tokenizer(cfg.tokenizer.path))
         if cfg.rollout.backend == "vllm":
-            from refine_ray.vllm_rollout import VLLMRollout
+            from refine_ray.serving.vllm_rollout import VLLMRollout
 
             self.engine = VLLMRollout(cfg, vocab)
         else:

@@ -12,11 +12,11 @@ import time
 import numpy as np
 import torch
 
-from refine_ray.batches import DocBatch, ScoredBatch
+from refine_ray.system.batches import DocBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.data import Corpus, load_tokenizer, row_seed
-from refine_ray.policy import build_policy
-from refine_ray.scoring import pack_states, score_document
+from refine_ray.refine.policy import build_policy
+from refine_ray.refine.scoring import pack_states, score_document
 from roles.common import VersionedWeights, setup_process
 
 CUT_STREAM = 1

@@ -36,9 +36,9 @@ from refine_ray.algo import (cosine_reward, grpo_advantages, make_group_ids,  # 
                              ppo_clip_loss, refine_loss)
 from refine_ray.config import RefineConfig  # noqa: E402
 from refine_ray.models.generation import prefill, sample_continuations  # noqa: E402
-from refine_ray.rollout_engine import decode_batches  # noqa: E402
-from refine_ray.scoring import resolve_state_stride, score_document  # noqa: E402
-from refine_ray.sequence_logprobs import document_logprobs, document_ntp_loss  # noqa: E402
+from refine_ray.refine.sampling import decode_batches  # noqa: E402
+from refine_ray.refine.scoring import resolve_state_stride, score_document  # noqa: E402
+from refine_ray.refine.sequence_logprobs import document_logprobs, document_ntp_loss  # noqa: E402
 
 SIZES = {  # named sizes: explicit config fields over the registry's tiny preset
     "tiny": {},

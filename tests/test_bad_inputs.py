@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refine_ray import checkpoint as ckpt
+from refine_ray.system import checkpoint as ckpt
 from refine_ray.cli import main
 from refine_ray.config import load_config
 from refine_ray.models import registry

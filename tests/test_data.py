@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refine_ray.batches import DocBatch, LearnBatch
+from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.config import DataConfig
 from refine_ray.data import Corpus, DataCursor, DataError, load_tokenizer, read_texts
 

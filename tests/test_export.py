@@ -111,7 +111,7 @@ DS_SCRIPT = textwrap.dedent("""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     from refine_ray.config import ModelConfig
-    from refine_ray.policy import build_policy
+    from refine_ray.refine.policy import build_policy
     deepspeed.init_distributed(dist_backend="gloo")
     model = build_policy(ModelConfig(), int(sys.argv[2]), device="cpu")   # as RefineLearner builds it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -2,7 +2,7 @@
 
 The fast-weight models are what REFINE is about; this one exists so that the whole
 system (scorer, rollout, learner) can also train an architecture vLLM serves, which
-makes the vLLM rollout backend (:mod:`refine_ray.vllm_rollout`) usable end to end.
+makes the vLLM rollout backend (:mod:`refine_ray.serving.vllm_rollout`) usable end to end.
 
 Deliberate decisions:
   * A thin subclass of transformers' ``LlamaForCausalLM``: same parameters, same

@@ -12,7 +12,7 @@ import torch
 from refine_ray.models import registry
 from refine_ray.models.base import ModelState
 from refine_ray.models.generation import generate, prefill, sample_continuations
-from refine_ray.sequence_logprobs import document_logprobs
+from refine_ray.refine.sequence_logprobs import document_logprobs
 
 V = 83
 

@@ -10,7 +10,7 @@ import torch
 from refine_ray.cli import main
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
-from refine_ray.driver import RefineTrainer
+from refine_ray.system.controller import RefineTrainer
 from refine_ray.export import export_model
 from refine_ray.models import registry
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import ray
 
-from refine_ray import checkpoint as ckpt
+from refine_ray.system import checkpoint as ckpt
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
-from refine_ray.driver import LearnerFailure, RefineTrainer
+from refine_ray.system.controller import LearnerFailure, RefineTrainer
 
 BASE = ["data.max_length=160", "refine.n_chunks=2", "refine.response_length=4", "learner.num_ranks=1",
         "learner.gpus_per_rank=0.4", "scorer.gpus_per_actor=0.15", "rollout.gpus_per_actor=0.15",

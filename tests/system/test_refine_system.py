@@ -10,7 +10,7 @@ import ray
 
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
-from refine_ray.driver import RefineTrainer
+from refine_ray.system.controller import RefineTrainer
 
 
 def _weights(trainer):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refine_ray import checkpoint as ckpt
+from refine_ray.system import checkpoint as ckpt
 from refine_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_fresh_start_into_an_old_run_refuses(run, capsys):
 
 def test_lock_refuses_a_second_run_and_overwrite_replaces(run, capsys):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from refine_ray.run_dir import RunDirLock; RunDirLock(sys.argv[1]); "
+        "import sys, time; from refine_ray.system.run_dir import RunDirLock; RunDirLock(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(600)"), str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

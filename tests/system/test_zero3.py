@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refine_ray.batches import DocBatch
+from refine_ray.system.batches import DocBatch
 from refine_ray.config import load_config
 from refine_ray.data import Corpus, load_tokenizer
-from refine_ray.driver import LearnerFailure, RefineTrainer
+from refine_ray.system.controller import LearnerFailure, RefineTrainer
 
 
 def _text(tokenizer, n_tokens: int, seed: int) -> str:

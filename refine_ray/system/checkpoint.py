@@ -341,6 +341,6 @@ def decode_batches(tree, arrays: dict):
 
 
 def _batch_types() -> dict:
-    from refine_ray.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
+    from refine_ray.system.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
 
     return {c.__name__: c for c in (DocBatch, ScoredBatch, RolloutBatch, RewardBatch)}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from refine_ray.algo import cosine_reward, exact_match_reward
-from refine_ray.batches import RewardBatch, RolloutBatch, ScoredBatch
+from refine_ray.system.batches import RewardBatch, RolloutBatch, ScoredBatch
 
 
 class SentenceEncoder:

@@ -5,7 +5,7 @@ import pytest
 import ray
 
 from refine_ray.config import ConfigError, load_config
-from refine_ray.placement import Placement, bundle_specs, check_resources, plan_slots
+from refine_ray.system.placement import Placement, bundle_specs, check_resources, plan_slots
 
 
 def _cfg(*overrides):

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from refine_ray.algo import agg_loss, head_calls, kl_penalty, ppo_clip_loss, refine_loss
-from refine_ray.batches import DocBatch, LearnBatch
+from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
-from refine_ray.policy import build_policy
-from refine_ray.sequence_logprobs import answer_nll, document_logprobs, document_ntp_loss
+from refine_ray.refine.policy import build_policy
+from refine_ray.refine.sequence_logprobs import answer_nll, document_logprobs, document_ntp_loss
 
 
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
@@ -201,13 +201,13 @@ class RefineLearner:
 
     def join_weight_group(self, host: str, port: int, world: int, group_id: int) -> None:
         """Rank 0 joins the weight-broadcast group as its sender (rank 0 of that group)."""
-        from refine_ray.collective_sync import WeightGroup
+        from refine_ray.system.collective_sync import WeightGroup
 
         self.weight_group = WeightGroup(host, port, world, 0, group_id, self.cfg.system.weight_sync_timeout_s)
 
     def broadcast_weights(self) -> int:
         """Send the full weights to the group in buckets; every learner rank calls this (ZeRO-3 gathers)."""
-        from refine_ray.collective_sync import sync_dtype, take_part_in_gathers
+        from refine_ray.system.collective_sync import sync_dtype, take_part_in_gathers
 
         params = [p for _, p in self.engine.module.named_parameters()]
         dtype, mb = sync_dtype(self.cfg.model.dtype), self.cfg.system.weight_bucket_mb
@@ -226,7 +226,7 @@ class RefineLearner:
         self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
 
     def load(self, path: str) -> dict:
-        from refine_ray.checkpoint import weights_only_loading
+        from refine_ray.system.checkpoint import weights_only_loading
 
         with weights_only_loading():        # a checkpoint from elsewhere must not run code here
             _, client_state = self.engine.load_checkpoint(path, tag="ds")

@@ -11,7 +11,7 @@ Deliberate decisions:
     vLLM knows work: here model type 'llama' (refine_ray.models.attention); vLLM has no
     DeltaNet / GatedDeltaNet / LaCT, and the error says so.
   * No tokenizer: ``skip_tokenizer_init=True`` and token-id prompts.
-  * Requests: one per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.batches`), ``n=G``,
+  * Requests: one per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.system.batches`), ``n=G``,
     exactly k tokens (``max_tokens=k``, ``ignore_eos=True``). No ``min_tokens``: its logits
     processor masks EOS before sampling, which would change the returned log-probs.
   * Seeds: per request ``row_seed(train.seed, 2, step, doc_id, cut)`` (vLLM gives sample i
@@ -45,10 +45,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from refine_ray.batches import RolloutBatch, ScoredBatch
+from refine_ray.system.batches import RolloutBatch, ScoredBatch
 from refine_ray.data import row_seed
 
-ROLLOUT_STREAM = 2           # same stream id as refine_ray.rollout_engine
+ROLLOUT_STREAM = 2           # same stream id as refine_ray.refine.sampling
 VLLM_TYPES = ("llama",)      # our model types whose checkpoints vLLM can serve
 WEIGHTS_FILE = "model.safetensors"
 INSTALL_HINT = "pip install 'refine-ray[vllm]' (or bash scripts/setup_vllm.sh for .venv-vllm)"
@@ -73,7 +73,7 @@ class VLLMRollout:
 
     def __init__(self, cfg, vocab_size: int, model_dir: Optional[str] = None):
         vllm = import_vllm()
-        from refine_ray.policy import build_policy
+        from refine_ray.refine.policy import build_policy
 
         r = cfg.refine
         if r.top_p < 1.0:

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from refine_ray.batches import DocBatch, RolloutBatch, ScoredBatch
-from refine_ray.rewarding import SequenceRewarder
+from refine_ray.system.batches import DocBatch, RolloutBatch, ScoredBatch
+from refine_ray.refine.rewarding import SequenceRewarder
 
 
 def _batches(tokenizer, gt_texts, resp_texts, G, D=4):

@@ -1,7 +1,7 @@
 """A typed model of the parts of the KubeRay ``ray.io/v1`` CRDs that deploy/kuberay uses.
 
     doc = load_manifest("deploy/kuberay/rayjob.yaml")        # -> Manifest(kind="RayJob", ...)
-    python -m refine_ray.kuberay deploy/kuberay/*.yaml       # check manifests before kubectl apply
+    python -m refine_ray.system.kuberay deploy/kuberay/*.yaml       # check manifests before kubectl apply
 
 Field names are the CRDs'. KubeRay-level objects reject unknown keys (the API server would drop a
 typo such as ``minReplica`` silently); in pod templates only the modelled fields are checked. Each

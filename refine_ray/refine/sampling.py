@@ -6,7 +6,7 @@ Two backends behind :class:`RolloutEngine`:
   each prefix once (re-encode) or start directly from the cut states the scorer
   cached (prefix sharing), then k O(1) recurrent decode steps. It also returns
   the policy's hidden states at the sampled tokens, which the cosine reward needs.
-* :class:`VLLMRollout` (refine_ray.vllm_rollout) for architectures vLLM supports.
+* :class:`VLLMRollout` (refine_ray.serving.vllm_rollout) for architectures vLLM supports.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from refine_ray.batches import RolloutBatch, ScoredBatch
+from refine_ray.system.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import RefineConfig
 from refine_ray.data import row_seed
 from refine_ray.models.base import ModelState
 from refine_ray.models.generation import prefill, sample_continuations
-from refine_ray.scoring import unpack_states
+from refine_ray.refine.scoring import unpack_states
 
 
 ROLLOUT_STREAM = 2
@@ -39,7 +39,7 @@ class FastWeightRollout:
         self.device = next(model.parameters()).device
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        from refine_ray.policy import load_numpy_weights
+        from refine_ray.refine.policy import load_numpy_weights
 
         load_numpy_weights(self.model, weights)
 

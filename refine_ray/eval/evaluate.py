@@ -43,7 +43,7 @@ from refine_ray.eval import metrics as M
 from refine_ray.eval.data import load_longbench, load_ruler, ruler_file_info
 from refine_ray.eval.niah import ESSAY_HAYSTACK, VARIANTS, generate_niah, niah_recall, score_niah
 from refine_ray.eval.progress import PredictionLog, prompt_hash, write_atomic
-from refine_ray.ttt import TestTimeTrainer
+from refine_ray.eval.ttt import TestTimeTrainer
 
 __all__ = ["EvalConfig", "EvalError", "EvalSet", "load_eval_sets", "build_eval_model", "stop_ids",
            "tokenize_sets", "run_eval", "write_json_atomic"]
@@ -149,7 +149,7 @@ def score_set(s: EvalSet, preds: list[str]) -> dict[str, float]:
 def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[str] = None):
     """``tiny:TYPE`` (random model shaped by ``cfg.model``) or a local HF dir; returns (model, tokenizer)."""
     from refine_ray.data import load_tokenizer
-    from refine_ray.policy import build_policy
+    from refine_ray.refine.policy import build_policy
 
     if spec.startswith("tiny:"):
         m = cfg.model

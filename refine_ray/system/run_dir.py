@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from refine_ray import checkpoint as ckpt
+from refine_ray.system import checkpoint as ckpt
 
 log = logging.getLogger("refine_ray")
 

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from refine_ray.algo import logprobs_from_logits, ntp_loss_from_hidden
-from refine_ray.cut_states import one_pass
+from refine_ray.refine.cut_states import one_pass
 from refine_ray.models.base import ModelState
 
 

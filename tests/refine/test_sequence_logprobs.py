@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refine_ray.models.registry import build_model
-from refine_ray.sequence_logprobs import document_logprobs
+from refine_ray.refine.sequence_logprobs import document_logprobs
 
 MODELS = ["delta_net", "gated_deltanet", "lact", "llama"]
 
@@ -67,7 +67,7 @@ def test_response_of_one_token():
 
 
 def test_answer_nll_counts_answer_tokens_only():
-    from refine_ray.sequence_logprobs import answer_nll
+    from refine_ray.refine.sequence_logprobs import answer_nll
 
     model = build_model("delta_net", seed=2, vocab_size=60)
     prompt, answer = torch.randint(0, 60, (25,)), torch.randint(0, 60, (6,))
@@ -94,7 +94,7 @@ def test_module_calls_do_not_depend_on_lengths():
     505 tokens (NTP head chunks agreed at the max) or answers of 1 and 5 tokens must call
     the same modules in the same order."""
     from refine_ray.algo import head_calls
-    from refine_ray.sequence_logprobs import answer_nll
+    from refine_ray.refine.sequence_logprobs import answer_nll
 
     model = build_model("delta_net", seed=4, vocab_size=50)
     gen = torch.Generator().manual_seed(7)
@@ -115,7 +115,7 @@ def test_module_calls_do_not_depend_on_lengths():
 
 
 def test_answer_nll_of_one_token():
-    from refine_ray.sequence_logprobs import answer_nll
+    from refine_ray.refine.sequence_logprobs import answer_nll
 
     model = build_model("delta_net", seed=2, vocab_size=60)
     prompt, answer = torch.randint(0, 60, (25,)), torch.randint(0, 60, (1,))

@@ -9,8 +9,8 @@ import torch
 from refine_ray.config import RefineConfig
 from refine_ray.models import registry
 from refine_ray.models.generation import prefill
-from refine_ray.cut_states import pass_keeping_states, resolve_state_stride, states_at_cuts
-from refine_ray.scoring import score_document
+from refine_ray.refine.cut_states import pass_keeping_states, resolve_state_stride, states_at_cuts
+from refine_ray.refine.scoring import score_document
 
 TOL = 1e-5
 

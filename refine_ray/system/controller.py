@@ -29,16 +29,16 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 
-from refine_ray import checkpoint as ckpt
-from refine_ray.actor_pool import RolePool
+from refine_ray.system import checkpoint as ckpt
+from refine_ray.system.actor_group import RolePool
 from refine_ray.algo import grpo_advantages, make_group_ids
-from refine_ray.batches import DocBatch, LearnBatch, RewardBatch, RolloutBatch, ScoredBatch
+from refine_ray.system.batches import DocBatch, LearnBatch, RewardBatch, RolloutBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig, to_dict
 from refine_ray.data import DataCursor
-from refine_ray.placement import Placement
-from refine_ray.rewarding import reward_metrics
-from refine_ray.scoring import min_document_tokens
-from refine_ray.weight_sync import CollectiveWeightSync, ObjectStoreWeightSync
+from refine_ray.system.placement import Placement
+from refine_ray.refine.rewarding import reward_metrics
+from refine_ray.refine.scoring import min_document_tokens
+from refine_ray.system.weight_sync import CollectiveWeightSync, ObjectStoreWeightSync
 from roles.learner import LearnerRankRole
 from roles.reference import ReferenceRole
 from roles.reward import RewardRole

@@ -10,8 +10,8 @@ import pytest
 from refine_ray.cli import main
 from refine_ray.eval.tables import load_result, render
 from refine_ray.data import truncate
-from refine_ray.evaluate import EvalConfig, EvalSet, build_eval_model, gen_budget, stop_ids
-from refine_ray.ttt import TestTimeTrainer
+from refine_ray.eval.evaluate import EvalConfig, EvalSet, build_eval_model, gen_budget, stop_ids
+from refine_ray.eval.ttt import TestTimeTrainer
 
 TINY = ["--config", "configs/ttt_tiny_longbench.yaml", "--model", "tiny:delta_net", "--no-progress",
         "--max-prompt-tokens", "96", "--max-gen-tokens", "3", "eval.ruler_gen_tokens=3", "eval.niah_gen_tokens=3",

@@ -4,7 +4,7 @@ One no-grad pass over the unpadded document gives the last-layer hidden states
 and (chunked over the sequence) the per-token entropy. When the rollout will start
 from cached states (prefix sharing), the same pass keeps the state every
 ``state_stride`` tokens and each cut catches up from the one before it
-(:mod:`refine_ray.cut_states`), instead of re-encoding every prefix.
+(:mod:`refine_ray.refine.cut_states`), instead of re-encoding every prefix.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from refine_ray.algo import gather_targets, sample_cuts, token_entropy_from_hidden
 from refine_ray.config import RefineConfig
-from refine_ray.cut_states import pass_keeping_states, resolve_state_stride, states_at_cuts
+from refine_ray.refine.cut_states import pass_keeping_states, resolve_state_stride, states_at_cuts
 from refine_ray.models.base import ModelState
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from refine_ray.config import load_config
-from refine_ray.kuberay import ManifestError, load_manifest, parse_quantity, validate_manifest
+from refine_ray.system.kuberay import ManifestError, load_manifest, parse_quantity, validate_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "deploy" / "kuberay" / "raycluster.yaml"
