@@ -281,12 +281,3 @@ class DataCursor:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
         self._order = self._permutation()
-
-
-def row_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (e.g. run seed, purpose, step, document, cut).
-
-    Randomness keyed by what is being computed rather than by which actor computes
-    it makes a retried or resumed step reproduce exactly the same samples.
-    """
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))

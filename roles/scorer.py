@@ -14,12 +14,11 @@ import torch
 
 from refine_ray.system.batches import DocBatch, ScoredBatch
 from refine_ray.config import ExperimentConfig
-from refine_ray.data import Corpus, load_tokenizer, row_seed
+from refine_ray.data import Corpus, load_tokenizer
+from refine_ray.refine.seeding import cut_seed
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.scoring import pack_states, score_document
 from roles.common import VersionedWeights, setup_process
-
-CUT_STREAM = 1
 
 
 class ScorerRole(VersionedWeights):
@@ -48,7 +47,7 @@ class ScorerRole(VersionedWeights):
         for i in range(len(docs)):
             ids = torch.from_numpy(docs.doc(i)).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(
-                row_seed(self.cfg.train.seed, CUT_STREAM, step, int(docs.doc_ids[i])))
+                cut_seed(self.cfg.train.seed, step, int(docs.doc_ids[i])))
             s = score_document(self.model, ids, self.cfg.refine, gen, with_states=with_states,
                                state_stride=self.cfg.refine.state_stride)
             cuts.append(s.cuts.cpu().numpy())

@@ -17,13 +17,10 @@ import torch
 
 from refine_ray.system.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import RefineConfig
-from refine_ray.data import row_seed
+from refine_ray.refine.seeding import ROLLOUT_STREAM, row_seed
 from refine_ray.models.base import ModelState
 from refine_ray.models.generation import prefill, sample_continuations
 from refine_ray.refine.scoring import unpack_states
-
-
-ROLLOUT_STREAM = 2
 
 
 class RolloutEngine(Protocol):

@@ -46,9 +46,7 @@ import numpy as np
 import torch
 
 from refine_ray.system.batches import RolloutBatch, ScoredBatch
-from refine_ray.data import row_seed
-
-ROLLOUT_STREAM = 2           # same stream id as refine_ray.refine.sampling
+from refine_ray.refine.seeding import ROLLOUT_STREAM, row_seed
 VLLM_TYPES = ("llama",)      # our model types whose checkpoints vLLM can serve
 WEIGHTS_FILE = "model.safetensors"
 INSTALL_HINT = "pip install 'refine-ray[vllm]' (or bash scripts/setup_vllm.sh for .venv-vllm)"
