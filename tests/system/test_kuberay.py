@@ -9,7 +9,7 @@ import yaml
 from refine_ray.config import load_config
 from refine_ray.system.kuberay import ManifestError, load_manifest, parse_quantity, validate_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "deploy" / "kuberay" / "raycluster.yaml"
 JOB = ROOT / "deploy" / "kuberay" / "rayjob.yaml"
 
