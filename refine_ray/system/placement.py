@@ -122,7 +122,7 @@ def _check_fits(cfg: ExperimentConfig, have: dict, where: dict) -> None:
     how ``have`` is introduced)."""
     slots = plan_slots(cfg)
     specs = bundle_specs(slots)
-    for name in sorted({n for s in slots for n in s.resources}):
+    for name in dict.fromkeys(n for s in slots for n in s.resources):    # learner first, then roles
         need = sum(b.get(name, 0.0) for spec in specs.values() for b in spec)
         if need <= have.get(name, 0.0) + 1e-9:
             continue

@@ -88,3 +88,57 @@ def test_too_few_cpus_fails_at_once_not_after_the_wait(ray_cluster):
                                           r"but the Ray cluster has 4"):
         Placement(_cfg("learner.cpus_per_rank=1.5", "scorer.cpus_per_actor=1"))
     assert time.monotonic() - start < 10
+
+
+# Custom resources pin roles to node groups (the KubeRay worker groups advertise refine_learner, ...).
+PINNED = ("learner.resources.refine_learner=1", "scorer.resources.refine_rollout=1",
+          "rollout.resources.refine_rollout=1", "reward.resources.refine_aux=1")
+
+
+def test_bundles_carry_the_roles_custom_resources():
+    specs = bundle_specs(plan_slots(_cfg("system.placement=disaggregated", "rollout.num_actors=2", *PINNED)))
+    assert specs["learner"] == [{"GPU": 0.5, "CPU": 0.5, "refine_learner": 1.0}] * 2
+    assert specs["rollout"] == [{"GPU": 0.25, "CPU": 0.5, "refine_rollout": 1.0}] * 2
+    assert specs["reward"] == [{"GPU": 0.25, "CPU": 0.5, "refine_aux": 1.0}]
+    # colocated: a shared bundle holds the sum of its members' amounts
+    specs = bundle_specs(plan_slots(_cfg("learner.resources.refine_learner=1", "scorer.resources.refine_learner=0.5")))
+    assert specs["shared"] == [{"GPU": 1.0, "CPU": 1.5, "refine_learner": 1.5}, {"GPU": 1.0, "CPU": 1.0,
+                                                                                 "refine_learner": 1.0}]
+
+
+def test_custom_resources_the_cluster_lacks_are_a_clear_error():
+    with pytest.raises(ConfigError) as e:
+        check_resources(_cfg("system.placement=disaggregated", *PINNED))
+    assert str(e.value).startswith("learner.resources: the layout needs 2 of custom resource 'refine_learner' "
+                                   "(learner.resources) but the local cluster (no system.ray_address) has 0")
+
+
+def test_custom_resources_pin_roles_to_the_nodes_that_advertise_them():
+    """A three-node local cluster whose worker nodes advertise refine_learner / refine_rollout + refine_aux:
+    every actor runs on the node holding its role's resource (the head advertises none). ~25 s."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    learner_node = cluster.add_node(num_cpus=1, num_gpus=1, resources={"refine_learner": 2})
+    rollout_node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"refine_rollout": 2, "refine_aux": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        cfg = _cfg("system.placement=disaggregated", "system.num_cpus=null", "system.num_gpus=null", *PINNED)
+        placement = Placement(cfg)
+
+        @ray.remote(num_cpus=0)
+        def node():
+            return ray.get_runtime_context().get_node_id()
+
+        where = {(s.role, s.index): ray.get(node.options(**placement.options(s.role, s.index)).remote())
+                 for s in placement.slots}
+        assert {where[("learner", 0)], where[("learner", 1)]} == {learner_node.node_id}
+        assert {where[(r, 0)] for r in ("scorer", "rollout", "reward")} == {rollout_node.node_id}
+        placement.remove()
+        with pytest.raises(ConfigError, match=r"learner.resources: the layout needs 3 of custom resource "
+                                              r"'refine_learner' \(learner.resources\) but the Ray cluster has 2"):
+            Placement(_cfg("system.placement=disaggregated", "learner.num_ranks=3", "data.batch_size=3", *PINNED))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
