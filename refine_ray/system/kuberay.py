@@ -3,6 +3,9 @@
     doc = load_manifest("deploy/kuberay/rayjob.yaml")        # -> Manifest(kind="RayJob", ...)
     python -m refine_ray.system.kuberay deploy/kuberay/*.yaml       # check manifests before kubectl apply
 
+Besides RayCluster and RayJob it reads the ``v1`` PersistentVolumeClaim of the shared storage
+(deploy/kuberay/pvc.yaml), so the command above checks every file of the folder.
+
 Field names are the CRDs'. KubeRay-level objects reject unknown keys (the API server would drop a
 typo such as ``minReplica`` silently); in pod templates only the modelled fields are checked. Each
 problem raises :class:`ManifestError`, one line starting with the field path, e.g.
@@ -21,6 +24,7 @@ from typing import Any, Optional, Union
 import yaml
 
 API_VERSION = "ray.io/v1"
+PVC_ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
 GPU_KEYS = ("nvidia.com/gpu", "amd.com/gpu", "google.com/tpu")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^(\+?(?:\d+\.?\d*|\.\d+))((?:[eE][+-]?\d+)|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
@@ -103,7 +107,10 @@ def _dns_name(v: str, path: str, max_len: int = 63) -> str:
 
 
 def parse_quantity(v: Any, path: str = "quantity") -> Decimal:
-    """A non-negative Kubernetes resource quantity ('8', '500m', '32Gi', 2, 0.5) as a Decimal."""
+    """A non-negative Kubernetes resource quantity ('8', '500m', '32Gi', 2, 0.5) as a Decimal.
+
+    Suffixes as Kubernetes: decimal n u m k M G T P E, binary Ki..Ei, exponent e3. Raises
+    ManifestError naming ``path`` for anything else."""
     if isinstance(v, bool) or not isinstance(v, (str, int, float)):
         raise _err(path, f"expected a quantity such as '8', '500m' or '32Gi', got {_tname(v)}")
     m = _QUANTITY.match(str(v).strip())
@@ -138,11 +145,13 @@ def _ray_resources(params: dict[str, str], path: str) -> dict[str, float]:
 
 @dataclass
 class Resources:
+    """A container's resource requests and limits (quantities as Decimals)."""
     requests: dict[str, Decimal] = field(default_factory=dict)
     limits: dict[str, Decimal] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "Resources":
+        """Whole GPUs, GPU limits equal to requests, requests <= limits; ManifestError otherwise."""
         d = _mapping(v if v is not None else {}, path, {"requests", "limits", "claims"})
         out = {}
         for part in ("requests", "limits"):
@@ -162,11 +171,13 @@ class Resources:
         return r
 
     def gpus(self) -> int:
+        """GPU devices in the limits (NVIDIA, AMD or TPU keys)."""
         return int(sum(self.limits.get(k, Decimal(0)) for k in GPU_KEYS))
 
 
 @dataclass
 class Container:
+    """One container of a pod template: name, image, resources, env and volume mounts."""
     name: str
     image: str
     resources: Resources
@@ -175,6 +186,7 @@ class Container:
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "Container":
+        """Required name (DNS-1123) and image, unique env names; ManifestError naming the field."""
         d = _mapping(v, path)
         name = _dns_name(_get(d, "name", path, str, required=True), f"{path}.name")
         image = _get(d, "image", path, str, required=True)
@@ -189,12 +201,14 @@ class Container:
 
 @dataclass
 class PodTemplate:
+    """A Ray pod's template: containers (the Ray container first), volume names and labels."""
     containers: list[Container]
     volumes: list[str]
     labels: dict[str, str]
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "PodTemplate":
+        """At least one container, unique names, every volume mount naming a declared volume."""
         d = _mapping(v, path, {"metadata", "spec"})
         meta = _mapping(d.get("metadata") or {}, f"{path}.metadata")
         labels = _string_map(meta.get("labels") or {}, f"{path}.metadata.labels")
@@ -225,12 +239,14 @@ CLUSTER_FIELDS = {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTr
 
 @dataclass
 class HeadGroupSpec:
+    """The head group: ``ray start`` parameters, pod template and service type."""
     ray_start_params: dict[str, str]
     template: PodTemplate
     service_type: str = "ClusterIP"
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "HeadGroupSpec":
+        """String-valued rayStartParams, a JSON resources mapping, a known service type."""
         d = _mapping(v, path, HEAD_FIELDS)
         params = _string_map(_get(d, "rayStartParams", path, dict, default={}), f"{path}.rayStartParams")
         _ray_resources(params, f"{path}.rayStartParams")
@@ -240,6 +256,7 @@ class HeadGroupSpec:
 
 @dataclass
 class WorkerGroupSpec:
+    """A worker group: replicas, ``ray start`` parameters, the custom Ray resources it advertises, pod template."""
     group_name: str
     replicas: int
     min_replicas: int
@@ -251,6 +268,7 @@ class WorkerGroupSpec:
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "WorkerGroupSpec":
+        """min <= replicas <= max, num-gpus within the Ray container's GPU limit; ManifestError otherwise."""
         d = _mapping(v, path, WORKER_FIELDS)
         name = _dns_name(_get(d, "groupName", path, str, required=True), f"{path}.groupName")
         lo = _nonneg_int(d, "minReplicas", path, default=0)
@@ -275,6 +293,7 @@ class WorkerGroupSpec:
 
 @dataclass
 class RayClusterSpec:
+    """A RayCluster's spec (also a RayJob's ``rayClusterSpec``)."""
     ray_version: str
     head_group_spec: HeadGroupSpec
     worker_group_specs: list[WorkerGroupSpec]
@@ -285,6 +304,7 @@ class RayClusterSpec:
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "RayClusterSpec":
+        """A quoted Ray release, known autoscaler/auth modes, head and uniquely named worker groups."""
         d = _mapping(v, path, CLUSTER_FIELDS)
         version = _get(d, "rayVersion", path, str, required=True)
         if not re.fullmatch(r"\d+\.\d+\.\d+", version):
@@ -303,6 +323,7 @@ class RayClusterSpec:
         return cls(version, head, workers, auto, mode, idle, auth)
 
     def group(self, name: str) -> WorkerGroupSpec:
+        """The worker group called ``name`` (ValueError unless exactly one)."""
         (g,) = [w for w in self.worker_group_specs if w.group_name == name]
         return g
 
@@ -315,6 +336,7 @@ JOB_FIELDS = {"entrypoint", "rayClusterSpec", "clusterSelector", "shutdownAfterJ
 
 @dataclass
 class RayJobSpec:
+    """A RayJob's spec: the entrypoint, its cluster (new or selected) and lifetime settings."""
     entrypoint: str
     ray_cluster_spec: Optional[RayClusterSpec]
     cluster_selector: dict[str, str]
@@ -326,6 +348,7 @@ class RayJobSpec:
 
     @classmethod
     def parse(cls, v: Any, path: str) -> "RayJobSpec":
+        """A non-empty entrypoint, exactly one of rayClusterSpec / clusterSelector, a valid runtimeEnvYAML."""
         d = _mapping(v, path, JOB_FIELDS)
         entry = _get(d, "entrypoint", path, str, required=True)
         selector = _string_map(d.get("clusterSelector") or {}, f"{path}.clusterSelector")
@@ -351,29 +374,62 @@ class RayJobSpec:
 
 
 @dataclass
+class PvcSpec:
+    """The shared storage claim: access modes, requested size (bytes) and storage class."""
+    access_modes: list[str]
+    storage: Decimal
+    storage_class: Optional[str]
+
+    @classmethod
+    def parse(cls, v: Any, path: str) -> "PvcSpec":
+        """Known access modes including ReadWriteMany (every Ray pod mounts the claim), a storage request."""
+        d = _mapping(v, path)
+        modes = _get(d, "accessModes", path, list, required=True)
+        for i, m in enumerate(modes):
+            if m not in PVC_ACCESS_MODES:
+                raise _err(f"{path}.accessModes[{i}]", f"{m!r} is not one of {', '.join(PVC_ACCESS_MODES)}")
+        if "ReadWriteMany" not in modes:
+            raise _err(f"{path}.accessModes", f"{modes} lacks ReadWriteMany (pods on several nodes mount the claim)")
+        rp = f"{path}.resources"
+        requests = _mapping(_get(_mapping(d.get("resources") or {}, rp), "requests", rp, dict, required=True),
+                            f"{rp}.requests")
+        if "storage" not in requests:
+            raise _err(f"{rp}.requests.storage", "required field is missing")
+        storage = parse_quantity(requests["storage"], f"{rp}.requests.storage")
+        return cls(modes, storage, _get(d, "storageClassName", path, str))
+
+
+@dataclass
 class Manifest:
-    """A validated RayCluster (spec: RayClusterSpec) or RayJob (spec: RayJobSpec)."""
+    """A validated RayCluster (spec: RayClusterSpec), RayJob (RayJobSpec) or PersistentVolumeClaim (PvcSpec)."""
     kind: str
     name: str
     namespace: Optional[str]
-    spec: Union[RayClusterSpec, RayJobSpec]
+    spec: Union[RayClusterSpec, RayJobSpec, PvcSpec]
+
+
+# kind -> (apiVersion, spec type, longest metadata.name: KubeRay derives longer names from a Ray object's)
+KINDS = {"RayCluster": (API_VERSION, RayClusterSpec, 47), "RayJob": (API_VERSION, RayJobSpec, 47),
+         "PersistentVolumeClaim": ("v1", PvcSpec, 253)}
 
 
 def validate_manifest(doc: Any) -> Manifest:
     """Check one loaded manifest (a dict); returns the typed object or raises ManifestError."""
     d = _mapping(doc, "manifest")
     api = _get(d, "apiVersion", "", str, required=True)
-    if api != API_VERSION:
-        raise _err("apiVersion", f"{api!r} is not {API_VERSION!r}")
-    kind = _enum(d, "kind", "", ("RayCluster", "RayJob"), required=True)
+    kind = _enum(d, "kind", "", tuple(KINDS), required=True)
+    want_api, spec_type, max_name = KINDS[kind]
+    if api != want_api:
+        raise _err("apiVersion", f"{api!r} is not {want_api!r} (kind {kind})")
     meta = _mapping(_get(d, "metadata", "", dict, required=True), "metadata")
-    name = _dns_name(_get(meta, "name", "metadata", str, required=True), "metadata.name", 47)
+    name = _dns_name(_get(meta, "name", "metadata", str, required=True), "metadata.name", max_name)
     ns = _get(meta, "namespace", "metadata", str)
     spec = _get(d, "spec", "", dict, required=True)
-    return Manifest(kind, name, ns, (RayClusterSpec if kind == "RayCluster" else RayJobSpec).parse(spec, "spec"))
+    return Manifest(kind, name, ns, spec_type.parse(spec, "spec"))
 
 
 def load_manifest(path: str | Path) -> Manifest:
+    """Read one YAML file holding one manifest and validate it; ManifestError names the file or field."""
     try:
         docs = [x for x in yaml.safe_load_all(Path(path).read_text()) if x is not None]
     except yaml.YAMLError as e:
@@ -384,6 +440,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check every manifest file named on the command line: 0 when all are valid, 1 otherwise (or none given)."""
     paths, bad = (sys.argv[1:] if argv is None else argv), 0
     for p in paths:
         try:

@@ -7,11 +7,13 @@ import pytest
 import yaml
 
 from refine_ray.config import load_config
-from refine_ray.system.kuberay import ManifestError, load_manifest, parse_quantity, validate_manifest
+from refine_ray.system.kuberay import ManifestError, load_manifest, main, parse_quantity, validate_manifest
+from refine_ray.system.placement import bundle_specs, plan_slots
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "deploy" / "kuberay" / "raycluster.yaml"
 JOB = ROOT / "deploy" / "kuberay" / "rayjob.yaml"
+PVC = ROOT / "deploy" / "kuberay" / "pvc.yaml"
 
 
 def _raw(path: Path) -> dict:
@@ -47,6 +49,62 @@ def test_shipped_rayjob_validates_and_its_entrypoint_is_a_valid_config():
     assert cfg.system.ray_address == "auto"
     assert cfg.train.output_dir.startswith("/mnt/refine/") and cfg.data.path.startswith("/mnt/refine/")
     assert cfg.learner.num_ranks <= m.spec.ray_cluster_spec.group("learner").template.containers[0].resources.gpus()
+
+
+def test_rayjob_bundles_ask_for_a_resource_that_pins_them_to_the_learner_group():
+    """The job's placement bundles carry refine_learner, which only the learner group advertises, and fit its nodes."""
+    m = load_manifest(JOB)
+    argv = shlex.split(m.spec.entrypoint)
+    cfg = load_config(ROOT / Path(argv[3]).relative_to("/app"), argv[4:])
+    bundles = [b for spec in bundle_specs(plan_slots(cfg)).values() for b in spec]
+    assert all(b.get("refine_learner") == 1.0 for b in bundles) and len(bundles) == cfg.learner.num_ranks
+    groups = {w.group_name: w for w in m.spec.ray_cluster_spec.worker_group_specs}
+    advertising = [name for name, w in groups.items() if "refine_learner" in w.ray_resources]
+    assert advertising == ["learner"]
+    learner = groups["learner"]
+    per_node = learner.ray_resources["refine_learner"]
+    assert sum(b["refine_learner"] for b in bundles) <= per_node * learner.max_replicas
+    assert all(b.get("GPU", 0) <= learner.template.containers[0].resources.gpus() for b in bundles)
+
+
+def test_manifest_check_command_accepts_every_shipped_file(capsys):
+    """`python -m refine_ray.system.kuberay deploy/kuberay/*.y*ml` (docs/operations.md) passes, pvc.yaml included."""
+    files = sorted(str(p) for p in (ROOT / "deploy" / "kuberay").glob("*.y*ml"))
+    assert str(PVC) in files
+    assert main(files) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"ok  {PVC}: PersistentVolumeClaim refine-ray-shared" in out
+    pvc = load_manifest(PVC)
+    assert pvc.spec.access_modes == ["ReadWriteMany"] and pvc.spec.storage == 2 * 2**40
+    # every Ray pod mounts this claim
+    for manifest in (CLUSTER, JOB):
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in _volumes(_raw(manifest)) if "persistentVolumeClaim" in v}
+        assert claims == {pvc.name}
+    assert main([str(CLUSTER), str(ROOT / "README.md")]) == 1
+
+
+def _volumes(doc):
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        yield from group["template"]["spec"]["volumes"]
+
+
+PVC_BREAKS = [
+    ("read write once", lambda d: d["spec"].update(accessModes=["ReadWriteOnce"]),
+     "spec.accessModes: ['ReadWriteOnce'] lacks ReadWriteMany"),
+    ("unknown mode", lambda d: d["spec"].update(accessModes=["ReadWriteMany", "RWX"]),
+     "spec.accessModes[1]: 'RWX' is not one of"),
+    ("no size", lambda d: d["spec"]["resources"]["requests"].pop("storage"),
+     "spec.resources.requests.storage: required field is missing"),
+    ("bad size", lambda d: d["spec"]["resources"]["requests"].update(storage="2TB"),
+     "spec.resources.requests.storage: '2TB' is not a Kubernetes quantity"),
+    ("api version", lambda d: d.update(apiVersion="ray.io/v1"), "apiVersion: 'ray.io/v1' is not 'v1'"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [(m, e) for _, m, e in PVC_BREAKS], ids=[n for n, _, _ in PVC_BREAKS])
+def test_broken_pvc(mutate, expected):
+    _assert_rejected(PVC, mutate, expected)
 
 
 def test_quantities():
