@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from refine_ray.system.checkpoint import CheckpointError
         from refine_ray.data import DataError
-        from refine_ray.system.controller import LearnerFailure
+        from refine_ray.system.actor_group import LearnerFailure
         from refine_ray.preflight import PreflightError
         from refine_ray.system.run_dir import RunDirError
         from refine_ray.train import run_training

@@ -1,4 +1,4 @@
-"""Run a REFINE training job from a config: the loop around :class:`RefineTrainer`."""
+"""Run a REFINE training job from a config: the loop around :class:`~refine_ray.system.controller.RefineController`."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
 
     report = preflight(cfg)   # bad inputs stop here, one line, before Ray or any file is touched
     from refine_ray.system import checkpoint as ckpt
-    from refine_ray.system.controller import RefineTrainer
+    from refine_ray.system.controller import RefineController
     from refine_ray.system.metrics_log import MetricsLogger
     from refine_ray.system.run_dir import claim
 
@@ -33,26 +33,26 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
         partial.replace(out / "config.json")
         logger = MetricsLogger(out, resume_step=None if resume_from is None else ckpt.step_of(resume_from))
         try:
-            trainer = RefineTrainer(cfg, len(report.tokenizer), lengths=report.lengths, resume_from=resume_from)
+            controller = RefineController(cfg, len(report.tokenizer), lengths=report.lengths, resume_from=resume_from)
         except BaseException:
             logger.close()
             raise
-        return _train(cfg, trainer, logger)
+        return _train(cfg, controller, logger)
 
 
-def _train(cfg: ExperimentConfig, trainer, logger) -> list[dict]:
+def _train(cfg: ExperimentConfig, controller, logger) -> list[dict]:
     from refine_ray.system.ray_metrics import RayMetricsExporter
 
     exporter = RayMetricsExporter(cfg.name)     # headline figures on the Ray dashboard / Prometheus
     history = []
     try:
-        start = trainer.step_index
+        start = controller.step_index
         if start:
             log.warning("resuming at step %d of %d", start, cfg.train.steps)
         bar = tqdm(range(start, cfg.train.steps), desc=f"{cfg.name} [{cfg.system.mode}]", unit="step",
                    initial=start, total=cfg.train.steps)
         for step in bar:
-            metrics = trainer.step()
+            metrics = controller.step()
             exporter.record(metrics)
             history.append(metrics)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
@@ -61,8 +61,8 @@ def _train(cfg: ExperimentConfig, trainer, logger) -> list[dict]:
                             v=int(metrics["version"]))
             last = step == cfg.train.steps - 1
             if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-                trainer.save()
+                controller.save()
     finally:
-        trainer.shutdown()
+        controller.shutdown()
         logger.close()
     return history

@@ -9,7 +9,11 @@ import torch
 
 
 def setup_process(seed: int = 0) -> torch.device:
-    """Per-actor process set-up: device, threads, determinism."""
+    """Per-actor process set-up; returns the device the role computes on (the actor's GPU, else CPU).
+
+    ``seed`` seeds torch's global generator (``train.seed + actor index``); REFINE's own draws
+    (cuts, samples) use generators keyed by what they compute (refine.seeding), not this one.
+    """
     # Arrays fetched from the object store are read-only views by design; roles only read them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     if not torch.cuda.is_available():
@@ -20,48 +24,56 @@ def setup_process(seed: int = 0) -> torch.device:
 
 
 class VersionedWeights:
-    """Mixin: a role whose model follows the learner's published versions.
+    """Mixin: a role whose model follows the learner's published weight versions.
 
-    Ray runs an actor's calls one at a time, so an update queued behind a
-    request applies after it: a role switches weights between requests, never
-    mid-sample, and stamps every output with the version it used.
+    Ray runs an actor's calls one at a time, so an update queued behind a request applies
+    after it: a role switches weights between requests, never mid-sample, and stamps every
+    output with the version it used. The receiving halves of the weight-sync backends
+    (refine_ray.system.weight_sync) do the copying; this mixin only orders versions.
+    Subclasses set ``self.model`` (or override :meth:`_weight_module` / :meth:`_load_weights`).
     """
 
     version: int = 0
 
     def update_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
+        """Object-store backend: load ``weights`` (``{name: ndarray}``, the weight-sync tensor set)
+        as ``version``; an older version arriving late is ignored. Returns the version now held.
+        Raises KeyError when ``weights`` lacks tensors of this model."""
         if version < self.version:
-            return self.version          # an older publication arriving late is ignored
+            return self.version
         self._load_weights(weights)
         self.version = version
         return version
 
     def join_weight_group(self, host: str, port: int, world: int, rank: int, group_id: int,
                           timeout_s: float = 120.0) -> bool:
-        from refine_ray.system.collective_sync import WeightGroup
+        """Collective backend: join broadcast group ``group_id`` as member ``rank`` of ``world``."""
+        from refine_ray.system.weight_sync.collective import WeightGroup
 
         self.weight_group = WeightGroup(host, port, world, rank, group_id, timeout_s)
         return True
 
-    def receive_weights(self, version: int, dtype_name: str, bucket_mb: float) -> int:
-        """Receive a collective broadcast (collective weight sync); same ordering rules as update_weights."""
-        from refine_ray.system.collective_sync import sync_dtype
+    def receive_weights(self, version: int, model_dtype: str, bucket_mb: float) -> int:
+        """Collective backend: receive one broadcast as ``version`` (same ordering rules as
+        :meth:`update_weights`); returns the version now held."""
+        from refine_ray.system.weight_sync.collective import receive_weights
 
-        params = [p for _, p in self._weight_module().named_parameters()]
-        self.weight_group.receive(params, sync_dtype(dtype_name), bucket_mb)
+        receive_weights(self._weight_module(), self.weight_group, model_dtype, bucket_mb)
         self.version = max(self.version, version)
         return self.version
 
-    def _weight_module(self):
+    def _weight_module(self) -> torch.nn.Module:
         return self.model
 
+    def _load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        from refine_ray.system.weight_sync.object_store import load_weights
+
+        load_weights(self._weight_module(), weights)
+
     def get_version(self) -> int:
+        """The weight version this actor holds (0: the initial weights)."""
         return self.version
 
-    def _load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        from refine_ray.refine.policy import load_numpy_weights
-
-        load_numpy_weights(self.model, weights)
-
     def ping(self) -> bool:
+        """Liveness probe used by the actor group."""
         return True

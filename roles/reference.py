@@ -5,21 +5,27 @@ import numpy as np
 import torch
 
 from refine_ray.system.batches import RolloutBatch, ScoredBatch
-from refine_ray.config import ExperimentConfig
-from refine_ray.data import load_tokenizer
+from refine_ray.config import ModelConfig, RefineConfig
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.sequence_logprobs import document_logprobs
 from roles.common import setup_process
 
 
 class ReferenceRole:
-    def __init__(self, cfg: ExperimentConfig, seed: int = 0):
-        self.device = setup_process(cfg.train.seed + seed)
-        self.cfg = cfg
-        self.model = build_policy(cfg.model, len(load_tokenizer(cfg.tokenizer.path)), self.device).eval()
+    """The frozen initial policy: log-probs of the sampled continuations for the KL penalty."""
+
+    def __init__(self, model: ModelConfig, refine: RefineConfig, vocab_size: int, run_seed: int,
+                 actor_index: int = 0):
+        """``model``: the policy's section (the reference is the policy at version 0);
+        ``actor_index``: this actor's index in its group."""
+        self.device = setup_process(run_seed + actor_index)
+        self.refine = refine
+        self.model = build_policy(model, vocab_size, self.device).eval()
 
     @torch.no_grad()
     def logprobs(self, scored: ScoredBatch, rollout: RolloutBatch) -> np.ndarray:
+        """``[N, k]`` float32 log-probs of the rollout's samples under the frozen initial policy
+        (:func:`refine_ray.refine.sequence_logprobs.document_logprobs`, no grad), rows as the rollout's."""
         G = rollout.samples_per_prefix
         per_doc = scored.n_chunks * G
         out = []
@@ -27,10 +33,11 @@ class ReferenceRole:
             ids = torch.from_numpy(scored.docs.doc(d)).to(self.device)
             resp = torch.from_numpy(rollout.tokens[d * per_doc:(d + 1) * per_doc]).to(self.device)
             res = document_logprobs(self.model, ids, torch.from_numpy(scored.cuts[d]), resp, G,
-                                    self.cfg.refine.temperature, shared=self.cfg.refine.prefix_sharing,
+                                    self.refine.temperature, shared=self.refine.prefix_sharing,
                                     with_ntp=False)
             out.append(res.logprobs.float().cpu().numpy())
         return np.concatenate(out)
 
     def ping(self) -> bool:
+        """Liveness probe used by the actor group."""
         return True

@@ -1,6 +1,6 @@
 """Data + entropy scorer role: tokenises the rows it is given, scores them, picks cuts.
 
-The driver owns the data position (a :class:`~refine_ray.data.DataCursor`); a scorer
+The controller owns the data position (a :class:`~refine_ray.data.DataCursor`); a scorer
 holds the corpus and the current weights only, so a restarted scorer can redo
 any request. Cut sampling is seeded by (run seed, step, document): a redone
 request picks the same cuts.
@@ -13,52 +13,55 @@ import numpy as np
 import torch
 
 from refine_ray.system.batches import DocBatch, ScoredBatch
-from refine_ray.config import ExperimentConfig
+from refine_ray.config import DataConfig, ModelConfig, RefineConfig, TokenizerConfig
 from refine_ray.data import Corpus, load_tokenizer
 from refine_ray.refine.seeding import cut_seed
 from refine_ray.refine.policy import build_policy
-from refine_ray.refine.scoring import pack_states, score_document
+from refine_ray.refine.scoring import score_document
 from roles.common import VersionedWeights, setup_process
 
 
 class ScorerRole(VersionedWeights):
-    def __init__(self, cfg: ExperimentConfig, seed: int = 0):
-        self.device = setup_process(cfg.train.seed + seed)
-        self.cfg = cfg
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-        self.corpus = Corpus(cfg.data, tokenizer)
-        self.model = build_policy(cfg.model, len(tokenizer), self.device).eval()
+    """Tokenises corpus rows, scores them with the current policy weights and picks their cuts."""
+
+    def __init__(self, model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig, refine: RefineConfig,
+                 run_seed: int, actor_index: int = 0):
+        """``run_seed``: ``train.seed`` (keys the cut draws); ``actor_index``: this actor's index
+        in its group. Raises DataError for an unreadable ``data.path``."""
+        self.device = setup_process(run_seed + actor_index)
+        self.refine, self.data, self.run_seed = refine, data, run_seed
+        tok = load_tokenizer(tokenizer.path)
+        self.corpus = Corpus(data, tok)
+        self.model = build_policy(model, len(tok), self.device).eval()
 
     def lengths(self) -> np.ndarray:
+        """Token count per corpus row, ``[rows]`` int64 (after truncation to data.max_length)."""
         return self.corpus.lengths()
 
     def score_rows(self, rows: list[int], step: int) -> ScoredBatch:
+        """Tokenise corpus rows ``rows`` and :meth:`score` them for training step ``step``
+        (with their answer tokens when ``data.answer_column`` is set). Raises IndexError for a
+        row outside the corpus."""
         docs = [self.corpus.document(r) for r in rows]
         scored = self.score(DocBatch.from_lists(rows, [d.ids for d in docs]), step)
-        if self.cfg.data.answer_column is not None:
+        if self.data.answer_column is not None:
             scored.answers = DocBatch.from_lists(rows, [d.answer_ids for d in docs])
         return scored
 
     def score(self, docs: DocBatch, step: int) -> ScoredBatch:
-        """Score documents with the current weights and choose their cuts."""
+        """Score documents with the current weights and choose their cuts (REFINE steps 1-2).
+
+        Per document: :func:`refine_ray.refine.scoring.score_document`, cuts drawn from a
+        generator keyed by (``train.seed``, ``step``, document id), so a redone request picks
+        the same cuts; with ``refine.prefix_sharing`` the cut states travel too. Returns the
+        :class:`ScoredBatch` (``compute_s`` in seconds).
+        """
         t0 = time.perf_counter()
-        with_states = self.cfg.refine.prefix_sharing
-        cuts, gt_ids, gt_hidden, entropy, cut_hidden, states = [], [], [], [], [], []
+        scores = []
         for i in range(len(docs)):
-            ids = torch.from_numpy(docs.doc(i)).to(self.device)
             gen = torch.Generator(device=self.device).manual_seed(
-                cut_seed(self.cfg.train.seed, step, int(docs.doc_ids[i])))
-            s = score_document(self.model, ids, self.cfg.refine, gen, with_states=with_states,
-                               state_stride=self.cfg.refine.state_stride)
-            cuts.append(s.cuts.cpu().numpy())
-            gt_ids.append(s.gt_ids.cpu().numpy())
-            gt_hidden.append(s.gt_hidden.cpu().numpy())
-            entropy.append(s.cut_entropy.float().cpu().numpy())
-            cut_hidden.append(s.cut_hidden.cpu().numpy())
-            if with_states:
-                states.extend(s.cut_states)
-        return ScoredBatch(
-            docs=docs, cuts=np.stack(cuts), gt_ids=np.concatenate(gt_ids), gt_hidden=np.concatenate(gt_hidden),
-            cut_entropy=np.concatenate(entropy), version=self.version, step=step,
-            cut_hidden=np.concatenate(cut_hidden) if with_states else None,
-            cut_states=pack_states(states) if with_states else None, compute_s=time.perf_counter() - t0)
+                cut_seed(self.run_seed, step, int(docs.doc_ids[i])))
+            scores.append(score_document(self.model, torch.from_numpy(docs.doc(i)).to(self.device), self.refine,
+                                         gen, with_states=self.refine.prefix_sharing,
+                                         state_stride=self.refine.state_stride))
+        return ScoredBatch.from_scores(docs, scores, step, compute_s=time.perf_counter() - t0)

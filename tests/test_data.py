@@ -3,7 +3,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.config import DataConfig
 from refine_ray.data import Corpus, DataCursor, DataError, load_tokenizer, read_texts
 
@@ -128,16 +127,3 @@ def test_all_too_short_is_an_error(tmp_path, tokenizer):
     path.write_text('{"text": "a b"}\n{"text": "c"}\n')
     with pytest.raises(DataError, match="no document has the 100 tokens needed"):
         _stream(DataConfig(path=str(path), text_column="text"), tokenizer, 100)
-
-
-def test_learn_batch_shards_keep_documents_whole():
-    docs = DocBatch.from_lists([10, 11, 12, 13], [np.arange(n) for n in (5, 6, 7, 8)])
-    n, G, k = 2, 3, 4
-    rows = len(docs) * n * G
-    batch = LearnBatch(docs=docs, cuts=np.tile([[1, 2]], (4, 1)), responses=np.arange(rows * k).reshape(rows, k),
-                       old_logprobs=np.zeros((rows, k)), advantages=np.arange(rows, dtype=np.float32),
-                       versions=np.zeros(rows, np.int64), samples_per_prefix=G)
-    s1 = batch.shard(1, 2)
-    assert list(s1.docs.doc_ids) == [11, 13]
-    assert list(s1.docs.doc(1)) == list(range(8))
-    assert list(s1.advantages) == list(range(6, 12)) + list(range(18, 24))

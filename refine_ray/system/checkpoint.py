@@ -4,7 +4,7 @@ Layout under ``<output_dir>/checkpoints/``::
 
     step_000012/            one complete checkpoint
         learner/            DeepSpeed save_dir: ``latest`` + tag folder ``ds/`` (every rank writes its shards)
-        trainer.json        step, weight version, data cursor, failures, the run's config
+        trainer.json        step, weight version, data cursor, failures, the run's config (controller state)
         pending.safetensors arrays of the pending async experience (when there is one)
         manifest.json       sha256 and size of every other file, written last
     latest                  text file naming the newest complete checkpoint
@@ -342,5 +342,6 @@ def decode_batches(tree, arrays: dict):
 
 def _batch_types() -> dict:
     from refine_ray.system.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
+    from refine_ray.system.experience import ShardResult
 
-    return {c.__name__: c for c in (DocBatch, ScoredBatch, RolloutBatch, RewardBatch)}
+    return {c.__name__: c for c in (DocBatch, ScoredBatch, RolloutBatch, RewardBatch, ShardResult)}

@@ -24,11 +24,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from refine_ray.algo import agg_loss, head_calls, kl_penalty, ppo_clip_loss, refine_loss
+from refine_ray.algo import head_calls
 from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.refine.policy import build_policy
-from refine_ray.refine.sequence_logprobs import answer_nll, document_logprobs, document_ntp_loss
+from refine_ray.refine.loss import document_loss
+from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
 
 
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
@@ -75,7 +76,6 @@ class RefineLearner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched,
             config=deepspeed_config(cfg, self.docs_per_rank, on_gpu))
-        self.version = 0
 
     @property
     def module(self):
@@ -97,13 +97,23 @@ class RefineLearner:
         return self._max_over_ranks([head_calls(len(docs.doc(d)) - 1) for d in range(len(docs))])
 
     def train_step(self, batch: LearnBatch) -> dict[str, float]:
-        """One optimizer step over this rank's documents; returns rank-local mean metrics."""
+        """One optimizer step over this rank's documents (every rank, in lockstep).
+
+        ``batch``: this rank's ``data.batch_size / learner.num_ranks`` whole documents, rows
+        ``(doc * n + cut) * G + sample``. Each document is one DeepSpeed micro-batch whose loss is
+        :func:`refine_ray.refine.loss.document_loss` (the same function as the local step's);
+        DeepSpeed divides it by the accumulation steps (= documents) and steps once at the end.
+        Returns rank-local means over the documents (``loss``, ``ntp_loss``, ``pg_loss``,
+        ``clipfrac``, ``clipfrac_lower``, ``approx_kl``, ``kl`` with KL) plus ``grad_norm``,
+        ``lr`` (the rate this step used), ``time/learner_compute_s`` (seconds) and, with
+        ``train.task_update=sft``, the task update's metrics.
+        Raises ValueError for a wrong number of documents.
+        """
         if len(batch.docs) != self.docs_per_rank:
             raise ValueError(f"learner rank {self.rank}: got {len(batch.docs)} documents, "
                              f"expected {self.docs_per_rank} (data.batch_size / learner.num_ranks)")
         t0 = time.perf_counter()
-        r, G = self.cfg.refine, batch.samples_per_prefix
-        per_doc = batch.cuts.shape[1] * G
+        r, per_doc = self.cfg.refine, batch.cuts.shape[1] * batch.samples_per_prefix
         # The rate this step's updates use (the scheduler moves on at each update).
         lr = float(self.scheduler.get_last_lr()[0])
         ntp_calls = self._ntp_head_calls(batch.docs) if r.ntp_coef > 0 else [0] * len(batch.docs)
@@ -111,36 +121,21 @@ class RefineLearner:
         sums: dict[str, float] = defaultdict(float)
         for d in range(len(batch.docs)):
             rows = slice(d * per_doc, (d + 1) * per_doc)
-            ids = torch.from_numpy(batch.docs.doc(d)).to(self.device)
-            resp = torch.from_numpy(batch.responses[rows]).to(self.device)
-            out = document_logprobs(self.engine.module, ids, torch.from_numpy(batch.cuts[d]), resp, G,
-                                    r.temperature, shared=r.prefix_sharing, with_ntp=r.ntp_coef > 0,
-                                    ntp_head_calls=ntp_calls[d])
-            old = torch.from_numpy(batch.old_logprobs[rows]).to(self.device)
-            adv = torch.from_numpy(batch.advantages[rows]).to(self.device)
-            mask = torch.ones_like(old)
-            pg, pg_metrics = ppo_clip_loss(out.logprobs, old, adv, mask, r.clip_low, r.clip_high, r.dual_clip)
-            kl = None
-            if r.kl_coef > 0:
-                ref = torch.from_numpy(batch.ref_logprobs[rows]).to(self.device)
-                kl = agg_loss(kl_penalty(out.logprobs, ref, r.kl_type), mask)
-                sums["kl"] += float(kl.detach())
-            ntp = out.ntp_loss if out.ntp_loss is not None else torch.zeros((), device=self.device)
-            loss = refine_loss(ntp, pg, kl, r.ntp_coef, r.pg_coef, r.kl_coef)
+            resp, old, adv, ref = (None if a is None else torch.from_numpy(a[rows]).to(self.device) for a in
+                                   (batch.responses, batch.old_logprobs, batch.advantages, batch.ref_logprobs))
+            loss, doc_metrics = document_loss(self.engine.module, torch.from_numpy(batch.docs.doc(d)).to(self.device),
+                                              torch.from_numpy(batch.cuts[d]), resp, old, adv, r, ref,
+                                              ntp_head_calls=ntp_calls[d])
             self.engine.backward(loss)
             self.engine.step()
-            sums["loss"] += float(loss.detach())
-            sums["ntp_loss"] += float(ntp.detach())
-            sums["pg_loss"] += float(pg.detach())
-            for name, value in pg_metrics.items():
-                sums[name] += float(value)
+            for name, value in doc_metrics.items():
+                sums[name] += value
         metrics = {name: value / len(batch.docs) for name, value in sums.items()}
         metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         if self.cfg.train.task_update == "sft":
             metrics.update(self._task_sft(batch))
         metrics["lr"] = lr
         metrics["time/learner_compute_s"] = time.perf_counter() - t0
-        self.version += 1
         return metrics
 
     def _task_sft(self, batch: LearnBatch) -> dict[str, float]:
@@ -180,47 +175,27 @@ class RefineLearner:
         self.engine.train()
         return total, count
 
-    def full_state_dict(self) -> Optional[dict[str, np.ndarray]]:
-        """Full float32 weights as numpy on rank 0 (None elsewhere). Collective under ZeRO-3."""
-        module = self.engine.module
-        if self.cfg.learner.zero_stage == 3:
-            import deepspeed
+    def gather_weights(self) -> Optional[dict[str, np.ndarray]]:
+        """The weight-sync tensor set as ``{name: float32 ndarray}`` on rank 0 (None elsewhere);
+        every rank must call it under ZeRO-3 (the gathers are collective). See weight_sync.object_store."""
+        from refine_ray.system.weight_sync.object_store import gather_weights
 
-            out = {}
-            for name, p in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    if self.rank == 0:
-                        out[name] = p.detach().float().cpu().numpy().copy()
-            for name, b in module.named_buffers():
-                if self.rank == 0:
-                    out[name] = b.detach().float().cpu().numpy().copy()
-            return out if self.rank == 0 else None
-        if self.rank != 0:
-            return None
-        return {name: t.detach().float().cpu().numpy().copy() for name, t in module.state_dict().items()}
+        return gather_weights(self.engine.module, self.cfg.learner.zero_stage == 3, self.rank)
 
-    def join_weight_group(self, host: str, port: int, world: int, group_id: int) -> None:
-        """Rank 0 joins the weight-broadcast group as its sender (rank 0 of that group)."""
-        from refine_ray.system.collective_sync import WeightGroup
+    def join_weight_group(self, host: str, port: int, world: int, rank: int, group_id: int,
+                          timeout_s: float) -> None:
+        """Rank 0 joins the weight-broadcast group as its sender (``rank`` 0 of that group)."""
+        from refine_ray.system.weight_sync.collective import WeightGroup
 
-        self.weight_group = WeightGroup(host, port, world, 0, group_id, self.cfg.system.weight_sync_timeout_s)
+        self.weight_group = WeightGroup(host, port, world, rank, group_id, timeout_s)
 
-    def broadcast_weights(self) -> int:
-        """Send the full weights to the group in buckets; every learner rank calls this (ZeRO-3 gathers)."""
-        from refine_ray.system.collective_sync import sync_dtype, take_part_in_gathers
+    def send_weights(self, model_dtype: str, bucket_mb: float) -> int:
+        """Broadcast the tensor set to the weight group in buckets; returns bytes sent (0 off rank 0).
+        Every learner rank calls this (ZeRO-3 gathers are collective). See weight_sync.collective."""
+        from refine_ray.system.weight_sync.collective import send_weights
 
-        params = [p for _, p in self.engine.module.named_parameters()]
-        dtype, mb = sync_dtype(self.cfg.model.dtype), self.cfg.system.weight_bucket_mb
-        gather = None
-        if self.cfg.learner.zero_stage == 3:
-            import deepspeed
-
-            gather = lambda bucket: deepspeed.zero.GatheredParameters(bucket, modifier_rank=None)  # noqa: E731
-        if self.rank != 0:
-            if gather is not None:
-                take_part_in_gathers(params, dtype, mb, gather)
-            return 0
-        return self.weight_group.send(params, dtype, mb, gather)
+        group = self.weight_group if self.rank == 0 else None
+        return send_weights(self.engine.module, group, self.cfg.learner.zero_stage == 3, model_dtype, bucket_mb)
 
     def save(self, path: str, client_state: dict) -> None:
         self.engine.save_checkpoint(path, tag="ds", client_state=client_state)

@@ -1,7 +1,7 @@
 """Headline training figures as Ray metrics, scraped by Prometheus from every node.
 
     exporter = RayMetricsExporter(cfg.name)     # after ray.init(), in the driver
-    exporter.record(metrics)                    # once per step, the dict RefineTrainer.step returns
+    exporter.record(metrics)                    # once per step, the dict RefineController.step returns
 
 Each figure is a :class:`ray.util.metrics.Gauge` named ``refine_<key>`` (key
 sanitised for Prometheus: ``reward/mean`` -> ``refine_reward_mean``), which the

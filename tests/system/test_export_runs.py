@@ -10,7 +10,7 @@ import torch
 from refine_ray.cli import main
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
-from refine_ray.system.controller import RefineTrainer
+from refine_ray.system.controller import RefineController
 from refine_ray.export import export_model
 from refine_ray.models import registry
 
@@ -24,13 +24,13 @@ def test_export_equals_live_learner_weights(cluster, tmp_path, zero, ranks):
     run = tmp_path / "run"
     cfg = load_config("configs/tiny_deltanet_mid.yaml", TINY + [
         f"learner.zero_stage={zero}", f"learner.num_ranks={ranks}", f"train.output_dir={run}"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    controller = RefineController(cfg, len(load_tokenizer()))
     try:
-        trainer.step()
-        step_dir = trainer.save()
-        live = trainer._learner_call("full_state_dict")[0]   # collective under ZeRO-3: every rank takes part
+        controller.step()
+        step_dir = controller.save()
+        live = controller.learners.call_all("gather_weights")[0]   # collective under ZeRO-3: every rank takes part
     finally:
-        trainer.shutdown()
+        controller.shutdown()
     fresh = registry.build_model("delta_net", seed=0, vocab_size=len(load_tokenizer()))
     assert not np.array_equal(live["lm_head.weight"], fresh.lm_head.weight.detach().numpy())  # the step moved it
     sources = [run, run / "checkpoints", run / "checkpoints" / "latest", step_dir, f"{step_dir}/learner",

@@ -11,7 +11,7 @@ import ray
 from refine_ray.system import checkpoint as ckpt
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
-from refine_ray.system.controller import LearnerFailure, RefineTrainer
+from refine_ray.system.controller import LearnerFailure, RefineController
 
 BASE = ["data.max_length=160", "refine.n_chunks=2", "refine.response_length=4", "learner.num_ranks=1",
         "learner.gpus_per_rank=0.4", "scorer.gpus_per_actor=0.15", "rollout.gpus_per_actor=0.15",
@@ -35,15 +35,15 @@ def cluster():
 
 
 def _run(cfg, vocab, steps, save_at=None):
-    trainer = RefineTrainer(cfg, vocab)
+    controller = RefineController(cfg, vocab)
     out = []
     try:
         for _ in range(steps):
-            out.append(trainer.step())
-            if save_at is not None and trainer.step_index == save_at:
-                trainer.save()
+            out.append(controller.step())
+            if save_at is not None and controller.step_index == save_at:
+                controller.save()
     finally:
-        trainer.shutdown()
+        controller.shutdown()
     return out
 
 
@@ -60,20 +60,20 @@ def test_resume_continues_exactly(cluster, tmp_path, vocab, mode):
 
 def test_crash_mid_save_keeps_previous_checkpoint(cluster, tmp_path, vocab):
     cfg = _cfg(tmp_path)
-    trainer = RefineTrainer(cfg, vocab)
+    controller = RefineController(cfg, vocab)
     try:
-        trainer.step()
-        good = trainer.save()
-        trainer.step()
-        tmp, final = ckpt.begin_save(cfg.train.output_dir, trainer.step_index)   # a save that never commits
+        controller.step()
+        good = controller.save()
+        controller.step()
+        tmp, final = ckpt.begin_save(cfg.train.output_dir, controller.step_index)   # a save that never commits
         (tmp / "learner").mkdir()
         (tmp / "learner" / "half_written.pt").write_bytes(b"\0" * 100)
         assert str(ckpt.latest_checkpoint(cfg.train.output_dir)) == good and not final.exists()
-        trainer.save()                                                            # next save cleans up
+        controller.save()                                                            # next save cleans up
         assert not list(ckpt.checkpoint_root(cfg.train.output_dir).glob("*.tmp-*"))
         assert ckpt.latest_checkpoint(cfg.train.output_dir).name == "step_000002"
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 @pytest.mark.parametrize("role", ["rollout"] + [pytest.param(r, marks=pytest.mark.slow)
@@ -85,34 +85,34 @@ def test_actor_killed_mid_step_loses_nothing(cluster, tmp_path, vocab, role):
     extra = ["scorer.num_actors=2", "scorer.gpus_per_actor=0.075"] if role == "rollout" else []
     reference = _run(_cfg(tmp_path / "ref", *extra), vocab, 1)
     cfg = _cfg(tmp_path / "kill", *extra)
-    trainer = RefineTrainer(cfg, vocab)
+    controller = RefineController(cfg, vocab)
     try:
-        gen = trainer.launch_generation(0)
-        ray.kill(trainer.pools[role].actors[0], no_restart=True)
-        trainer.pending = gen
-        metrics = trainer.step()
-        exp = trainer.last_experience
+        gen = controller.experience.launch(0, controller.cursor.next_rows(cfg.data.batch_size))
+        ray.kill(controller.groups[role].actors[0], no_restart=True)
+        controller.pending = gen
+        metrics = controller.step()
+        exp = controller.last_experience
         assert metrics["actor_failures_total"] >= 1
         assert exp.rollout.tokens.shape[0] == cfg.data.batch_size * cfg.refine.n_chunks * cfg.refine.samples_per_prefix
         for key in ("loss", "reward/mean", "samples"):
             np.testing.assert_allclose(metrics[key], reference[0][key], rtol=1e-6, err_msg=key)
-        metrics = trainer.step()          # the replacement serves the next step with the new weights
+        metrics = controller.step()          # the replacement serves the next step with the new weights
         assert np.isfinite(metrics["loss"]) and metrics["staleness"] == 0
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 def test_dead_learner_stops_with_resume_message(cluster, tmp_path, vocab):
     cfg = _cfg(tmp_path)
-    trainer = RefineTrainer(cfg, vocab)
+    controller = RefineController(cfg, vocab)
     try:
-        trainer.step()
-        trainer.save()
-        ray.kill(trainer.learners[0], no_restart=True)
+        controller.step()
+        controller.save()
+        ray.kill(controller.learners.actors[0], no_restart=True)
         with pytest.raises(LearnerFailure, match="learner rank died .* resume from checkpoint .*step_000001"):
-            trainer.step()
+            controller.step()
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 def test_rollout_pool_grows_and_shrinks_with_nodes(tmp_path, vocab):
@@ -124,18 +124,18 @@ def test_rollout_pool_grows_and_shrinks_with_nodes(tmp_path, vocab):
         cfg = _cfg(tmp_path, "rollout.max_actors=3", "rollout.cpus_per_actor=1", "rollout.gpus_per_actor=0",
                    "reference.enabled=false", "refine.kl_coef=0", "scorer.cpus_per_actor=0.5",
                    "reward.cpus_per_actor=0.5", "learner.cpus_per_rank=0.5")
-        trainer = RefineTrainer(cfg, vocab)
+        controller = RefineController(cfg, vocab)
         try:
-            assert trainer.step()["rollout_actors"] == 1        # the head is full
+            assert controller.step()["rollout_actors"] == 1        # the head is full
             node = cluster.add_node(num_cpus=2)
             cluster.wait_for_nodes()
-            assert trainer.step()["rollout_actors"] == 3        # two elastic actors on the new node
+            assert controller.step()["rollout_actors"] == 3        # two elastic actors on the new node
             cluster.remove_node(node)
-            m = trainer.step()                                  # their deaths are healed by dropping them
+            m = controller.step()                                  # their deaths are healed by dropping them
             assert np.isfinite(m["loss"]) and m["samples"] == cfg.data.batch_size * 2 * 2
-            assert trainer.step()["rollout_actors"] == 1
+            assert controller.step()["rollout_actors"] == 1
         finally:
-            trainer.shutdown()
+            controller.shutdown()
     finally:
         ray.shutdown()
         cluster.shutdown()

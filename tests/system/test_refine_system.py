@@ -10,16 +10,16 @@ import ray
 
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
-from refine_ray.system.controller import RefineTrainer
+from refine_ray.system.controller import RefineController
 
 
-def _weights(trainer):
+def _weights(controller):
     # every rank takes part: under ZeRO-3 the gather is collective; rank 0 returns the dict
-    return ray.get([r.full_state_dict.remote() for r in trainer.learners])[0]
+    return controller.learners.call_all("gather_weights")[0]
 
 
-def _check_experience(trainer, cfg, expected_version):
-    exp = trainer.last_experience
+def _check_experience(controller, cfg, expected_version):
+    exp = controller.last_experience
     scored, rollout, rewards = exp.scored, exp.rollout, exp.rewards
     B, n, G, k = cfg.data.batch_size, cfg.refine.n_chunks, cfg.refine.samples_per_prefix, cfg.refine.response_length
     assert scored.cuts.shape == (B, n) and len(set(scored.docs.doc_ids.tolist())) == B
@@ -44,22 +44,22 @@ def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
         f"refine.prefix_sharing={mode == 'async'}",          # sync re-encodes prefixes (the reference)
         "train.val_path=../shared/data/longbench/qmsum_16384.parquet", "train.val_every=2", "train.val_docs=3",
         "data.max_length=256", "refine.n_chunks=3", f"train.output_dir={tmp_path}"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    controller = RefineController(cfg, len(load_tokenizer()))
     try:
-        before = _weights(trainer)
+        before = _weights(controller)
         history = []
         for step in range(3):
-            history.append(trainer.step())
+            history.append(controller.step())
             # sync: on-policy, the samples of step t come from version t;
             # async: generated while the learner was still on the previous version (staleness 1)
             expected = step if mode == "sync" else max(step - 1, 0)
-            _check_experience(trainer, cfg, expected)
-        after = _weights(trainer)
+            _check_experience(controller, cfg, expected)
+        after = _weights(controller)
         assert all(np.isfinite(h["loss"]) and np.isfinite(h["kl"]) for h in history)
         changed = [name for name in before if not np.array_equal(before[name], after[name])]
         assert len(changed) > len(before) // 2, "the learner's weights did not change"
         # inference roles switched to the newest publication
-        receivers = trainer.pools["rollout"].actors + trainer.pools["scorer"].actors
+        receivers = controller.groups["rollout"].actors + controller.groups["scorer"].actors
         assert ray.get([a.get_version.remote() for a in receivers]) == [3, 3]
         assert history[-1]["version"] == 3
         if mode == "async":
@@ -68,20 +68,20 @@ def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
         assert ["val/ntp_loss" in h for h in history] == [False, True, False]
         assert 5.0 < history[1]["val/ntp_loss"] < 12.0 and np.isfinite(history[1]["val/perplexity"])
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 def test_stale_batches_are_regenerated(cluster, tmp_path):
     cfg = load_config("configs/tiny_deltanet_mid.yaml", [
         "system.mode=async", "system.max_staleness=0", "data.max_length=256", "refine.n_chunks=2",
         "learner.num_ranks=1", "learner.gpus_per_rank=0.25", f"train.output_dir={tmp_path}"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    controller = RefineController(cfg, len(load_tokenizer()))
     try:
-        m0, m1 = trainer.step(), trainer.step()
+        m0, m1 = controller.step(), controller.step()
         assert m0["stale_regenerated"] == 0 and m1["stale_regenerated"] == 1 and m1["staleness"] == 0
-        _check_experience(trainer, cfg, 1)
+        _check_experience(controller, cfg, 1)
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 @pytest.mark.parametrize("model_type", ["lact", "gated_deltanet"])
@@ -91,23 +91,23 @@ def test_prefix_shared_refine_on_other_models(cluster, tmp_path, model_type):
         f"model.type={model_type}", "refine.prefix_sharing=true", "refine.reward=hybrid",
         "data.max_length=200", "refine.n_chunks=3", "learner.num_ranks=1", "learner.gpus_per_rank=0.25",
         f"train.output_dir={tmp_path}"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    controller = RefineController(cfg, len(load_tokenizer()))
     try:
-        history = [trainer.step(), trainer.step()]
-        _check_experience(trainer, cfg, 1)
+        history = [controller.step(), controller.step()]
+        _check_experience(controller, cfg, 1)
         assert all(np.isfinite(h["loss"]) for h in history)
         assert history[-1]["reward/exact_mean"] >= 0 and "reward/cosine_mean" in history[-1]
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 def test_post_training_refine_then_task_sft(cluster, tmp_path):
     """RULER QA post-training: inner REFINE update, then task SFT on the answers (ZeRO-2)."""
     cfg = load_config("configs/tiny_deltanet_post.yaml", [f"train.output_dir={tmp_path}", "optim.warmup_steps=4"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    controller = RefineController(cfg, len(load_tokenizer()))
     try:
-        history = [trainer.step(), trainer.step()]
-        exp = trainer.last_experience
+        history = [controller.step(), controller.step()]
+        exp = controller.last_experience
         assert exp.scored.answers is not None and len(exp.scored.answers) == cfg.data.batch_size
         assert all(0 < len(exp.scored.answers.doc(i)) <= 32 for i in range(cfg.data.batch_size))
         assert all(np.isfinite(h["task_sft_loss"]) and h["task_sft_loss"] > 0 for h in history)
@@ -115,7 +115,7 @@ def test_post_training_refine_then_task_sft(cluster, tmp_path):
         # step t uses (t+1)/4 of the peak, not (2t+1)/4; the logged lr is the one the step used
         assert [h["lr"] for h in history] == pytest.approx([0.25 * cfg.optim.lr, 0.5 * cfg.optim.lr])
     finally:
-        trainer.shutdown()
+        controller.shutdown()
 
 
 def test_collective_weight_sync_over_gloo(cluster, tmp_path):
@@ -124,13 +124,13 @@ def test_collective_weight_sync_over_gloo(cluster, tmp_path):
     cfg = load_config("configs/tiny_deltanet_mid.yaml", [
         "system.weight_sync=collective", "system.weight_bucket_mb=0.5", "learner.zero_stage=3",
         "data.max_length=160", "refine.n_chunks=2", f"train.output_dir={tmp_path}"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
+    controller = RefineController(cfg, len(load_tokenizer()))
     try:
         for step in range(2):
-            trainer.step()
-            learner = _weights(trainer)
+            controller.step()
+            learner = _weights(controller)
             for role in ("scorer", "rollout"):
-                actor = trainer.pools[role].actors[0]
+                actor = controller.groups[role].actors[0]
                 held = ray.get(actor.__ray_call__.remote(
                     lambda self: {n: p.detach().numpy().copy() for n, p in self._weight_module().named_parameters()}))
                 assert held.keys() <= learner.keys() and len(held) > 10
@@ -138,4 +138,4 @@ def test_collective_weight_sync_over_gloo(cluster, tmp_path):
                     np.testing.assert_array_equal(value, learner[name], err_msg=f"{role} {name}")
             assert ray.get(actor.get_version.remote()) == step + 1
     finally:
-        trainer.shutdown()
+        controller.shutdown()

@@ -13,7 +13,7 @@ import pytest
 from refine_ray.system.batches import DocBatch
 from refine_ray.config import load_config
 from refine_ray.data import Corpus, load_tokenizer
-from refine_ray.system.controller import LearnerFailure, RefineTrainer
+from refine_ray.system.controller import LearnerFailure, RefineController
 
 
 def _text(tokenizer, n_tokens: int, seed: int) -> str:
@@ -41,7 +41,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trainer(cluster, data, tmp_path_factory):
+def controller(cluster, data, tmp_path_factory):
     """ZeRO-3 over 2 ranks, post-training (REFINE then task SFT), validation of 3 documents."""
     cfg = load_config("configs/tiny_deltanet_mid.yaml", [
         f"data.path={data / 'train.parquet'}", "data.answer_column=answer", "data.max_length=1200",
@@ -49,20 +49,20 @@ def trainer(cluster, data, tmp_path_factory):
         "train.task_update=sft", f"train.val_path={data / 'val.parquet'}", "train.val_every=1",
         "train.val_docs=3", "optim.warmup_steps=4", "learner.collective_timeout_s=15",
         f"train.output_dir={tmp_path_factory.mktemp('out')}"])
-    trainer = RefineTrainer(cfg, len(load_tokenizer()))
-    ranks = list(trainer.learners)
-    yield trainer
-    trainer.learners = ranks
-    trainer.shutdown()
+    controller = RefineController(cfg, len(load_tokenizer()))
+    ranks = list(controller.learners.actors)
+    yield controller
+    controller.learners.actors = ranks
+    controller.shutdown()
 
 
-def test_zero3_ranks_with_uneven_documents_answers_and_validation(trainer):
-    cfg = trainer.cfg
+def test_zero3_ranks_with_uneven_documents_answers_and_validation(controller):
+    cfg = controller.cfg
     corpus = Corpus(cfg.data, load_tokenizer())
     assert [len(corpus.document(i).ids) for i in range(2)] == [1100, 505]
     assert [len(corpus.document(i).answer_ids) for i in range(2)] == [1, 5]
-    metrics = trainer.step()
-    assert sorted(trainer.last_experience.scored.docs.doc_ids.tolist()) == [0, 1]
+    metrics = controller.step()
+    assert sorted(controller.last_experience.scored.docs.doc_ids.tolist()) == [0, 1]
     for name in ("loss", "ntp_loss", "pg_loss", "task_sft_loss", "val/ntp_loss"):
         assert np.isfinite(metrics[name]) and metrics[name] > 0, name
     # a random tiny model is near log(vocab) = 10.3 on held-out text
@@ -71,13 +71,13 @@ def test_zero3_ranks_with_uneven_documents_answers_and_validation(trainer):
     assert metrics["lr"] == pytest.approx(cfg.optim.lr / 4)
 
 
-def test_zero3_collective_mismatch_is_one_line_error(trainer):
+def test_zero3_collective_mismatch_is_one_line_error(controller):
     """A rank left out of a collective: the other times out with one line, never hangs.
     (Runs last: it leaves the learner group broken.)"""
-    trainer.learners = trainer.learners[:1]          # rank 1 never joins rank 0's gathers
+    controller.learners.actors = controller.learners.actors[:1]     # rank 1 never joins rank 0's gathers
     docs = DocBatch.from_lists([0], [np.arange(1, 40)])
     with pytest.raises(LearnerFailure) as err:
-        trainer._learner_call("validation_nll", docs)
+        controller.learners.call_all("validation_nll", docs)
     message = str(err.value)
     assert "\n" not in message and "rank 0 failed during 'validation_nll'" in message
     assert "learner.collective_timeout_s=15 s" in message

@@ -1,29 +1,34 @@
-"""Weight broadcast over a torch.distributed process group of its own (gloo on CPU, NCCL on GPU).
+"""Weight sync as a bucketed broadcast over a process group of its own (gloo on CPU, NCCL on GPU).
 
-Learner rank 0 and every inference actor that holds policy weights form a
-group (rank 0 = the learner). The group is built directly from a TCPStore,
-so it never touches DeepSpeed's default process group. Weights travel in flat
-buckets of ``bucket_mb``: one collective per bucket instead of one per tensor,
-and no more than one bucket of extra memory on either side. Both sides walk
-``named_parameters()`` of the same architecture in the same order, so only
-the version number travels besides the buckets.
+Learner rank 0 and every inference actor that holds policy weights form a group (rank 0
+= the learner), built directly from a TCPStore so it never touches DeepSpeed's default
+process group (the same idea as verl's and OpenRLHF's NCCL weight-update group). The
+tensor set (:func:`base.weight_tensors`) travels in flat buckets of ``bucket_mb``: one
+collective per bucket instead of one per tensor, and no more than one bucket of extra
+memory on either side. Both sides walk the same architecture's tensor set in the same
+order, so only the buckets travel. Send (:func:`send_weights`), receive
+(:func:`receive_weights`) and the driver's :class:`CollectiveWeightSync` live here.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+import time
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 
+from refine_ray.system.weight_sync.base import Publication, WeightSync, full_numel, gathered, weight_tensors, wire_dtype
 
-def bucket_plan(numels: list[int], elem_bytes: int, bucket_mb: float) -> list[list[int]]:
-    """Consecutive parameter indices per bucket; a tensor larger than a bucket gets its own."""
-    limit = max(1, int(bucket_mb * 2**20 / elem_bytes))
+
+def bucket_plan(numels: list[int], dtypes: list[torch.dtype], bucket_mb: float) -> list[list[int]]:
+    """Consecutive tensor indices per bucket: at most ``bucket_mb`` MiB each (a larger tensor gets
+    its own bucket) and one wire dtype per bucket."""
     buckets: list[list[int]] = [[]]
     size = 0
-    for i, n in enumerate(numels):
-        if buckets[-1] and size + n > limit:
+    for i, (n, dtype) in enumerate(zip(numels, dtypes)):
+        limit = max(1, int(bucket_mb * 2**20 / torch.empty((), dtype=dtype).element_size()))
+        if buckets[-1] and (size + n > limit or dtypes[buckets[-1][0]] != dtype):
             buckets.append([])
             size = 0
         buckets[-1].append(i)
@@ -31,57 +36,105 @@ def bucket_plan(numels: list[int], elem_bytes: int, bucket_mb: float) -> list[li
     return [b for b in buckets if b]
 
 
-def full_numel(p: torch.Tensor) -> int:
-    """A parameter's full size, also when ZeRO-3 has partitioned it away (``ds_numel``)."""
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
-def sync_dtype(model_dtype: str) -> torch.dtype:
-    """Weights travel in the inference dtype: bf16 on GPU when the model runs in bf16."""
-    return torch.bfloat16 if (model_dtype == "bfloat16" and torch.cuda.is_available()) else torch.float32
+def _plan(tensors: list[torch.Tensor], model_dtype: str, bucket_mb: float) -> tuple[list, list[list[int]]]:
+    dtypes = [wire_dtype(t, model_dtype) for t in tensors]
+    return dtypes, bucket_plan([full_numel(t) for t in tensors], dtypes, bucket_mb)
 
 
 class WeightGroup:
-    """One member of a weight-broadcast group; ``rank 0`` sends, everyone else receives."""
+    """One member of a weight-broadcast group: rank 0 sends, everyone else receives.
+
+    Raises ``torch.distributed.DistStoreError`` (or a gloo timeout) when the other members
+    do not join within ``timeout_s`` seconds.
+    """
 
     def __init__(self, host: str, port: int, world: int, rank: int, group_id: int, timeout_s: float = 120.0):
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, world, rank == 0, timeout, wait_for_workers=False)
         store = dist.PrefixStore(f"refine-weights-{group_id}", store)
         self.rank, self.world = rank, world
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":
+        on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        if on_gpu:
             self.pg = dist.ProcessGroupNCCL(store, rank, world)
         else:
             self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
         self._store = store   # keep the store alive as long as the group
 
-    def send(self, params: list[torch.nn.Parameter], dtype: torch.dtype, bucket_mb: float, gather=None) -> int:
-        """Broadcast ``params`` bucket by bucket; ``gather(bucket)`` wraps ZeRO-3 gathers. Returns bytes."""
-        sent = 0
-        for idx in bucket_plan([full_numel(p) for p in params], torch.empty((), dtype=dtype).element_size(), bucket_mb):
-            bucket = [params[i] for i in idx]
-            with (gather(bucket) if gather else nullcontext()):
-                flat = torch.cat([p.detach().to(self.device, dtype).reshape(-1) for p in bucket])
-            self.pg.broadcast(flat, 0).wait()
-            sent += flat.numel() * flat.element_size()
-        return sent
-
-    def receive(self, params: list[torch.nn.Parameter], dtype: torch.dtype, bucket_mb: float) -> None:
-        """Receive the buckets into ``params`` in place (cast to each parameter's dtype)."""
-        for idx in bucket_plan([p.numel() for p in params], torch.empty((), dtype=dtype).element_size(), bucket_mb):
-            bucket = [params[i] for i in idx]
-            flat = torch.empty(sum(p.numel() for p in bucket), dtype=dtype, device=self.device)
-            self.pg.broadcast(flat, 0).wait()
-            offset = 0
-            with torch.no_grad():
-                for p in bucket:
-                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+    def broadcast(self, flat: torch.Tensor) -> None:
+        """Broadcast ``flat`` (1-D, on ``self.device``) from rank 0 to every member, in place."""
+        self.pg.broadcast(flat, 0).wait()
 
 
-def take_part_in_gathers(params: list[torch.nn.Parameter], dtype: torch.dtype, bucket_mb: float, gather) -> None:
-    """Learner ranks other than 0 under ZeRO-3: join every bucket's gather, send nothing."""
-    for idx in bucket_plan([full_numel(p) for p in params], torch.empty((), dtype=dtype).element_size(), bucket_mb):
-        with gather([params[i] for i in idx]):
-            pass
+def send_weights(module: torch.nn.Module, group: WeightGroup | None, zero3: bool, model_dtype: str,
+                 bucket_mb: float) -> int:
+    """Learner side: broadcast the tensor set bucket by bucket; returns the bytes sent.
+
+    Every learner rank calls this (under ZeRO-3 each bucket's gather is a collective);
+    only rank 0 holds ``group`` and sends, the others pass ``group=None`` and only gather.
+    """
+    tensors = [t for _, t in weight_tensors(module)]
+    dtypes, plan = _plan(tensors, model_dtype, bucket_mb)
+    sent = 0
+    for idx in plan:
+        bucket = [tensors[i] for i in idx]
+        with gathered(bucket, zero3):
+            if group is None:
+                continue
+            flat = torch.cat([t.detach().to(group.device, dtypes[idx[0]]).reshape(-1) for t in bucket])
+        group.broadcast(flat)
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def receive_weights(module: torch.nn.Module, group: WeightGroup, model_dtype: str, bucket_mb: float) -> None:
+    """Receiver side: receive the buckets into ``module``'s tensor set in place (cast to each
+    tensor's dtype). ``model_dtype`` and ``bucket_mb`` must be the sender's."""
+    tensors = [t for _, t in weight_tensors(module)]
+    dtypes, plan = _plan(tensors, model_dtype, bucket_mb)
+    for idx in plan:
+        bucket = [tensors[i] for i in idx]
+        flat = torch.empty(sum(t.numel() for t in bucket), dtype=dtypes[idx[0]], device=group.device)
+        group.broadcast(flat)
+        offset = 0
+        with torch.no_grad():
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+class CollectiveWeightSync(WeightSync):
+    """Driver side: (re)forms the group when the receivers change, then starts one broadcast.
+
+    The group is formed again whenever the set of receivers changes (a replaced or elastic
+    actor). A broadcast needs every member: a receiver busy with a request joins when it
+    finishes, so the switch still happens between requests.
+    """
+
+    def __init__(self, learners: list, model_dtype: str, bucket_mb: float, timeout_s: float):
+        """``learners``: the learner rank actors; ``model_dtype``: ``model.dtype``; ``bucket_mb``:
+        ``system.weight_bucket_mb``; ``timeout_s``: ``system.weight_sync_timeout_s``."""
+        self.learners = learners
+        self.model_dtype, self.bucket_mb, self.timeout_s = model_dtype, bucket_mb, timeout_s
+        self.members: list = []
+        self.group_id = 0
+
+    def _form(self, receivers: list) -> None:
+        self.group_id += 1
+        host, port = ray.get(self.learners[0].address.remote())
+        world = len(receivers) + 1
+        joins = [self.learners[0].join_weight_group.remote(host, port, world, 0, self.group_id, self.timeout_s)]
+        joins += [a.join_weight_group.remote(host, port, world, i + 1, self.group_id, self.timeout_s)
+                  for i, a in enumerate(receivers)]
+        ray.get(joins)
+        self.members = [a._actor_id for a in receivers]
+
+    def publish(self, version: int, receivers: list) -> Publication:
+        """Start the broadcast on every learner rank and the receive on every receiver; returns
+        all their refs (the broadcast completes only when every member has taken part)."""
+        t0 = time.perf_counter()
+        if [a._actor_id for a in receivers] != self.members:
+            self._form(receivers)
+        sends = [r.send_weights.remote(self.model_dtype, self.bucket_mb) for r in self.learners]
+        acks = [a.receive_weights.remote(version, self.model_dtype, self.bucket_mb) for a in receivers]
+        return Publication(acks + sends, time.perf_counter() - t0)

@@ -1,81 +1,69 @@
-"""Versioned weight publication from the learner to the inference roles.
+"""Weight sync through the Ray object store: send (learner), receive (inference actor), publish (driver).
 
-The learner's rank 0 gathers the full weights after step v and publishes them
-as version v. The object-store backend puts one ``{name: ndarray}`` dict into
-the Ray object store (once, whatever the number of receivers) and queues an
-``update_weights(v, ref)`` call on every inference actor. Ray runs an actor's
-calls in order, so the switch happens between requests, never mid-sample.
-
-Two backends: :class:`ObjectStoreWeightSync` (default; any hardware) and
-:class:`CollectiveWeightSync` (bucketed broadcast over gloo / NCCL).
-
-``publish`` returns the update refs: sync mode waits for them; async mode lets
-them land while the next rollout is already running and only checks them later.
+The learner's rank 0 gathers the tensor set (:func:`base.weight_tensors`) as one
+``{name: ndarray}`` dict; its return value lives in the object store, owned by the
+driver, and every receiver fetches it from there (it never passes through the driver
+process). The driver queues ``update_weights(version, ref)`` on every receiver. Works on
+any hardware and needs no process group. The same dict is what the vLLM rollout engine
+receives (``VLLMRollout.load_weights``: written as safetensors and reloaded in place).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from typing import Optional
 
+import numpy as np
 import ray
+import torch
+
+from refine_ray.system.weight_sync.base import Publication, WeightSync, gathered, weight_tensors
 
 
-@dataclass
-class Publication:
-    version: int
-    acks: list = field(default_factory=list)     # refs of update_weights calls
-    gather_s: float = 0.0                         # learner gather + ray.put
+def gather_weights(module: torch.nn.Module, zero3: bool, rank: int) -> Optional[dict[str, np.ndarray]]:
+    """Learner side: the tensor set as ``{name: ndarray}`` on rank 0, None on other ranks.
+
+    Floating tensors travel as float32 (exact for float32 and bfloat16 weights), others in
+    their own dtype. Under ZeRO-3 every rank must call this (each parameter's gather is a
+    collective).
+    """
+    out = {}
+    for name, t in weight_tensors(module):
+        with gathered([t], zero3):
+            if rank == 0:
+                value = t.detach().float() if t.is_floating_point() else t.detach()
+                out[name] = value.cpu().numpy().copy()
+    return out if rank == 0 else None
 
 
-class ObjectStoreWeightSync:
-    """Weights travel through the Ray object store (CPU and GPU; no NCCL group needed)."""
+def load_weights(module: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Receiver side: copy ``weights`` into ``module``'s tensor set in place (cast to each
+    tensor's dtype and device).
 
-    def __init__(self, learner_ranks: list):
-        self.learner_ranks = learner_ranks
+    Raises:
+        KeyError: ``weights`` lacks tensors of the set (a different architecture).
+    """
+    tensors = weight_tensors(module)
+    missing = [n for n, _ in tensors if n not in weights]
+    if missing:
+        raise KeyError(f"weight sync: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, t in tensors:
+            t.copy_(torch.from_numpy(np.asarray(weights[name])).to(device=t.device, dtype=t.dtype))
+
+
+class ObjectStoreWeightSync(WeightSync):
+    """Driver side: one gather on the learner, one object-store dict, one update call per receiver."""
+
+    def __init__(self, learners: list):
+        """``learners``: the learner rank actors (every one takes part in a ZeRO-3 gather)."""
+        self.learners = learners
 
     def publish(self, version: int, receivers: list) -> Publication:
+        """Gather on the learner ranks (waits), then queue ``update_weights(version, ref)`` on every
+        receiver; returns the update refs. Raises RayActorError when a learner rank is dead."""
         t0 = time.perf_counter()
-        # Every rank must take part (ZeRO-3 gathers are collective); rank 0 returns the dict.
-        # Its return value already lives in the object store and is owned by this driver:
-        # receivers fetch it from there, it never travels through the driver process.
-        refs = [r.full_state_dict.remote() for r in self.learner_ranks]
+        refs = [r.gather_weights.remote() for r in self.learners]
         ray.get(refs[1:])
         ray.wait([refs[0]], fetch_local=False)
-        weights_ref = refs[0]
         gather_s = time.perf_counter() - t0
-        acks = [actor.update_weights.remote(version, weights_ref) for actor in receivers]
-        return Publication(version, acks, gather_s)
-
-
-class CollectiveWeightSync:
-    """Weights travel as bucketed broadcasts from learner rank 0 (gloo on CPU, NCCL on GPU).
-
-    The group is (re)formed whenever the set of receivers changes (a replaced or
-    elastic actor). A broadcast needs every member: a receiver busy with a request
-    joins when it finishes, so the switch still happens between requests.
-    """
-
-    def __init__(self, learner_ranks: list, system_cfg, model_dtype: str):
-        self.learner_ranks = learner_ranks
-        self.cfg = system_cfg
-        self.model_dtype = model_dtype
-        self.members: list = []
-        self.group_id = 0
-
-    def _form(self, receivers: list) -> None:
-        self.group_id += 1
-        host, port = ray.get(self.learner_ranks[0].address.remote())
-        world = len(receivers) + 1
-        joins = [self.learner_ranks[0].join_weight_group.remote(host, port, world, self.group_id)]
-        joins += [a.join_weight_group.remote(host, port, world, i + 1, self.group_id, self.cfg.weight_sync_timeout_s)
-                  for i, a in enumerate(receivers)]
-        ray.get(joins)
-        self.members = [a._actor_id for a in receivers]
-
-    def publish(self, version: int, receivers: list) -> Publication:
-        t0 = time.perf_counter()
-        if [a._actor_id for a in receivers] != self.members:
-            self._form(receivers)
-        sends = [r.broadcast_weights.remote(version) for r in self.learner_ranks]
-        acks = [a.receive_weights.remote(version, self.model_dtype, self.cfg.weight_bucket_mb) for a in receivers]
-        return Publication(version, acks + sends, time.perf_counter() - t0)
+        return Publication([a.update_weights.remote(version, refs[0]) for a in receivers], gather_s)
