@@ -245,3 +245,17 @@ def test_paper_presets_of_one_phase_differ_only_in_the_model():
         differ = {f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s][k]}
         differ |= {s for s in a if not isinstance(a[s], dict) and a[s] != b[s]}
         assert differ <= {"name", "model.type", "model.path", "tokenizer.path", "data.path", "train.output_dir"}, differ
+
+
+def test_package_version_matches_pyproject_and_imports_nothing_heavy():
+    import re
+    import subprocess
+    import sys
+
+    import refine_ray
+
+    pyproject = (CONFIGS.parent / "pyproject.toml").read_text()
+    assert refine_ray.__version__ == re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert '"rouge-score"' not in pyproject                     # nothing imports it
+    code = "import sys, refine_ray; print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
