@@ -50,12 +50,10 @@ def setup_auth() -> str:
 def absolutize(cfg_path: str, overrides: list[str]) -> list[str]:
     """Relative paths (from the config or the overrides) resolve against the repo, as the local CLI
     run from the repo root would; pass them as absolute overrides so the job's cwd does not matter."""
-    import yaml
-
     sys.path.insert(0, str(ROOT))
-    from refine_ray.config import ExperimentConfig
+    from refine_ray.config import ExperimentConfig, read_config_file
 
-    raw = yaml.safe_load(Path(cfg_path).read_text()) or {}
+    raw = read_config_file(cfg_path)          # with the files its ``defaults`` name
     given = dict(o.split("=", 1) for o in overrides if "=" in o)
     out = list(overrides)
     for key in PATH_KEYS:
