@@ -162,7 +162,7 @@ def run_mode(config: str, overrides: list[str], warmup: int, steps: int, reps: i
         exp = trainer.last_experience
         learn = LearnBatch(docs=exp.scored.docs, cuts=exp.scored.cuts, responses=exp.rollout.tokens,
                            old_logprobs=exp.rollout.logprobs, advantages=np.zeros(len(exp.rollout.tokens), np.float32),
-                           versions=exp.rollout.versions, samples_per_prefix=exp.rollout.samples_per_prefix,
+                           samples_per_prefix=exp.rollout.samples_per_prefix,
                            ref_logprobs=exp.ref_logprobs)
         payloads = {"LearnBatch": learn, "ScoredBatch": exp.scored, "RolloutBatch": exp.rollout,
                     "weights": ray.get(trainer.weights_ref)}

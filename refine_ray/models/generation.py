@@ -3,15 +3,19 @@
 Deliberate decisions:
   * No padding ever enters a state: ``prefill`` runs rows grouped by length. Rows of
     different lengths give states with different offsets; they are concatenated only for
-    models whose state does not depend on the offset (``offset_free_state = True``,
+    models whose state does not depend on the offset (:func:`~.base.offset_free_state`,
     DeltaNet family), with the batch state's offset = the longest prompt. Otherwise
     prefill such rows separately.
   * Decoding is O(1) per token: each step feeds one token through the recurrent state;
     nothing is re-prefilled.
-  * ``logprobs`` are log_softmax(logits / temperature) of the sampled token under the FULL
+  * ``logprobs`` are log softmax(logits / temperature) of the sampled token under the FULL
     tempered distribution, even when top-p sampling truncates it (the behaviour policy's
-    log-prob that REFINE's importance ratios compare against a full-distribution learner).
+    log-prob that REFINE's importance ratios compare against a full-distribution learner),
+    computed by the learner's own ``algo.logprobs_from_logits`` (picked logit minus
+    logsumexp in float32: log_softmax was 1e-5-5e-5 off on trained weights, issue 15).
     temperature <= 0 means greedy, with logprobs from the untempered distribution.
+  * Sampling is by inverse CDF on one uniform draw per row and token, so callers can key
+    each row's draws by what the row is (never by which rows share the batch).
   * ``hidden[:, j]`` is the last-layer (final-normed) hidden state at the position whose
     INPUT is token j; producing the last one costs one extra decode step, after which
     ``state`` has consumed all k sampled tokens.
@@ -25,11 +29,15 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .base import ModelState
+from refine_ray.algo.losses import logprobs_from_logits
+
+from .base import ModelState, offset_free_state
 
 
 @dataclass
 class Continuations:
+    """k sampled tokens per row with their behaviour log-probs, hidden states and the state after them."""
+
     tokens: torch.Tensor    # [B, k] long
     logprobs: torch.Tensor  # [B, k] fp32
     hidden: torch.Tensor    # [B, k, D]
@@ -37,7 +45,13 @@ class Continuations:
 
 
 def prefill(model, prompts: Sequence[torch.Tensor]) -> tuple[ModelState, torch.Tensor]:
-    """Run prompts (1-D LongTensors) and return (batched state, last-position hidden [B,D])."""
+    """Run prompts (1-D LongTensors) and return (batched state, last-position hidden [B,D]), rows in
+    prompt order, without gradients.
+
+    Raises:
+        ValueError: no prompts, an empty or non-1-D prompt, or prompts of different lengths
+            for a model whose states are not offset-free.
+    """
     if len(prompts) == 0:
         raise ValueError("prefill needs at least one prompt")
     groups: dict[int, list[int]] = defaultdict(list)
@@ -45,7 +59,7 @@ def prefill(model, prompts: Sequence[torch.Tensor]) -> tuple[ModelState, torch.T
         if p.dim() != 1 or p.numel() == 0:
             raise ValueError(f"prompt {i} must be a non-empty 1-D tensor, got shape {tuple(p.shape)}")
         groups[int(p.numel())].append(i)
-    if len(groups) > 1 and not getattr(model, "offset_free_state", False):
+    if len(groups) > 1 and not offset_free_state(model):
         raise ValueError("prompts of different lengths give states with different offsets for this model; "
                          "prefill them separately")
     device = next(model.parameters()).device
@@ -67,36 +81,56 @@ def prefill(model, prompts: Sequence[torch.Tensor]) -> tuple[ModelState, torch.T
     return state.index(inverse), hidden.index_select(0, inverse.to(hidden.device))
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator):
-    """Sample (or argmax) one token per row; return (tokens [B], logprobs [B])."""
-    logits = logits.float()
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, uniform: Optional[torch.Tensor]):
+    """One token per row from ``logits [B, V]``: (tokens [B] long, logprobs [B] float32).
+
+    temperature > 0 samples by inverse CDF: row b takes the first token whose cumulative
+    (top-p filtered, float64) probability exceeds ``uniform[b] * total`` (``uniform [B]`` in
+    [0, 1), one draw per row, so a row's token depends on its own draw only). temperature <= 0
+    is greedy. Log-probs come from :func:`refine_ray.algo.logprobs_from_logits` (picked logit
+    minus logsumexp, float32), the learner's own function (issue 15: exact on-policy ratios).
+    """
     if temperature <= 0:
         tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
+        return tok, logprobs_from_logits(logits, tok)
+    probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p          # mass strictly above each token
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # keep the smallest nucleus (>= 1 token)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
+    cdf = probs.double().cumsum(-1)
+    target = uniform.to(device=cdf.device, dtype=torch.float64)[:, None] * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    return tok, logprobs_from_logits(logits, tok, temperature)
 
 
 def sample_continuations(model, state: ModelState, last_hidden: torch.Tensor, num_tokens: int,
                          temperature: float = 1.0, top_p: float = 1.0,
-                         generator: Optional[torch.Generator] = None) -> Continuations:
-    """Sample ``num_tokens`` tokens per row from ``state`` (whose last hidden is ``last_hidden`` [B,D])."""
+                         generator: Optional[torch.Generator] = None,
+                         uniforms: Optional[torch.Tensor] = None) -> Continuations:
+    """Sample ``num_tokens`` tokens per row from ``state`` (whose last hidden is ``last_hidden`` [B,D]).
+
+    ``uniforms [B, num_tokens]`` (float, in [0, 1)): the draws of each row, e.g. from a per-row
+    generator keyed by what the row is (refine_ray.refine.sampling); without them they are drawn
+    from ``generator`` (CPU). Raises ValueError for num_tokens < 1, top_p outside (0, 1] or
+    uniforms of the wrong shape.
+    """
     if num_tokens < 1:
         raise ValueError("num_tokens must be >= 1")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    rows = last_hidden.shape[0]
+    if uniforms is None:
+        uniforms = torch.rand(rows, num_tokens, generator=generator, dtype=torch.float64,
+                              device=generator.device if generator is not None else "cpu")
+    elif tuple(uniforms.shape) != (rows, num_tokens):
+        raise ValueError(f"uniforms: shape {tuple(uniforms.shape)}, expected ({rows}, {num_tokens})")
     toks, lps, hids = [], [], []
     with torch.no_grad():
         logits = model.lm_head(last_hidden)
-        for _ in range(num_tokens):
-            tok, lp = _pick(logits, temperature, top_p, generator)
+        for t in range(num_tokens):
+            tok, lp = _pick(logits, temperature, top_p, uniforms[:, t])
             out = model.forward_segment(tok[:, None], state)
             state = out.state
             logits = out.logits[:, -1]
@@ -132,7 +166,10 @@ def generate(model, prompt_ids: Union[torch.Tensor, Sequence[torch.Tensor]], max
             for step in range(max_new_tokens):
                 if step < min_new_tokens and eos:
                     logits = logits.index_fill(-1, torch.tensor(sorted(eos), device=logits.device), float("-inf"))
-                tok, _ = _pick(logits, temperature, top_p, generator)
+                draw = None if temperature <= 0 else torch.rand(
+                    len(rows), generator=generator, dtype=torch.float64,
+                    device=generator.device if generator is not None else "cpu")
+                tok, _ = _pick(logits, temperature, top_p, draw)
                 out_tokens.append(tok)
                 if eos:
                     done |= torch.isin(tok, torch.tensor(sorted(eos), device=tok.device))

@@ -1,14 +1,14 @@
 """One single-process REFINE (or NTP-only) update of a plain torch model + optimizer.
 
-No Ray, no DeepSpeed: the same library functions the multi-role pipeline uses, run
-in one process (test-time training, debugging, small CPU runs):
+No Ray, no DeepSpeed: the pipeline's functions run in one process (test-time training,
+debugging, small CPU runs):
 
     score_document (cuts + ground truth + cut states)
-    -> sample_continuations from each cut state (k tokens, G samples, behaviour log-probs)
+    -> sample_at_cuts (k tokens, G samples per cut, behaviour log-probs)
     -> SequenceRewarder (cosine on policy hidden / exact / hybrid; or a frozen encoder)
-    -> grpo_advantages over make_group_ids groups
-    -> document_logprobs (shared trunk or re-encode, ``refine.prefix_sharing``)
-    -> ppo_clip_loss + NTP (refine_loss) -> backward -> grad clip -> one optimizer step.
+    -> grpo_advantages over make_group_ids groups            (:meth:`LocalRefineStep.collect`)
+    -> document_loss (the DeepSpeed learner's own loss) -> backward
+    -> grad clip -> one optimizer step                         (:meth:`LocalRefineStep.update`)
 
 Decisions: every document is scored and sampled with the weights *before* the step,
 then all documents' losses are accumulated (each divided by the number of documents)
@@ -18,45 +18,51 @@ the NTP loss only, with coefficient 1 when ``refine.ntp_coef`` is 0, and are cou
 in ``ntp_only_docs``; documents under 2 tokens have no NTP target and are skipped
 (``skipped_docs``). KL to a reference is not supported here (no reference model).
 The model's train/eval mode is left as the caller set it.
+
+Seeds are keyed like the distributed pipeline's (refine_ray.refine.seeding), by
+(``seed``, the step counter, the document's index in ``docs``, cut index, sample index);
+:meth:`LocalRefineStep.reseed` sets the seed and restarts the counter.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-import numpy as np
 import torch
 
-from refine_ray.algo import grpo_advantages, make_group_ids, ppo_clip_loss, refine_loss
-from refine_ray.system.batches import DocBatch, RolloutBatch, ScoredBatch
+from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ConfigError, RefineConfig
-from refine_ray.models.generation import Continuations, sample_continuations
+from refine_ray.refine.loss import document_loss
 from refine_ray.refine.rewarding import SequenceRewarder, reward_metrics
-from refine_ray.refine.sampling import decode_batches
-from refine_ray.refine.scoring import DocumentScore, min_document_tokens, score_document
-from refine_ray.refine.sequence_logprobs import document_logprobs, document_ntp_loss
+from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
+from refine_ray.refine.scoring import min_document_tokens, score_document
+from refine_ray.refine.seeding import cut_seed
+from refine_ray.refine.sequence_logprobs import document_ntp_loss
 
 Mode = Literal["refine", "ntp"]
 
 
-def _sample_at_cuts(model, score: DocumentScore, cfg: RefineConfig,
-                    generator: Optional[torch.Generator]) -> Continuations:
-    """G continuations of k tokens from every cut state; rows ordered cut-major, then sample."""
-    G, k = cfg.samples_per_prefix, cfg.response_length
-    hidden = score.cut_hidden.to(dtype=next(model.parameters()).dtype)
-    groups = decode_batches(model, [(st, hidden[j:j + 1]) for j, st in enumerate(score.cut_states)])
-    parts = [sample_continuations(model, st.repeat_interleave(G), h.repeat_interleave(G, 0), k,
-                                  cfg.temperature, cfg.top_p, generator) for st, h in groups]
-    if len(parts) == 1:
-        return parts[0]
-    return Continuations(torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]),
-                         torch.cat([p.hidden for p in parts]), parts[-1].state)
+@dataclass
+class Experience:
+    """Rollouts of the documents ``refine_docs`` (indices into the step's document list).
+
+    Per-sample rows are ``(i * n + cut) * G + sample`` for the i-th entry of ``refine_docs``.
+    """
+
+    refine_docs: list[int]
+    cuts: list[torch.Tensor]          # per refine document, [n] long
+    responses: torch.Tensor           # [D*n*G, k] long
+    old_logprobs: torch.Tensor        # [D*n*G, k] float32 behaviour log-probs
+    advantages: torch.Tensor          # [D*n*G] float32
+    metrics: dict[str, float]         # reward/* and adv/abs_mean
 
 
 class LocalRefineStep:
-    """Callable REFINE update for one model + optimizer; holds the rewarder and RNG.
+    """Callable REFINE update for one model + optimizer; holds the rewarder and the seed keys.
 
     ``step(docs)`` takes 1-D LongTensors of unpadded token ids and returns float metrics.
+    Raises ConfigError for ``refine.kl_coef > 0`` (no reference model here).
     """
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: RefineConfig, grad_clip: float = 1.0,
@@ -67,98 +73,110 @@ class LocalRefineStep:
         self.tokenizer, self.encoder_path = tokenizer, encoder_path
         self._rewarder: Optional[SequenceRewarder] = None
         self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.seed, self.step_index = seed, 0
         self.min_tokens = min_document_tokens(cfg)
 
     @property
     def rewarder(self) -> SequenceRewarder:
-        if self._rewarder is None:   # lazy: the encoder source loads a model
+        """The configured :class:`SequenceRewarder`, built on first use (the encoder source loads a model)."""
+        if self._rewarder is None:
             self._rewarder = SequenceRewarder(self.cfg.reward, self.cfg.reward_source, self.tokenizer,
                                               self.encoder_path)
         return self._rewarder
 
     def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
+        """Key the following steps' cuts and samples by ``seed``, the step counter back at 0."""
+        self.seed, self.step_index = seed, 0
 
     def step(self, docs: Sequence[torch.Tensor], mode: Mode = "refine") -> dict[str, float]:
+        """Collect rollouts for ``docs`` (1-D long token ids) and make one optimizer step.
+
+        Returns ``loss``, ``ntp_loss`` (means over usable documents), ``pg_loss``,
+        ``clipfrac``, ``clipfrac_lower``, ``approx_kl`` (means over REFINE documents),
+        ``grad_norm`` (before clipping), the reward metrics, ``refine_docs``,
+        ``ntp_only_docs``, ``skipped_docs`` and ``stepped`` (0 when no document was usable).
+        Raises ValueError for an unknown ``mode``.
+        """
         if mode not in ("refine", "ntp"):
             raise ValueError(f"mode must be 'refine' or 'ntp', got {mode!r}")
-        cfg, model = self.cfg, self.model
         docs = [d.to(self.device).long() for d in docs]
         usable = [d for d in docs if d.numel() >= 2]
-        metrics: dict[str, float] = defaultdict(float)
-        metrics["skipped_docs"] = float(len(docs) - len(usable))
         if not usable:
-            metrics.update(loss=0.0, grad_norm=0.0, refine_docs=0.0, ntp_only_docs=0.0, stepped=0.0)
-            return dict(metrics)
-        refine_idx = [i for i, d in enumerate(usable) if mode == "refine" and d.numel() >= self.min_tokens]
-        rollout = self._rollouts([usable[i] for i in refine_idx]) if refine_idx else None
-        if rollout is not None:
-            metrics.update(rollout["metrics"])
+            self.step_index += 1
+            return {"skipped_docs": float(len(docs)), "loss": 0.0, "grad_norm": 0.0, "refine_docs": 0.0,
+                    "ntp_only_docs": 0.0, "stepped": 0.0}
+        refine_docs = [i for i, d in enumerate(usable) if mode == "refine" and d.numel() >= self.min_tokens]
+        experience = self.collect(usable, refine_docs)
+        metrics = self.update(usable, experience)
+        metrics["skipped_docs"] = float(len(docs) - len(usable))
+        self.step_index += 1
+        return metrics
+
+    @torch.no_grad()
+    def collect(self, docs: Sequence[torch.Tensor], refine_docs: Sequence[int]) -> Experience:
+        """Score, sample and reward ``docs[i]`` for i in ``refine_docs`` with the current weights.
+
+        Cuts and samples are keyed by (seed, step counter, i[, cut, sample]). Each document
+        needs at least ``min_document_tokens(cfg)`` tokens (``sample_cuts`` raises otherwise).
+        """
+        cfg, model, G = self.cfg, self.model, self.cfg.samples_per_prefix
+        scores, conts = [], []
+        for i in refine_docs:
+            gen = torch.Generator(device=self.device).manual_seed(cut_seed(self.seed, self.step_index, i))
+            score = score_document(model, docs[i], cfg, generator=gen, with_states=True)
+            seeds = continuation_seeds(self.seed, self.step_index, i, score.cuts.numel(), G)
+            conts.append(sample_at_cuts(model, score.cut_states, score.cut_hidden, cfg.response_length, G,
+                                        cfg.temperature, cfg.top_p, seeds))
+            scores.append(score)
+        if not scores:
+            empty = torch.zeros(0, cfg.response_length, device=self.device)
+            return Experience([], [], empty.long(), empty, empty[:, 0], {})
+        tokens = torch.cat([c.tokens for c in conts])
+        rewards = self.rewarder(tokens, torch.cat([s.gt_ids for s in scores]),
+                                torch.cat([c.hidden for c in conts]), torch.cat([s.gt_hidden for s in scores]))
+        adv = grpo_advantages(rewards.rewards, make_group_ids(len(scores), cfg.n_chunks, G),
+                              normalize_std=cfg.normalize_adv_std)
+        metrics = reward_metrics(rewards)
+        metrics["adv/abs_mean"] = float(adv.abs().mean())
+        return Experience(list(refine_docs), [s.cuts for s in scores], tokens,
+                          torch.cat([c.logprobs for c in conts]).float(), adv.to(self.device), metrics)
+
+    def update(self, docs: Sequence[torch.Tensor], experience: Experience) -> dict[str, float]:
+        """One optimizer step: every document's loss / len(docs), accumulated, clipped, stepped.
+
+        REFINE documents (``experience.refine_docs``) take :func:`document_loss`; the others
+        the NTP loss alone (coefficient ``refine.ntp_coef``, or 1 when it is 0).
+        Returns the metrics described in :meth:`step` (without ``skipped_docs``).
+        """
+        cfg = self.cfg
+        rows_per_doc = cfg.n_chunks * cfg.samples_per_prefix
+        position = {d: r for r, d in enumerate(experience.refine_docs)}
         self.optimizer.zero_grad(set_to_none=True)
-        per_doc = cfg.n_chunks * cfg.samples_per_prefix
         sums: dict[str, float] = defaultdict(float)
-        for i, ids in enumerate(usable):
-            if i in refine_idx:
-                r = refine_idx.index(i)
-                rows = slice(r * per_doc, (r + 1) * per_doc)
-                out = document_logprobs(model, ids, rollout["cuts"][r], rollout["tokens"][rows],
-                                        cfg.samples_per_prefix, cfg.temperature, shared=cfg.prefix_sharing,
-                                        with_ntp=cfg.ntp_coef > 0)
-                old, adv = rollout["old"][rows], rollout["adv"][rows]
-                pg, pg_m = ppo_clip_loss(out.logprobs, old, adv, torch.ones_like(old), cfg.clip_low,
-                                         cfg.clip_high, cfg.dual_clip)
-                ntp = out.ntp_loss if out.ntp_loss is not None else torch.zeros((), device=self.device)
-                loss = refine_loss(ntp, pg, None, cfg.ntp_coef, cfg.pg_coef)
-                sums["pg_loss"] += float(pg.detach())
-                for name, value in pg_m.items():
-                    sums[name] += float(value)
+        for i, ids in enumerate(docs):
+            if i in position:
+                rows = slice(position[i] * rows_per_doc, (position[i] + 1) * rows_per_doc)
+                loss, doc_metrics = document_loss(self.model, ids, experience.cuts[position[i]],
+                                                  experience.responses[rows], experience.old_logprobs[rows],
+                                                  experience.advantages[rows], cfg)
+                for name, value in doc_metrics.items():
+                    sums[name] += value
             else:
-                ntp = document_ntp_loss(model, ids)
+                ntp = document_ntp_loss(self.model, ids)
                 loss = (cfg.ntp_coef or 1.0) * ntp
-            (loss / len(usable)).backward()
-            sums["loss"] += float(loss.detach())
-            sums["ntp_loss"] += float(ntp.detach())
+                sums["loss"] += float(loss.detach())
+                sums["ntp_loss"] += float(ntp.detach())
+            (loss / len(docs)).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if params else torch.zeros(())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for name in ("loss", "ntp_loss"):
-            metrics[name] = sums[name] / len(usable)
+        n_refine = len(experience.refine_docs)
+        metrics = dict(experience.metrics)
+        metrics.update(loss=sums["loss"] / len(docs), ntp_loss=sums["ntp_loss"] / len(docs))
         for name in ("pg_loss", "clipfrac", "approx_kl", "clipfrac_lower"):
-            if refine_idx:
-                metrics[name] = sums[name] / len(refine_idx)
-        metrics.update(grad_norm=float(grad_norm), refine_docs=float(len(refine_idx)),
-                       ntp_only_docs=float(len(usable) - len(refine_idx)), stepped=1.0)
-        return dict(metrics)
-
-    def _rollouts(self, docs: list[torch.Tensor]) -> dict:
-        """Score, sample and reward every document with the current weights (no grad)."""
-        cfg, model = self.cfg, self.model
-        G = cfg.samples_per_prefix
-        scores, conts = [], []
-        for ids in docs:
-            score = score_document(model, ids, cfg, generator=self.generator, with_states=True)
-            scores.append(score)
-            conts.append(_sample_at_cuts(model, score, cfg, self.generator))
-        cpu = [d.cpu().numpy() for d in docs]
-        scored = ScoredBatch(
-            docs=DocBatch.from_lists(list(range(len(docs))), cpu),
-            cuts=np.stack([s.cuts.cpu().numpy() for s in scores]),
-            gt_ids=np.concatenate([s.gt_ids.cpu().numpy() for s in scores]),
-            gt_hidden=np.concatenate([s.gt_hidden.float().cpu().numpy() for s in scores]),
-            cut_entropy=np.concatenate([s.cut_entropy.float().cpu().numpy() for s in scores]), version=0)
-        tokens = torch.cat([c.tokens for c in conts])
-        old = torch.cat([c.logprobs for c in conts]).float()
-        rollout = RolloutBatch(tokens=tokens.cpu().numpy(), logprobs=old.cpu().numpy(),
-                               versions=np.zeros(tokens.shape[0], np.int64),
-                               hidden=torch.cat([c.hidden for c in conts]).float().cpu().numpy(),
-                               samples_per_prefix=G)
-        rewards = self.rewarder(scored, rollout)
-        r = torch.from_numpy(rewards.rewards)
-        adv = grpo_advantages(r, make_group_ids(len(docs), cfg.n_chunks, G), normalize_std=cfg.normalize_adv_std)
-        metrics = reward_metrics(rewards)
-        metrics["adv/abs_mean"] = float(adv.abs().mean())
-        return {"cuts": [s.cuts for s in scores], "tokens": tokens.to(self.device), "old": old.to(self.device),
-                "adv": adv.to(self.device), "metrics": metrics}
+            if n_refine:
+                metrics[name] = sums[name] / n_refine
+        metrics.update(grad_norm=float(grad_norm), refine_docs=float(n_refine),
+                       ntp_only_docs=float(len(docs) - n_refine), stepped=1.0)
+        return metrics

@@ -1,4 +1,4 @@
-"""Step 4 of REFINE: self-supervised sequence rewards for a rollout batch.
+"""Step 4 of REFINE: self-supervised sequence rewards of sampled continuations (tensors in, tensors out).
 
 ``reward_source``:
 * ``policy`` (the paper): cosine between the policy's hidden states at the
@@ -10,13 +10,13 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 from refine_ray.algo import cosine_reward, exact_match_reward
-from refine_ray.system.batches import RewardBatch, RolloutBatch, ScoredBatch
 
 
 class SentenceEncoder:
@@ -47,44 +47,76 @@ class SentenceEncoder:
         return torch.cat(out).float().cpu()
 
 
+@dataclass
+class Rewards:
+    """Per-sample rewards of one reward call.
+
+    ``rewards [N]`` float32 is the configured reward; ``components`` holds every reward that
+    was computed (``exact`` always, ``cosine`` unless the kind is exact), ``[N]`` float32 each.
+    """
+
+    rewards: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class SequenceRewarder:
-    def __init__(self, kind: str, source: str, tokenizer=None, encoder_path: Optional[str] = None):
+    """REFINE's sequence reward (step 4) on tensors: one call per batch of samples.
+
+    ``kind`` (``refine.reward``): ``cosine`` (the paper), ``exact`` (all k tokens equal the
+    true ones) or ``hybrid`` (cosine + exact). ``source`` (``refine.reward_source``):
+    ``policy`` (the paper: the policy's hidden states at the sampled and at the true tokens)
+    or ``encoder`` (a frozen sentence encoder on the decoded texts; needs ``tokenizer``).
+    """
+
+    def __init__(self, kind: str, source: str, tokenizer=None, encoder_path: Optional[str] = None,
+                 encoder_device: str = "cpu"):
         self.kind, self.source = kind, source
         self.tokenizer = tokenizer
-        self.encoder = SentenceEncoder(encoder_path) if (source == "encoder" and kind != "exact") else None
+        self.encoder = (SentenceEncoder(encoder_path, encoder_device) if (source == "encoder" and kind != "exact")
+                        else None)
 
-    def __call__(self, scored: ScoredBatch, rollout: RolloutBatch) -> RewardBatch:
-        G = rollout.samples_per_prefix
-        resp = torch.from_numpy(rollout.tokens)
-        gt_ids = torch.from_numpy(scored.gt_ids).repeat_interleave(G, 0)
-        components = {"exact": exact_match_reward(resp, gt_ids)}
+    def __call__(self, responses: torch.Tensor, true_ids: torch.Tensor,
+                 response_hidden: Optional[torch.Tensor] = None,
+                 true_hidden: Optional[torch.Tensor] = None) -> Rewards:
+        """Rewards of ``responses [N, k]`` (long) against the true continuations ``true_ids [P, k]``.
+
+        Rows are prefix-major: sample ``i`` continues prefix ``i // G`` with ``G = N / P``.
+        ``response_hidden [N, k, D]`` / ``true_hidden [P, k, D]`` (float) are the policy's
+        hidden states at the sampled / true tokens; only ``source='policy'`` reads them.
+        Computed on CPU in float32. Raises ValueError when N is not a multiple of P or when the
+        policy source gets no response hidden states (e.g. from the vLLM backend).
+        """
+        N, P = responses.shape[0], true_ids.shape[0]
+        if P == 0 or N % P:
+            raise ValueError(f"reward: {N} responses do not split into {P} prefixes of G samples")
+        G = N // P
+        resp = responses.long().cpu()
+        components = {"exact": exact_match_reward(resp, true_ids.long().cpu().repeat_interleave(G, 0))}
         if self.kind != "exact":
-            resp_h, gt_h = self._hidden_pairs(scored, rollout, G)
+            resp_h, gt_h = self._hidden_pairs(resp, true_ids, response_hidden, true_hidden, G)
             components["cosine"] = cosine_reward(resp_h, gt_h)
-        if self.kind == "hybrid":
-            rewards = components["cosine"] + components["exact"]
-        else:
-            rewards = components[self.kind]
-        return RewardBatch(rewards=rewards.float().numpy(),
-                           components={k: v.float().numpy() for k, v in components.items()})
+        components = {k: v.float() for k, v in components.items()}
+        rewards = components["cosine"] + components["exact"] if self.kind == "hybrid" else components[self.kind]
+        return Rewards(rewards, components)
 
-    def _hidden_pairs(self, scored: ScoredBatch, rollout: RolloutBatch, G: int):
+    def _hidden_pairs(self, responses, true_ids, response_hidden, true_hidden, G: int):
         if self.source == "policy":
-            if rollout.hidden is None:
+            if response_hidden is None or true_hidden is None:
                 raise ValueError("refine.reward_source=policy needs policy hidden states, which this rollout "
                                  "backend does not return; use reward_source=encoder or reward=exact")
-            resp_h = torch.from_numpy(rollout.hidden)
-            gt_h = torch.from_numpy(scored.gt_hidden).repeat_interleave(G, 0)
-            return resp_h, gt_h
-        texts = self.tokenizer.batch_decode(rollout.tokens.tolist(), skip_special_tokens=True)
-        gt_texts = self.tokenizer.batch_decode(scored.gt_ids.tolist(), skip_special_tokens=True)
+            return response_hidden.float().cpu(), true_hidden.float().cpu().repeat_interleave(G, 0)
+        texts = self.tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
+        gt_texts = self.tokenizer.batch_decode(true_ids.tolist(), skip_special_tokens=True)
         resp_e = self.encoder.embed(texts)[:, None]                          # [N, 1, D]
         gt_e = self.encoder.embed(gt_texts).repeat_interleave(G, 0)[:, None]
         return resp_e, gt_e
 
 
-def reward_metrics(rewards: RewardBatch) -> dict[str, float]:
-    out = {"reward/mean": float(np.mean(rewards.rewards)), "reward/std": float(np.std(rewards.rewards))}
-    for name, values in rewards.components.items():
-        out[f"reward/{name}_mean"] = float(np.mean(values))
+def reward_metrics(rewards) -> dict[str, float]:
+    """``reward/mean``, ``reward/std`` and ``reward/<component>_mean`` of a :class:`Rewards`
+    or a transport ``RewardBatch`` (anything with ``rewards`` and ``components`` arrays)."""
+    values = np.asarray(rewards.rewards, dtype=np.float64)
+    out = {"reward/mean": float(values.mean()), "reward/std": float(values.std())}
+    for name, comp in rewards.components.items():
+        out[f"reward/{name}_mean"] = float(np.asarray(comp, dtype=np.float64).mean())
     return out

@@ -41,7 +41,7 @@ def _batch(step: int = 0) -> ScoredBatch:
     n = 4
     return ScoredBatch(docs=docs, cuts=np.array([[10, 25], [7, 33]]), gt_ids=np.zeros((n, K), np.int64),
                        gt_hidden=np.zeros((n, K, 8), np.float32), cut_entropy=np.zeros(n, np.float32),
-                       version=0, step=step)
+                       step=step)
 
 
 def _reference_logprobs(model, batch: ScoredBatch, tokens: np.ndarray, temperature: float) -> np.ndarray:
