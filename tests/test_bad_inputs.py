@@ -177,6 +177,16 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
         _write_parquet(tmp / "shards" / "a.parquet", prompt=[LONG_TEXT] * 2, answers=[["yes"], ["no"]])
         _write_parquet(tmp / "shards" / "b.parquet", prompt=[LONG_TEXT] * 2, answers=[["fine"], [" "]])
         return argv, [f"data.path={tmp / 'shards'}/*.parquet", "data.answer_column=answers"]
+    if name == "renamed_config_key":
+        return argv, ["refine.sampling=entropy"]
+    if name == "disabled_scorer":
+        return argv, ["scorer.enabled=false"]
+    if name == "defaults_cycle":
+        (tmp / "a.yaml").write_text("defaults: [b.yaml]\n")
+        (tmp / "b.yaml").write_text("defaults: [a.yaml]\n")
+        return ["--config", str(tmp / "a.yaml")], []
+    if name == "custom_resource_on_local_cluster":
+        return argv, ["learner.resources.refine_learner=1"]
     if name == "num_cpus_below_layout":
         return argv, ["system.num_cpus=1"]
     if name == "num_gpus_below_layout":
@@ -267,6 +277,11 @@ TRAIN_CASES = {
     "answer_control_chars": ["data.answer_column: row 1 of 'answers' in", "tokenises to no tokens"],
     "empty_answer_in_second_shard": ["data.answer_column: row 1 of 'answers' in", "shards/b.parquet' is ' ', "
                                      "which tokenises to no tokens"],
+    "renamed_config_key": ["config error: config key 'refine.sampling': renamed to refine.cut_strategy"],
+    "disabled_scorer": ["config error: config key 'scorer.enabled': removed: the scorer role always runs"],
+    "defaults_cycle": ["config error: config file", "a.yaml': defaults include it again", "a.yaml -> ", "b.yaml -> "],
+    "custom_resource_on_local_cluster": ["learner.resources: the layout needs 2 of custom resource 'refine_learner'",
+                                         "but the local cluster (no system.ray_address) has 0"],
     "num_cpus_below_layout": ["system.num_cpus: the layout needs 2.5 CPUs (learner 2 x 0.5, scorer 1 x 0.5",
                               "but system.num_cpus=1"],
     "num_gpus_below_layout": ["system.num_gpus: the layout needs 2 GPUs", "but system.num_gpus=1"],
