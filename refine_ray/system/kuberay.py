@@ -322,11 +322,6 @@ class RayClusterSpec:
                 [f"{path}.workerGroupSpecs[{i}].groupName" for i in range(len(workers))], "group name")
         return cls(version, head, workers, auto, mode, idle, auth)
 
-    def group(self, name: str) -> WorkerGroupSpec:
-        """The worker group called ``name`` (ValueError unless exactly one)."""
-        (g,) = [w for w in self.worker_group_specs if w.group_name == name]
-        return g
-
 
 JOB_FIELDS = {"entrypoint", "rayClusterSpec", "clusterSelector", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
               "activeDeadlineSeconds", "backoffLimit", "runtimeEnvYAML", "submissionMode", "submitterPodTemplate",

@@ -26,7 +26,7 @@ def test_shipped_raycluster_validates():
     spec = m.spec
     assert spec.enable_in_tree_autoscaling and spec.auth_mode == "token"
     assert [w.group_name for w in spec.worker_group_specs] == ["learner", "rollout", "aux"]
-    learner = spec.group("learner")
+    (learner,) = [w for w in spec.worker_group_specs if w.group_name == "learner"]
     assert learner.template.containers[0].resources.gpus() == 8
     assert learner.ray_resources == {"refine_learner": 8.0}
     for w in spec.worker_group_specs:                 # every role group: own resource, GPUs, shared claim
@@ -48,7 +48,8 @@ def test_shipped_rayjob_validates_and_its_entrypoint_is_a_valid_config():
     cfg = load_config(config, argv[4:])
     assert cfg.system.ray_address == "auto"
     assert cfg.train.output_dir.startswith("/mnt/refine/") and cfg.data.path.startswith("/mnt/refine/")
-    assert cfg.learner.num_ranks <= m.spec.ray_cluster_spec.group("learner").template.containers[0].resources.gpus()
+    (learner,) = [w for w in m.spec.ray_cluster_spec.worker_group_specs if w.group_name == "learner"]
+    assert cfg.learner.num_ranks <= learner.template.containers[0].resources.gpus()
 
 
 def test_rayjob_bundles_ask_for_a_resource_that_pins_them_to_the_learner_group():
