@@ -4,13 +4,13 @@
 Variants (one document of L tokens, n cuts, G samples per cut, k tokens per sample):
   a    NTP only: forward_segment over the document + document_ntp_loss + backward + AdamW step.
   b    REFINE, re-encode (the reference): score_document (no grad) + prefill of every prefix + k-token
-       sampling + old log-probs (document_logprobs(shared=False), no grad) + learner fwd+bwd via
-       document_logprobs(shared=False) with NTP + PPO + step, accumulating per micro-batch (NTP, then
-       one per cut, as the reference; ``--reencode-learner whole``: one call, as learner.py).
-  c    REFINE, prefix sharing: score_document(with_states=True) + sample_continuations from the
-       cut states, batched as FastWeightRollout does (rollout_engine.decode_batches: one batch of
-       all cuts for offset-free states) + behaviour log-probs from sampling +
-       document_logprobs(shared=True) fwd+bwd (branches batched the same way) + step.
+       sampling (sample_at_cuts) + old log-probs (document_logprobs(shared=False), no grad) + learner fwd+bwd
+       via document_loss (prefix_sharing off), accumulating per micro-batch (NTP, then one per cut, as the
+       reference; ``--reencode-learner whole``: one call, as the learner).
+  c    REFINE, prefix sharing: score_document(with_states=True) + sample_at_cuts from the cut states
+       (one decode batch of all cuts for offset-free states, as the rollout role) + behaviour log-probs
+       from sampling + document_loss (prefix_sharing on: shared trunk, branches batched the same way) + step.
+  Both reward with the policy-cosine SequenceRewarder and GRPO advantages, as the pipeline does.
 Variants run interleaved in every repetition (rotating order); we report medians over reps after
 warm-up (total, per stage, per token) and peak memory: CUDA max_memory_allocated (absolute / above
 the step's start) or, on CPU, the peak-RSS rise of one extra untimed rep (VmHWM reset via
@@ -26,17 +26,20 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from refine_ray.algo import (cosine_reward, grpo_advantages, make_group_ids,  # noqa: E402
-                             ppo_clip_loss, refine_loss)
+from refine_ray.algo import grpo_advantages, make_group_ids  # noqa: E402
 from refine_ray.config import RefineConfig  # noqa: E402
-from refine_ray.models.generation import prefill, sample_continuations  # noqa: E402
-from refine_ray.refine.sampling import decode_batches  # noqa: E402
+from refine_ray.models.generation import prefill  # noqa: E402
+from refine_ray.models.registry import FAST_WEIGHT_TYPES  # noqa: E402
+from refine_ray.refine.loss import document_loss  # noqa: E402
+from refine_ray.refine.rewarding import SequenceRewarder  # noqa: E402
+from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts  # noqa: E402
 from refine_ray.refine.scoring import resolve_state_stride, score_document  # noqa: E402
 from refine_ray.refine.sequence_logprobs import document_logprobs, document_ntp_loss  # noqa: E402
 
@@ -106,84 +109,74 @@ def _reset_hwm() -> bool:
 
 
 class Bench:
+    """The three variants on one model and optimizer; the REFINE variants use the pipeline's own
+    sampler (sample_at_cuts), reward (SequenceRewarder) and loss (document_loss)."""
+
     def __init__(self, args, model, device):
         self.a, self.model, self.device = args, model, device
         self.cfg = RefineConfig(n_chunks=args.n_chunks, response_length=args.k, samples_per_prefix=args.samples)
-        self.dtype = next(model.parameters()).dtype
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
-
-    def _ntp(self, hidden, ids):
-        return document_ntp_loss(self.model, ids, hidden)
+        self.rewarder = SequenceRewarder("cosine", "policy")
+        self.calls = 0                    # keys the sample seeds (with --seed), one per REFINE step
 
     def _step(self, m: Meter):
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         m.lap("optim")
 
-    def _ppo(self, logprobs, old, adv):
-        r = self.cfg
-        return ppo_clip_loss(logprobs, old.float(), adv, torch.ones_like(old), r.clip_low, r.clip_high, r.dual_clip)[0]
-
-    def _advantages(self, score, resp_hidden):
+    def _advantages(self, score, conts):
         G = self.cfg.samples_per_prefix
-        rewards = cosine_reward(resp_hidden.float(), score.gt_hidden.to(resp_hidden.device).repeat_interleave(G, 0))
-        return grpo_advantages(rewards, make_group_ids(1, score.cuts.numel(), G).to(rewards.device))
+        rewards = self.rewarder(conts.tokens, score.gt_ids, conts.hidden, score.gt_hidden).rewards
+        return grpo_advantages(rewards, make_group_ids(1, score.cuts.numel(), G)).to(self.device)
 
-    def _sample(self, states, hiddens, m: Meter):
-        G, k = self.cfg.samples_per_prefix, self.cfg.response_length
-        toks, lps, hids = [], [], []
-        for st, h in zip(states, hiddens):
-            out = sample_continuations(self.model, st.repeat_interleave(G), h.to(self.dtype).repeat_interleave(G, 0),
-                                       k, self.cfg.temperature, self.cfg.top_p, generator=self.gen)
-            toks.append(out.tokens), lps.append(out.logprobs), hids.append(out.hidden)
+    def _sample(self, states, cut_hidden, m: Meter):
+        r = self.cfg
+        self.calls += 1
+        seeds = continuation_seeds(self.a.seed, self.calls, 0, len(states), r.samples_per_prefix)
+        out = sample_at_cuts(self.model, states, cut_hidden, r.response_length, r.samples_per_prefix,
+                             r.temperature, r.top_p, seeds)
         m.lap("rollout")
-        return torch.cat(toks), torch.cat(lps), torch.cat(hids)
+        return out
 
     def step_a(self, ids, m: Meter):
-        out = self.model.forward_segment(ids[None], None, return_logits=False)
-        self._ntp(out.hidden[0], ids).backward()
+        document_ntp_loss(self.model, ids).backward()
         m.lap("learn")
         self._step(m)
 
     def step_b(self, ids, m: Meter):
-        r, G = self.cfg, self.cfg.samples_per_prefix
+        r, G = replace(self.cfg, prefix_sharing=False), self.cfg.samples_per_prefix
         score = score_document(self.model, ids, r, self.gen, with_states=False)
         m.lap("score")
         cuts = score.cuts.tolist()
         prefixes = [prefill(self.model, [ids[:c]]) for c in cuts]  # one row at a time, as FastWeightRollout
         m.lap("prefill")
-        resp, _, resp_h = self._sample([p[0] for p in prefixes], [p[1] for p in prefixes], m)
+        conts = self._sample([p[0] for p in prefixes], torch.cat([p[1] for p in prefixes]), m)
         with torch.no_grad():
-            old = document_logprobs(self.model, ids, score.cuts, resp, G, r.temperature, shared=False,
+            old = document_logprobs(self.model, ids, score.cuts, conts.tokens, G, r.temperature, shared=False,
                                     with_ntp=False).logprobs
         m.lap("old_logprob")
-        adv = self._advantages(score, resp_h)
+        adv = self._advantages(score, conts)
         if self.a.reencode_learner == "whole":
-            out = document_logprobs(self.model, ids, score.cuts, resp, G, r.temperature, shared=False)
-            (r.ntp_coef * out.ntp_loss + r.pg_coef * self._ppo(out.logprobs, old, adv)).backward()
+            document_loss(self.model, ids, score.cuts, conts.tokens, old, adv, r)[0].backward()
         else:  # reference: NTP micro-batch, then PPO micro-batches, gradients accumulated
-            hidden = self.model.forward_segment(ids[None], None, return_logits=False).hidden[0]
-            (r.ntp_coef * self._ntp(hidden, ids)).backward()
-            del hidden
+            (r.ntp_coef * document_ntp_loss(self.model, ids)).backward()
+            pg_only = replace(r, ntp_coef=0.0)
             for j in range(len(cuts)):
                 rows = slice(j * G, (j + 1) * G)
-                lp = document_logprobs(self.model, ids, score.cuts[j:j + 1], resp[rows], G, r.temperature,
-                                       shared=False, with_ntp=False).logprobs
-                # / n: the sum over micro-batches == token-mean over all n·G·k tokens
-                (r.pg_coef * self._ppo(lp, old[rows], adv[rows]) / len(cuts)).backward()
+                loss = document_loss(self.model, ids, score.cuts[j:j + 1], conts.tokens[rows], old[rows], adv[rows],
+                                     pg_only)[0]
+                (loss / len(cuts)).backward()  # / n: the sum over micro-batches == token-mean over n·G·k tokens
         m.lap("learn")
         self._step(m)
 
     def step_c(self, ids, m: Meter):
-        r, G = self.cfg, self.cfg.samples_per_prefix
+        r = replace(self.cfg, prefix_sharing=True)
         score = score_document(self.model, ids, r, self.gen, with_states=True, state_stride=self.a.state_stride)
         m.lap("score")
-        groups = decode_batches(self.model, [(s, score.cut_hidden[i:i + 1]) for i, s in enumerate(score.cut_states)])
-        resp, old, resp_h = self._sample([g[0] for g in groups], [g[1] for g in groups], m)
-        adv = self._advantages(score, resp_h)
-        out = document_logprobs(self.model, ids, score.cuts, resp, G, r.temperature, shared=True)
-        refine_loss(out.ntp_loss, self._ppo(out.logprobs, old, adv), None, r.ntp_coef, r.pg_coef).backward()
+        conts = self._sample(score.cut_states, score.cut_hidden, m)
+        adv = self._advantages(score, conts)
+        document_loss(self.model, ids, score.cuts, conts.tokens, conts.logprobs, adv, r)[0].backward()
         m.lap("learn")
         self._step(m)
 
@@ -199,12 +192,12 @@ class Bench:
 
 
 def build(args, device):
-    from refine_ray.models.registry import build_model
+    from refine_ray.models.registry import build_model, family
     fields = dict(SIZES[args.size])
     if args.vocab:
         fields["vocab_size"] = args.vocab
-    if args.model_type == "lact" and args.size != "tiny":
-        raise SystemExit("named sizes are DeltaNet-family configs; use --size tiny for lact")
+    if args.size != "tiny" and not family(args.model_type).bench_sizes:
+        raise SystemExit(f"named sizes are DeltaNet-family configs; use --size tiny for {args.model_type}")
     return build_model(args.model_type, seed=args.seed, **fields).to(device=device, dtype=getattr(torch, args.dtype))
 
 
@@ -249,7 +242,7 @@ def profile(bench, variant, ids, m, sort):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = ap.add_argument
-    add("--model-type", default="delta_net", choices=["delta_net", "gated_deltanet", "lact"])
+    add("--model-type", default="delta_net", choices=FAST_WEIGHT_TYPES)
     add("--size", default="tiny", choices=sorted(SIZES))
     add("--vocab", type=int, default=0, help="override the size's vocab (tiny preset: 256)")
     add("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
