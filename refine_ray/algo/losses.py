@@ -35,6 +35,12 @@ def logprobs_from_logits(
 
     Same alignment as the inputs: ``logits[..., t, :]`` scores ``ids[..., t]``; the
     caller shifts (response logits come from the positions before each token).
+
+    The one log-prob function of the project: the samplers (models.generation) and the
+    learner (refine.sequence_logprobs) both call it, so PPO's ratio is exactly 1 on-policy up
+    to the forward passes' own float noise (issue 15). Computed as picked logit minus
+    ``logsumexp`` in float32 (~1e-6 from float64 over a 30k vocabulary); ``log_softmax`` then
+    a gather was 1e-5-5e-5 off on trained weights. Raises ValueError for temperature <= 0.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

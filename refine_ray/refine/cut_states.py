@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 import torch
 
-from refine_ray.models.base import ModelState
+from refine_ray.models.base import ModelState, offset_free_state
 from refine_ray.models.ops import kernel_backend
 
 # Kept states of the segmented pass: {position: state after it} (None = empty state).
@@ -34,9 +34,10 @@ Kept = Union[ModelState, dict[int, Optional[ModelState]]]
 
 
 def resolve_state_stride(model, state_stride: int = 0) -> int:
-    """``state_stride``, or for 0 the default: 64 (one kernel chunk) where our chunk loop keeps
-    states almost for free (DeltaNet family, PyTorch kernels); 512 where each kept state costs
-    a call (fla's kernels run in slices, LaCT and attention in segments)."""
+    """The stride in tokens between kept states: ``state_stride``, or for 0 the default: 64 (one
+    kernel chunk) where our chunk loop keeps states almost for free (DeltaNet family, PyTorch
+    kernels); 512 where each kept state costs a call (fla's kernels run in slices, LaCT and
+    attention in segments)."""
     if state_stride:
         return state_stride
     if one_pass(model) and kernel_backend(next(model.parameters())) == "torch":
@@ -46,11 +47,16 @@ def resolve_state_stride(model, state_stride: int = 0) -> int:
 
 def one_pass(model) -> bool:
     """Whether the document runs as one call (offset-free states) rather than in segments."""
-    return bool(getattr(model, "offset_free_state", False))
+    return offset_free_state(model)
 
 
 def pass_keeping_states(model, ids: torch.Tensor, stride: int) -> tuple[torch.Tensor, Kept]:
-    """(hidden [L, D], kept states) of one pass over ``ids [L]``."""
+    """One pass over ``ids [L]`` (long) that keeps the state every ``stride`` tokens.
+
+    Returns ``(hidden [L, D], kept)``: the last-layer hidden states (model dtype) and, for
+    offset-free models, one batched :class:`ModelState` whose row j is the state after
+    (j+1)·stride tokens; otherwise ``{position: state after it}`` with ``{0: None}``.
+    """
     if one_pass(model):
         every = torch.arange(1, ids.shape[0] // stride + 1, device=ids.device) * stride
         out = model.forward_segment(ids[None], None, return_logits=False, keep_states_at=every)
@@ -65,7 +71,9 @@ def pass_keeping_states(model, ids: torch.Tensor, stride: int) -> tuple[torch.Te
 
 
 def states_at_cuts(model, ids: torch.Tensor, cuts: torch.Tensor, kept: Kept, stride: int) -> list[ModelState]:
-    """One batch-1 state per cut, in cut order, each with ``offset`` = its cut."""
+    """One batch-1 state per cut of ``cuts [n]`` (long prefix lengths), in cut order, each with
+    ``offset`` = its cut: the kept state at or before the cut plus a catch-up over the
+    < ``stride`` tokens up to it (``kept``/``stride`` from :func:`pass_keeping_states`)."""
     if not one_pass(model):
         states = []
         for c in cuts.tolist():

@@ -35,6 +35,7 @@ class SentenceEncoder:
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """``[len(texts), D]`` float32 CPU unit vectors (texts truncated to 128 encoder tokens)."""
         out = []
         for s in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=128,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from refine_ray.config import RefineConfig
@@ -97,6 +96,7 @@ class FastWeightRollout:
     :func:`sample_at_cuts`, from the scorer's cut states (prefix sharing) or from a prefill
     of each prefix ``ids[:cut]`` (re-encode; one row at a time, so no padding enters a
     state). Seeds: ``(seed, step, doc_id, cut index, sample index)``, see the module docstring.
+    Weights are loaded into ``model`` by the weight-sync backends (refine_ray.system.weight_sync).
     """
 
     def __init__(self, model, cfg: RefineConfig, seed: int = 0):
@@ -104,12 +104,6 @@ class FastWeightRollout:
         self.cfg = cfg
         self.seed = seed
         self.device = next(model.parameters()).device
-
-    def load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Copy a published ``{name: ndarray}`` weight set into the policy in place."""
-        from refine_ray.refine.policy import load_numpy_weights
-
-        load_numpy_weights(self.model, weights)
 
     @torch.no_grad()
     def sample_document(self, ids: torch.Tensor, cuts: torch.Tensor, num_tokens: int, step: int, doc_id: int,

@@ -21,6 +21,8 @@ from refine_ray.models.base import ModelState
 
 @dataclass
 class DocumentScore:
+    """What scoring one document yields (tensors on the model's device; n cuts, k = response_length)."""
+
     cuts: torch.Tensor            # [n]
     gt_ids: torch.Tensor          # [n, k]
     gt_hidden: torch.Tensor       # [n, k, D]
@@ -30,14 +32,25 @@ class DocumentScore:
 
 
 def min_document_tokens(cfg: RefineConfig) -> int:
-    """The fewest tokens a document needs for ``n_chunks`` cuts of ``response_length``."""
+    """The fewest tokens a document needs for ``n_chunks`` cuts of ``response_length`` tokens after
+    ``min_prefix`` (shorter documents make :func:`score_document` raise DocumentTooShort)."""
     return max(cfg.min_prefix, 1) + (cfg.n_chunks + 1) * cfg.response_length - 1
 
 
 @torch.no_grad()
 def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optional[torch.Generator] = None,
                    with_states: bool = False, state_stride: int = 0) -> DocumentScore:
-    """Score one unpadded document ``ids [L]`` and choose its cuts (``state_stride`` 0: default)."""
+    """Score one unpadded document ``ids [L]`` (long) and choose its cuts (REFINE steps 1-2).
+
+    One no-grad pass gives the hidden states and per-token entropy (nats, float32); ``n_chunks``
+    cuts are drawn from it by ``refine``'s cut strategy with ``generator`` (keyed by the caller,
+    see :mod:`refine_ray.refine.seeding`); the true next k tokens and their hidden states are
+    read at every cut. ``with_states`` also returns the state at every cut (prefix sharing),
+    kept every ``state_stride`` tokens (0: :func:`resolve_state_stride`'s default).
+    Source: the REFINE paper's entropy-weighted cut sampling; see ``refine_ray.algo.cuts``.
+    Raises DocumentTooShort (refine_ray.algo) when ``ids`` has fewer than
+    :func:`min_document_tokens` tokens.
+    """
     stride = resolve_state_stride(model, state_stride)
     if with_states:
         hidden, kept = pass_keeping_states(model, ids, stride)

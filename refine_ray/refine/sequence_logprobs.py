@@ -35,6 +35,8 @@ from refine_ray.models.base import ModelState
 
 @dataclass
 class DocumentLogprobs:
+    """Learner log-probs of one document's sampled continuations, and its NTP loss."""
+
     logprobs: torch.Tensor                # [n*G, k]
     ntp_loss: Optional[torch.Tensor]      # scalar, None when not requested
 
@@ -42,8 +44,13 @@ class DocumentLogprobs:
 def document_logprobs(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch.Tensor,
                       samples_per_prefix: int, temperature: float = 1.0, shared: bool = True,
                       with_ntp: bool = True, ntp_head_calls: int = 0) -> DocumentLogprobs:
-    """``ids [L]``, ``cuts [n]``, ``responses [n*G, k]`` (row = cut*G + sample).
+    """Log-probs of ``responses [n*G, k]`` (long, row = cut*G + sample) after the prefixes
+    ``ids[:cut]`` of ``ids [L]`` for ``cuts [n]``, differentiable in ``model``.
 
+    Returns :class:`DocumentLogprobs` with ``logprobs [n*G, k]`` float32 under the tempered
+    full distribution (``algo.logprobs_from_logits``, the sampler's own function) and, with
+    ``with_ntp``, the document's mean NTP loss (nats). ``shared``: one trunk pass (prefix
+    sharing) or re-encode every prefix (the reference); same numbers up to float rounding.
     ``ntp_head_calls``: the NTP loss calls the LM head at least this many times (ZeRO-3)."""
     ntp = ntp_head_calls if with_ntp else None
     if shared:

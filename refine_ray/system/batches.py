@@ -17,12 +17,16 @@ from refine_ray.models.base import ModelState
 
 @dataclass
 class DocBatch:
+    """Ragged documents as one flat int64 token array plus offsets (document i is
+    ``tokens[offsets[i]:offsets[i+1]]``)."""
+
     doc_ids: np.ndarray          # [B] corpus row index
     tokens: np.ndarray           # [sum L] int64
     offsets: np.ndarray          # [B+1]
 
     @staticmethod
     def from_lists(doc_ids: list[int], docs: list[np.ndarray]) -> "DocBatch":
+        """Pack 1-D token arrays (any integer dtype) with their corpus ids."""
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(d) for d in docs])
         tokens = np.concatenate(docs).astype(np.int64) if docs else np.zeros(0, np.int64)
@@ -32,9 +36,11 @@ class DocBatch:
         return len(self.doc_ids)
 
     def doc(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` (a view, int64)."""
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def select(self, rows: list[int]) -> "DocBatch":
+        """A new batch of documents ``rows`` (indices into this batch), in that order."""
         return DocBatch.from_lists([int(self.doc_ids[r]) for r in rows], [self.doc(r) for r in rows])
 
 
@@ -58,7 +64,7 @@ class ScoredBatch:
         """The transport form of per-document :class:`~refine_ray.refine.scoring.DocumentScore` s
         (one per document of ``docs``, in order): numpy, float32 hidden states; cut states and
         cut hidden states travel when the scores carry cut states (prefix sharing)."""
-        def cat(name: str) -> np.ndarray:
+        def cat(name: str) -> np.ndarray:  # one field of every score, numpy (float32 when floating)
             return np.concatenate([getattr(s, name).float().cpu().numpy() if getattr(s, name).is_floating_point()
                                    else getattr(s, name).cpu().numpy() for s in scores])
 
@@ -75,10 +81,12 @@ class ScoredBatch:
 
     @property
     def n_chunks(self) -> int:
+        """n: cuts per document."""
         return int(self.cuts.shape[1])
 
     @property
     def k(self) -> int:
+        """k: tokens per continuation."""
         return int(self.gt_ids.shape[1])
 
 
@@ -107,6 +115,8 @@ class RolloutBatch:
 
 @dataclass
 class RewardBatch:
+    """Reward output: one reward per sample, rows as the rollout's."""
+
     rewards: np.ndarray          # [N] the configured reward
     components: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. cosine, exact, [N] each
     compute_s: float = 0.0
