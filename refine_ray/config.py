@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     """The policy: a local HF checkpoint (``path``) or a random model of the given shape; ``dtype`` of compute."""
-    type: Literal["delta_net", "gated_deltanet", "lact", "llama"] = "delta_net"
+    type: str = "delta_net"               # a model family of refine_ray.models.registry (MODEL_TYPES)
     path: Optional[str] = None            # local HF directory; None builds a random tiny model
     hidden_size: int = 64                 # the fields below only shape a random model
     num_hidden_layers: int = 2
@@ -45,6 +45,10 @@ class ModelConfig:
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
+        from refine_ray.models.registry import MODEL_TYPES   # the one list of model families (torch-free)
+
+        if self.type not in MODEL_TYPES:
+            raise ConfigError(f"{key}.type: {self.type!r} is not one of {', '.join(repr(t) for t in MODEL_TYPES)}")
         if self.path is not None and not Path(self.path).is_dir():
             raise ConfigError(f"{key}.path: '{self.path}' is not a directory (expected a local HF model dir)")
         _positive(self, key, "hidden_size", "num_hidden_layers", "num_heads")
@@ -315,8 +319,10 @@ class ExperimentConfig:
         if self.rollout.backend == "vllm" and self.system.weight_sync == "collective":
             raise ConfigError("system.weight_sync: 'collective' needs rollout.backend=fast_weight "
                               "(vLLM reloads weights from files)")
-        if self.rollout.backend == "vllm" and self.model.type != "llama":
-            raise ConfigError(f"rollout.backend: vllm serves attention models (model.type=llama), "
+        from refine_ray.models.registry import VLLM_TYPES
+
+        if self.rollout.backend == "vllm" and self.model.type not in VLLM_TYPES:
+            raise ConfigError(f"rollout.backend: vllm serves attention models (model.type={' or '.join(VLLM_TYPES)}), "
                               f"not {self.model.type}; use rollout.backend=fast_weight")
         if self.rollout.backend == "vllm" and self.refine.top_p < 1:
             raise ConfigError("refine.top_p: vLLM cannot return full-distribution log-probs under top-p; use 1.0")

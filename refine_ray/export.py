@@ -4,7 +4,7 @@
                       [--dtype float32|bfloat16] [--overwrite]
 
 Supported SOURCEs:
-  * ``tiny:TYPE`` (delta_net, gated_deltanet, lact): a random tiny model (seeded) sized for
+  * ``tiny:TYPE`` (a type of the model registry): a random tiny model (seeded) sized for
     the tokenizer; for smoke tests.
   * a local HF directory (``config.json`` with a supported ``model_type``): re-saved.
   * a refine-ray training checkpoint, given as the run dir (``outputs/<run>``: its latest
@@ -204,8 +204,8 @@ def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: O
     """(model on CPU in float32, tokenizer) for any supported source."""
     if source.startswith("tiny:"):
         mtype = source.split(":", 1)[1]
-        if mtype not in registry.SUPPORTED_TYPES:
-            raise ExportError(f"--from {source!r}: unknown type (supported: {', '.join(registry.SUPPORTED_TYPES)})")
+        if mtype not in registry.MODEL_TYPES:
+            raise ExportError(f"--from {source!r}: unknown type (supported: {', '.join(registry.MODEL_TYPES)})")
         tok = _tokenizer(tokenizer_path)
         return registry.build_model(mtype, seed=seed, vocab_size=len(tok)).float(), tok
     src = Path(source)

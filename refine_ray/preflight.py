@@ -192,12 +192,12 @@ def check_weights(d: Path, model_type: str) -> None:
     else:
         _check_pickled_weights(d)
         return
-    config_cls, model_cls = registry._classes(model_type)
+    classes = registry.family(model_type).classes()
     try:
         import torch
 
         with torch.device("meta"):      # shapes only: no memory, no initialisation cost
-            model = model_cls(config_cls.from_pretrained(str(d)))
+            model = classes.causal_lm(classes.config.from_pretrained(str(d)))
     except Exception as e:              # a config.json whose fields do not build the model
         raise ConfigError(f"model.path: cannot build a {model_type} model from '{d / 'config.json'}' "
                           f"({error_line(e)})") from None
@@ -247,11 +247,11 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
     if not isinstance(raw, dict):
         raise ConfigError(f"model.path: '{cfg_file}' is not a JSON object")
     model_type = raw.get("model_type")
-    if model_type not in registry.SUPPORTED_TYPES:
+    if model_type not in registry.MODEL_TYPES:
         raise ConfigError(f"model.path: '{cfg_file}' has model_type {model_type!r}; "
-                          f"supported: {', '.join(registry.SUPPORTED_TYPES)}")
+                          f"supported: {', '.join(registry.MODEL_TYPES)}")
     try:
-        registry._classes(model_type)
+        registry.family(model_type).classes()
     except ImportError as e:
         raise ConfigError(f"model.path: {error_line(e)}") from None
     if not any((d / f).is_file() for f in WEIGHT_FILES):

@@ -29,6 +29,7 @@ import torch
 
 from refine_ray.config import ExperimentConfig, TTTConfig
 from refine_ray.refine.local_step import LocalRefineStep
+from refine_ray.models.dtypes import compute_dtype
 from refine_ray.models.generation import generate
 
 __all__ = ["TTTConfig", "TestTimeTrainer"]
@@ -50,7 +51,7 @@ class TestTimeTrainer:
         self.updater = LocalRefineStep(model, self.optimizer, cfg.refine, cfg.optim.grad_clip, tokenizer,
                                        cfg.reward.encoder, seed=ttt.seed)
         device = next(model.parameters()).device
-        self.autocast = (device.type == "cuda" and cfg.model.dtype == "bfloat16")
+        self.autocast = compute_dtype(cfg.model.dtype, device) == torch.bfloat16
         self.metrics: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------ snapshot / restore

@@ -1,25 +1,39 @@
-"""Fast-weight language models for refine_ray.
+"""Language models for refine_ray, in fla's tiers: ops -> layers -> model families -> registry.
 
-Light on import: ``base`` (ModelState, SegmentOutput, FastWeightLM) is plain torch; the
-model classes (which import fla for its config classes) load lazily on first access.
+  ops/        kernels' pure-PyTorch references and the dispatch to fla's Triton kernels on CUDA
+              (delta rule, gated delta rule, short conv, norms, LaCT's fast-weight scan)
+  layers/     one file per token mixer (DeltaNet, GatedDeltaNet, LaCT, attention) and the
+              pieces every block shares (RMSNorm, SwiGLU MLP, short conv, padding check)
+  deltanet/   DeltaNet and GatedDeltaNet (one class hierarchy, fla's config classes)
+  lact/       LaCT (large-chunk test-time training)
+  llama/      softmax attention with a KV-cache state (the architecture vLLM serves)
+  registry.py the one list of model families: classes, tiny presets, properties
+  base.py     the segment contract (ModelState, SegmentOutput, FastWeightLM), offset_free_state
+  dtypes.py   the compute-dtype rule (bfloat16 only on CUDA)
+  generation.py  prefill, sampling and greedy generation on any family
+
+Light on import: every name below loads its module on first access, so
+``refine_ray.models.registry`` can be read without importing torch or fla.
 """
-from .base import FastWeightLM, ModelState, SegmentOutput
+import importlib
 
 _LAZY = {
+    "FastWeightLM": "base", "ModelState": "base", "SegmentOutput": "base", "offset_free_state": "base",
     "DeltaNetForCausalLM": "deltanet", "GatedDeltaNetForCausalLM": "deltanet",
     "DeltaNetModel": "deltanet", "GatedDeltaNetModel": "deltanet",
-    "build_model": "registry", "load_model": "registry", "tiny_config": "registry",
-    "SUPPORTED_TYPES": "registry",
+    "build_model": "registry", "load_model": "registry", "tiny_config": "registry", "family": "registry",
+    "MODEL_TYPES": "registry",
+    "compute_dtype": "dtypes",
     "prefill": "generation", "sample_continuations": "generation", "generate": "generation",
     "Continuations": "generation",
 }
 
 
 def __getattr__(name):
+    """Load ``name`` from its module on first access (see ``_LAZY``)."""
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FastWeightLM", "ModelState", "SegmentOutput", *_LAZY]
+__all__ = list(_LAZY)

@@ -3,7 +3,8 @@
 REFINE needs more from a model than HF's ``forward``: the scorer, the rollout
 engine and the prefix-shared learner all work on *segments* of a document with an
 explicit recurrent state carried between them. Every model class (DeltaNet,
-GatedDeltaNet, LaCT) therefore implements :meth:`FastWeightLM.forward_segment`.
+GatedDeltaNet, LaCT, and the Llama baseline) therefore implements
+:meth:`FastWeightLM.forward_segment`.
 
 Padding rule (deliberate, see docs): inputs to ``forward_segment`` contain no
 padding. Every row of a segment batch has the same length and is real text, so
@@ -18,6 +19,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class ModelState:
@@ -36,6 +38,7 @@ class ModelState:
 
     @property
     def batch_size(self) -> int:
+        """Rows B (dim 0 of any tensor; 0 for a state without tensors)."""
         for layer in self.layers:
             for t in layer.values():
                 return int(t.shape[0])
@@ -50,12 +53,15 @@ class ModelState:
         return self._map(lambda t: t.index_select(0, rows.to(t.device)))
 
     def repeat_interleave(self, times: int) -> "ModelState":
+        """Each row ``times`` times in a row (one branch per sample): B -> B * times."""
         return self._map(lambda t: t.repeat_interleave(times, dim=0))
 
     def detach(self) -> "ModelState":
+        """The same tensors cut from the autograd graph."""
         return self._map(lambda t: t.detach())
 
     def to(self, device=None, dtype=None) -> "ModelState":
+        """Moved to ``device``; floating tensors also cast to ``dtype`` (integer ones keep theirs)."""
         def move(t):
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
@@ -79,6 +85,7 @@ class ModelState:
     # Transport: a flat dict of contiguous numpy arrays travels through the Ray
     # object store zero-copy, unlike a pickled list of tensors.
     def to_numpy(self) -> dict[str, np.ndarray]:
+        """``{"__offset__": int64 scalar, "<layer>/<name>": array}``, detached CPU copies."""
         out: dict[str, np.ndarray] = {"__offset__": np.asarray(self.offset, dtype=np.int64)}
         for i, layer in enumerate(self.layers):
             for k, v in layer.items():
@@ -87,6 +94,7 @@ class ModelState:
 
     @staticmethod
     def from_numpy(arrays: dict[str, np.ndarray], device=None) -> "ModelState":
+        """Inverse of :meth:`to_numpy` (arrays copied, then moved to ``device``)."""
         n_layers = 1 + max(int(k.split("/", 1)[0]) for k in arrays if k != "__offset__")
         layers: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
         for key, arr in arrays.items():
@@ -127,13 +135,48 @@ class FastWeightLM:
           Splitting a sequence into segments and carrying the state must equal
           one forward over the whole sequence (tested per model).
       lm_head: nn.Linear            the output projection
-      config.model_type: str        'delta_net', 'gated_deltanet', 'lact'
-      offset_free_state: bool       True when a state does not depend on its position, so
-                                    states taken at different positions share a batch.
-    Offset-free models (the DeltaNet family) also take ``lengths`` and ``keep_states_at``
-    in ``forward_segment`` (states at per-row lengths / at given positions of one pass).
+      config.model_type: str        a type of :mod:`refine_ray.models.registry`
+    Whether a state depends on its position is the registry's ``offset_free_state`` of the
+    family (read it with :func:`offset_free_state`). Offset-free models (the DeltaNet family)
+    also take ``lengths`` and ``keep_states_at`` in ``forward_segment`` (states at per-row
+    lengths / at given positions of one pass).
     """
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
                         return_logits: bool = True) -> SegmentOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def offset_free_state(model) -> bool:
+    """Whether ``model``'s states do not depend on their position (``ModelState.offset``).
+
+    True for the DeltaNet family (no RoPE, no chunk phase): states taken at different
+    positions of different documents share one batch, and a document's cut states come
+    from one pass. False for LaCT (RoPE, chunk phase) and Llama (a KV cache's length is its
+    offset). Read from the registry entry of ``model.config.model_type``, the one place
+    that says it.
+
+    Raises:
+        ValueError: ``model.config.model_type`` is not a registry type.
+    """
+    from .registry import family
+
+    return family(model.config.model_type).offset_free_state
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """HF's causal-LM loss over right-padded rows: mean next-token cross-entropy.
+
+    logits [B,T,V] (any float dtype; CE in fp32), labels [B,T] long (-100: ignored),
+    attention_mask [B,T] 0/1 or None (positions with 0 are ignored too). Position t predicts
+    labels[t+1]. Returns a scalar fp32 tensor; 0 (with a graph) when no position counts,
+    never NaN (deliberate: HF returns NaN there).
+    """
+    shift_labels = labels[:, 1:].to(logits.device)
+    valid = shift_labels != -100
+    if attention_mask is not None:
+        valid = valid & attention_mask[:, 1:].to(logits.device).bool()
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                         shift_labels.masked_fill(~valid, 0).reshape(-1), reduction="none")
+    return (ce * valid.reshape(-1)).sum() / valid.sum().clamp(min=1)

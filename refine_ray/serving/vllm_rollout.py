@@ -8,7 +8,7 @@ Deliberate decisions:
   * Model: the policy (``policy.build_policy``: the same seeded random model or
     ``model.path`` the learner starts from) is saved as a HF directory in a private
     temp dir (config.json + model.safetensors) that vLLM serves. Only architectures
-    vLLM knows work: here model type 'llama' (refine_ray.models.attention); vLLM has no
+    vLLM knows work: here model type 'llama' (refine_ray.models.llama); vLLM has no
     DeltaNet / GatedDeltaNet / LaCT, and the error says so.
   * No tokenizer: ``skip_tokenizer_init=True`` and token-id prompts.
   * Requests: one per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.system.batches`), ``n=G``,
@@ -47,7 +47,8 @@ import torch
 
 from refine_ray.system.batches import RolloutBatch, ScoredBatch
 from refine_ray.refine.seeding import ROLLOUT_STREAM, row_seed
-VLLM_TYPES = ("llama",)      # our model types whose checkpoints vLLM can serve
+from refine_ray.models.dtypes import compute_dtype
+from refine_ray.models.registry import VLLM_TYPES  # our model types whose checkpoints vLLM can serve
 WEIGHTS_FILE = "model.safetensors"
 INSTALL_HINT = "pip install 'refine-ray[vllm]' (or bash scripts/setup_vllm.sh for .venv-vllm)"
 
@@ -63,7 +64,7 @@ def import_vllm():
 
 def _engine_dtype(cfg) -> torch.dtype:
     """The learner's dtype (policy.build_policy's rule: bfloat16 only when asked for and on a GPU)."""
-    return torch.bfloat16 if (cfg.model.dtype == "bfloat16" and torch.cuda.is_available()) else torch.float32
+    return compute_dtype(cfg.model.dtype)
 
 
 class VLLMRollout:

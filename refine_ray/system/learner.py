@@ -27,6 +27,7 @@ import torch
 from refine_ray.algo import head_calls
 from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
+from refine_ray.models.dtypes import compute_dtype
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.loss import document_loss
 from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
@@ -42,7 +43,7 @@ def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) ->
         "gradient_accumulation_steps": docs_per_rank,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu and cfg.model.dtype == "bfloat16"},
+        "bf16": {"enabled": compute_dtype(cfg.model.dtype, "cuda" if on_gpu else "cpu") == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -1,4 +1,4 @@
-"""model type 'llama' (refine_ray.models.attention): the FastWeightLM contract on a KV-cache state.
+"""model type 'llama' (refine_ray.models.llama): the FastWeightLM contract on a KV-cache state.
 
 Tolerances (fp32): split-vs-whole logits / hidden within 1e-5, gradients within 1e-5 of
 each tensor's largest entry; cached decode log-probs within 1e-4 (measured ~1e-6);
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from refine_ray.models import registry
-from refine_ray.models.base import ModelState
+from refine_ray.models.base import ModelState, offset_free_state
 from refine_ray.models.generation import generate, prefill, sample_continuations
 from refine_ray.refine.sequence_logprobs import document_logprobs
 
@@ -27,7 +27,7 @@ def test_tiny_preset_and_hf_forward_agree(model):
     assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers) == ("llama", 64, 2)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (4, 2, 128)
     assert cfg.head_dim == 32                            # vLLM's CPU attention needs head sizes >= 32
-    assert model.offset_free_state is False
+    assert offset_free_state(model) is False
     ids = torch.randint(0, V, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.forward_segment(ids)

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from refine_ray.models.lact.fast_weight import (
+from refine_ray.models.ops.fast_weight import (
     chunk_update,
     fast_weight_scan,
     renorm_rows,

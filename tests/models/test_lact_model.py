@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refine_ray.models.base import ModelState
-from refine_ray.models.lact import LaCTConfig, LaCTForCausalLM
+from refine_ray.models.lact import LaCTConfig, LaCTForCausalLM, tiny_lact_config
 
 torch.set_num_threads(1)
 ATOL = 2e-5  # fp32
@@ -18,7 +18,7 @@ def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
     kw = dict(base_lr=0.3, initializer_range=0.15)
     kw.update(overrides)
-    return LaCTForCausalLM(LaCTConfig.tiny(**kw)).eval()
+    return LaCTForCausalLM(tiny_lact_config(kw.pop("vocab_size", 256), **kw)).eval()
 
 
 def ids_for(model, B, T, seed=1):

@@ -1,4 +1,4 @@
-"""LaCTConfig: defaults are the released LaCT-760M (``760M_lact_swiglu_nh4_fwlow_rank_momentum``).
+"""LaCTConfig and the tiny preset; defaults are the released LaCT-760M (``760M_lact_swiglu_nh4_fwlow_rank_momentum``).
 
 Field names follow the upstream LaCT config (``num_attn_heads``, ``num_lact_heads``,
 ``lact_chunk_size``, ``w0_w2_low_rank``, ...), so a released ``config.json`` loads
@@ -18,6 +18,9 @@ except ImportError:  # pragma: no cover - transformers 4.x
 
 
 class LaCTConfig(PreTrainedConfig):
+    """HF config of LaCT (model_type 'lact'); fields as the upstream LaCT config (see the module
+    docstring). ``head_dim`` / ``fw_head_dim``: attention / fast-weight head sizes."""
+
     model_type = "lact"
     keys_to_ignore_at_inference = ["past_key_values"]
 
@@ -101,20 +104,26 @@ class LaCTConfig(PreTrainedConfig):
 
     @property
     def head_dim(self) -> int:
+        """Attention head size: hidden_size // num_attn_heads."""
         return self.hidden_size // self.num_attn_heads
 
     @property
     def fw_head_dim(self) -> int:
+        """Fast-weight head size: hidden_size // num_lact_heads."""
         return self.hidden_size // self.num_lact_heads
 
-    @classmethod
-    def tiny(cls, **overrides) -> "LaCTConfig":
-        """A seconds-on-CPU preset for tests: 2 layers, hidden 64, chunk 16, window 16."""
-        kw = dict(
-            vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attn_heads=4,
-            num_lact_heads=2, inter_multi=1.0, window_size=16, lact_chunk_size=16,
-            w0_w2_low_rank=4, use_momentum=True, intermediate_size=128,
-            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        )
-        kw.update(overrides)
-        return cls(**kw)
+
+def tiny_lact_config(vocab_size: int, **overrides) -> LaCTConfig:
+    """Tiny LaCT preset, seconds on a CPU: hidden 64, 2 layers, 4 attention heads, 2 fast-weight
+    heads, chunk 16, window 16, low rank 4, momentum, MLP 128. ``num_heads`` is accepted as
+    an alias of ``num_attn_heads`` (what ``model.num_heads`` in the experiment config means)."""
+    if "num_heads" in overrides:
+        overrides.setdefault("num_attn_heads", overrides.pop("num_heads"))
+    kw = dict(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attn_heads=4,
+        num_lact_heads=2, inter_multi=1.0, window_size=16, lact_chunk_size=16,
+        w0_w2_low_rank=4, use_momentum=True, intermediate_size=128,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kw.update(overrides)
+    return LaCTConfig(**kw)

@@ -23,14 +23,15 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..base import FastWeightLM, ModelState, SegmentOutput
+from ..base import FastWeightLM, ModelState, SegmentOutput, causal_lm_loss
+from ..layers.attention import rope_tables
+from ..layers.common import GatedMLP, PreNormBlock, RMSNorm, check_right_padding
+from ..layers.lact import LaCTLayer, LowRankFastWeight
 from .config import LaCTConfig
-from .layer import LaCTBlock, LaCTLayer, LowRankFastWeight, RMSNorm, rope_tables
 
 try:
     from transformers import initialization as _init
@@ -38,14 +39,23 @@ except ImportError:  # pragma: no cover - transformers 4.x
     _init = nn.init
 
 
+def lact_block(config: LaCTConfig, layer_idx: int) -> PreNormBlock:
+    """Upstream's ``LaCTBlock``: attn_norm -> LaCT layer -> residual, mlp_norm -> fla GatedMLP -> residual."""
+    attn = LaCTLayer(config, layer_idx)
+    mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
+    return PreNormBlock(config.hidden_size, config.norm_eps, attn, mlp, layer_idx)
+
+
 class LaCTPreTrainedModel(PreTrainedModel):
+    """HF base class for LaCT: config class, checkpoint prefix, upstream's initialisation."""
+
     config_class = LaCTConfig
     base_model_prefix = "model"
     # transformers derives every embedding accessor from this name (backbone: .embeddings,
     # causal LM: .model.embeddings and .lm_head), so no class writes its own.
     _input_embed_layer = "embeddings"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LaCTBlock"]
+    _no_split_modules = ["PreNormBlock"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -71,10 +81,12 @@ class LaCTPreTrainedModel(PreTrainedModel):
 
 
 class LaCTModel(LaCTPreTrainedModel):
+    """LaCT backbone: embeddings, blocks, final norm; ``run`` carries a :class:`ModelState`."""
+
     def __init__(self, config: LaCTConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([LaCTBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([lact_block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -104,24 +116,14 @@ class LaCTModel(LaCTPreTrainedModel):
         return x, new_state, (tuple(all_hidden) if all_hidden is not None else None)
 
     def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False, **kwargs):
+        """HF backbone forward over whole rows: last hidden [B,T,D] (and all hidden states if asked)."""
         x, _, hs = self.run(input_ids, None, need_state=False, output_hidden_states=output_hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hs)
 
 
-def check_right_padding(attention_mask: torch.Tensor) -> None:
-    """Raise unless every row of the 0/1 mask is ones followed by zeros."""
-    m = attention_mask.to(torch.int64)
-    if ((m != 0) & (m != 1)).any():
-        raise ValueError("attention_mask must be 0/1")
-    if (m[:, 1:] > m[:, :-1]).any():
-        raise ValueError(
-            "LaCT accepts right padding only (a 0 before a 1 found in attention_mask). Left padding would "
-            "shift RoPE positions and chunk phase and feed pads into the fast-weight updates; "
-            "right-pad instead, or use forward_segment on unpadded rows."
-        )
-
-
 class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
+    """LaCT LM: upstream's checkpoint layout, HF ``forward`` and the segment contract."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: LaCTConfig):
@@ -163,12 +165,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
         hidden, _, all_hidden = self.model.run(input_ids, None, need_state=False,
                                                output_hidden_states=bool(output_hidden_states))
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+        loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden)
         if return_dict is False:
             return out.to_tuple()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from refine_ray.models.dtypes import compute_dtype
+
 
 def weight_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``[(name, tensor)]``: parameters, then persistent buffers, in module order.
@@ -51,7 +53,7 @@ def wire_dtype(t: torch.Tensor, model_dtype: str) -> torch.dtype:
     the model runs in bfloat16 on a GPU, else float32); integer/bool buffers in their own dtype."""
     if not t.is_floating_point():
         return t.dtype
-    return torch.bfloat16 if (model_dtype == "bfloat16" and torch.cuda.is_available()) else torch.float32
+    return compute_dtype(model_dtype)
 
 
 @dataclass

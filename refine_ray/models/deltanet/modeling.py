@@ -1,4 +1,8 @@
-"""DeltaNetForCausalLM and GatedDeltaNetForCausalLM on fla's own config classes.
+"""DeltaNetForCausalLM and GatedDeltaNetForCausalLM on fla's own config classes (fla 0.6.0 ``fla/models``).
+
+The two share one class hierarchy (backbone, causal LM, init, block); only the mixer
+(``layers.delta_net`` / ``layers.gated_deltanet``) and fla's config class differ, hence
+one family folder for both.
 
 Parameter names/shapes equal fla 0.6.0's classes (``model.embeddings``, ``model.layers.i.
 {attn_norm, attn, mlp_norm, mlp}``, ``model.norm``, ``lm_head``), so checkpoints load both
@@ -17,32 +21,20 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from fla.models import DeltaNetConfig, GatedDeltaNetConfig
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .base import FastWeightLM, ModelState, SegmentOutput
-from .layers import DeltaNet, GatedDeltaNet, GatedMLP, GatedRMSNorm, RMSNorm, ShortConvolution
-from .ops.delta_rule import state_positions
-
-
-def check_supported(config) -> None:
-    """Raise a one-line error for config options this implementation does not cover."""
-    if getattr(config, "attn", None):
-        raise NotImplementedError("unsupported config option attn (hybrid softmax-attention layers)")
-    if getattr(config, "attnres_block_size", None) is not None:
-        raise NotImplementedError("unsupported config option attnres_block_size (attention residuals)")
-    if getattr(config, "attn_mode", "chunk") not in ("chunk", "fused_recurrent"):
-        raise NotImplementedError(f"unsupported config option attn_mode={config.attn_mode!r}")
-    if getattr(config, "hidden_act", "swish") != "swish":
-        raise NotImplementedError(f"unsupported config option hidden_act={config.hidden_act!r}")
-    if getattr(config, "use_l2warp", False):
-        raise NotImplementedError("unsupported config option use_l2warp")
+from ..base import FastWeightLM, ModelState, SegmentOutput, causal_lm_loss
+from ..layers.common import GatedMLP, GatedRMSNorm, PreNormBlock, RMSNorm, check_right_padding
+from ..layers.delta_net import DeltaNet
+from ..layers.gated_deltanet import GatedDeltaNet
+from ..ops.delta_rule import state_positions
+from .config import DeltaNetConfig, GatedDeltaNetConfig, check_supported
 
 
 def _mixer(config, layer_idx: int) -> nn.Module:
+    """The token mixer fla's config asks for (DeltaNet or GatedDeltaNet), with its arguments."""
     if config.model_type == "delta_net":
         return DeltaNet(hidden_size=config.hidden_size, expand_k=config.expand_k, expand_v=config.expand_v,
                         num_heads=config.num_heads, use_beta=config.use_beta, use_gate=config.use_gate,
@@ -57,22 +49,11 @@ def _mixer(config, layer_idx: int) -> nn.Module:
                          layer_idx=layer_idx)
 
 
-class Block(nn.Module):
-    """Pre-norm block: x + attn(attn_norm(x)), then h + mlp(mlp_norm(h))."""
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.attn = _mixer(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
-
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None, lengths: Optional[torch.Tensor] = None,
-                keep_states_at: Optional[torch.Tensor] = None):
-        o, new_state, kept = self.attn(self.attn_norm(x), state, lengths, keep_states_at)
-        h = x + o
-        return h + self.mlp(self.mlp_norm(h)), new_state, kept
+def _block(config, layer_idx: int) -> PreNormBlock:
+    """One fla block: the family's mixer and fla's GatedMLP (built in that order, as fla does)."""
+    attn = _mixer(config, layer_idx)
+    mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act)
+    return PreNormBlock(config.hidden_size, config.norm_eps, attn, mlp, layer_idx)
 
 
 class _PreTrained(PreTrainedModel):
@@ -80,7 +61,7 @@ class _PreTrained(PreTrainedModel):
     # transformers derives every embedding accessor from this name (backbone: .embeddings,
     # causal LM: .model.embeddings and .lm_head), so no class writes its own.
     _input_embed_layer = "embeddings"
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["PreNormBlock"]
     _is_stateful = True
     supports_gradient_checkpointing = False
 
@@ -108,7 +89,7 @@ class _Backbone(_PreTrained):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([_block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
@@ -145,17 +126,8 @@ class _Backbone(_PreTrained):
         return self.norm(h), ModelState(new_layers, offset), kept_states
 
 
-def _check_right_padding(mask: torch.Tensor) -> None:
-    m = mask.to(torch.int64)
-    if m.dim() != 2:
-        raise ValueError("attention_mask must be a [B,T] 0/1 padding mask")
-    if bool((m[:, 1:] > m[:, :-1]).any()):
-        raise ValueError("attention_mask has a 0 before a 1: only right padding is supported")
-
-
 class _CausalLM(_PreTrained, FastWeightLM):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
-    offset_free_state = True  # the state never depends on ModelState.offset (no RoPE, no chunk phase)
 
     def __init__(self, config):
         super().__init__(config)
@@ -192,51 +164,50 @@ class _CausalLM(_PreTrained, FastWeightLM):
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, inputs_embeds=None, return_dict: Optional[bool] = None,
                 **kwargs) -> CausalLMOutputWithPast:
+        """HF forward over whole rows: input_ids [B,T] long, right-padded ``attention_mask`` [B,T] 0/1,
+        ``labels`` [B,T] (-100 ignored) -> logits [B,T,V] and :func:`~..base.causal_lm_loss`.
+
+        Raises ValueError for left padding, NotImplementedError for inputs_embeds or a cache."""
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not supported; pass input_ids")
         if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             raise NotImplementedError("a KV cache is not supported; use forward_segment(state=...)")
         if attention_mask is not None:
-            _check_right_padding(attention_mask)
+            check_right_padding(attention_mask)
         # Right padding + causality: pads only follow real tokens, so they cannot change real positions.
         hidden, _ = self.model(input_ids)
         logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            shift_labels = labels[:, 1:].to(logits.device)
-            valid = shift_labels != -100
-            if attention_mask is not None:
-                valid = valid & attention_mask[:, 1:].to(logits.device).bool()
-            ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                 shift_labels.masked_fill(~valid, 0).reshape(-1), reduction="none")
-            # Mean over counted positions; 0 (with a graph) when nothing counts, never NaN.
-            loss = (ce * valid.reshape(-1)).sum() / valid.sum().clamp(min=1)
+        loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
 class DeltaNetPreTrainedModel(_PreTrained):
+    """HF base class for DeltaNet (config class: fla's DeltaNetConfig, model_type 'delta_net')."""
     config_class = DeltaNetConfig
 
 
 class DeltaNetModel(DeltaNetPreTrainedModel, _Backbone):
-    pass
+    """DeltaNet backbone (fla.models.DeltaNetModel's parameters): ``forward(ids, state) -> (hidden, state)``."""
 
 
 class DeltaNetForCausalLM(DeltaNetPreTrainedModel, _CausalLM):
+    """DeltaNet LM: fla.models.DeltaNetForCausalLM's checkpoint layout plus ``forward_segment``."""
     _backbone_cls = DeltaNetModel
 
 
 class GatedDeltaNetPreTrainedModel(_PreTrained):
+    """HF base class for GatedDeltaNet (fla's GatedDeltaNetConfig, model_type 'gated_deltanet')."""
     config_class = GatedDeltaNetConfig
 
 
 class GatedDeltaNetModel(GatedDeltaNetPreTrainedModel, _Backbone):
-    pass
+    """GatedDeltaNet backbone (fla.models.GatedDeltaNetModel's parameters)."""
 
 
 class GatedDeltaNetForCausalLM(GatedDeltaNetPreTrainedModel, _CausalLM):
+    """GatedDeltaNet LM: fla.models.GatedDeltaNetForCausalLM's checkpoint layout plus ``forward_segment``."""
     _backbone_cls = GatedDeltaNetModel
 
 
 __all__ = ["DeltaNetForCausalLM", "DeltaNetModel", "GatedDeltaNetForCausalLM", "GatedDeltaNetModel",
-           "DeltaNetConfig", "GatedDeltaNetConfig", "ShortConvolution", "check_supported"]
+           "DeltaNetConfig", "GatedDeltaNetConfig"]

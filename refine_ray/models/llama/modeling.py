@@ -15,23 +15,22 @@ Deliberate decisions:
     is the KV cache: per layer ``{"k": [B, H_kv, T, D], "v": [B, H_kv, T, D]}``
     (post-RoPE keys, batch first, differentiable), ``offset = T``; positions continue
     from ``offset``. Tested equal to HF's forward.
-  * ``offset_free_state = False``: a state is tied to its length, so states of
-    different lengths never share a batch (prefill / branching handle that).
+  * Not offset-free (the registry entry says so): a state is tied to its length, so
+    states of different lengths never share a batch (prefill / branching handle that).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as _HFLlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from .base import FastWeightLM, ModelState, SegmentOutput
+from ..base import FastWeightLM, ModelState, SegmentOutput
+from ..layers.attention import kv_cache_attention
 
 
-def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     """Tiny preset: hidden 64, 2 layers, 4 query heads of dim 32, 2 KV heads, MLP 128.
 
     ``num_heads`` is accepted as an alias of ``num_attention_heads`` (what the policy
@@ -62,35 +61,8 @@ def tiny_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def _attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               past: Optional[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One LlamaAttention on ``h [B,T,C]`` continuing ``past``; returns (output, new KV)."""
-    B, T, _ = h.shape
-    shape = (B, T, -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
-    v = attn.v_proj(h).view(shape).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    if past is not None:
-        k = torch.cat([past["k"].to(k.dtype), k], 2)
-        v = torch.cat([past["v"].to(v.dtype), v], 2)
-    P = k.shape[2] - T                                     # tokens before this segment
-    groups = q.shape[1] // k.shape[1]
-    mask = None
-    if T > 1:                                               # query i sees keys j <= P + i
-        j = torch.arange(P + T, device=h.device)
-        i = torch.arange(T, device=h.device)
-        mask = j[None, :] <= (P + i)[:, None]
-    out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask,
-                                         dropout_p=0.0, scale=attn.scaling)
-    out = attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-    return out, {"k": k, "v": v}
-
-
 class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
     """transformers' Llama with ``forward_segment`` (KV-cache state); model_type 'llama'."""
-
-    offset_free_state = False  # a KV cache's length is its offset (RoPE positions)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """An explicit empty state (length-0 KV), equal in effect to ``state=None``."""
@@ -103,6 +75,8 @@ class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
                         return_logits: bool = True) -> SegmentOutput:
+        """The base contract (see :class:`FastWeightLM`): T tokens continuing the KV cache ``state``
+        at positions ``state.offset``..; raises ValueError for a state of another layer count."""
         backbone = self.model
         if state is not None and len(state.layers) != len(backbone.layers):
             raise ValueError(f"state has {len(state.layers)} layers, model has {len(backbone.layers)}")
@@ -114,7 +88,7 @@ class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
         new_layers = []
         for i, layer in enumerate(backbone.layers):
             past = None if state is None else state.layers[i]
-            a, kv = _attention(layer.self_attn, layer.input_layernorm(h), cos, sin, past)
+            a, kv = kv_cache_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, past)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             new_layers.append(kv)
@@ -123,4 +97,4 @@ class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
         return SegmentOutput(hidden=hidden, logits=logits, state=ModelState(new_layers, offset + T))
 
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "tiny_config"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "tiny_llama_config"]

@@ -1,10 +1,12 @@
-"""LaCT block: shared qkv -> sliding-window attention + SwiGLU fast-weight branch.
+"""LaCT's token mixer: shared qkv -> sliding-window attention + a SwiGLU fast-weight branch, summed.
 
-Parameter names follow the released LaCT checkpoint (``attn.qkv``, ``attn.q_norm``,
-``attn.k_norm``, ``attn.o_proj``, ``attn.w0.w_left``/``w_right`` (low rank) or
-``attn.w0``, ``attn.w1``, ``attn.lr_proj``, ``attn.qk_scale``/``qk_offset``,
-``attn.ttt_scale_proj``, ``attn.ttt_norm``, ``attn.momentum_proj.0``,
-``attn_norm``, ``mlp_norm``, ``mlp.{gate,up,down}_proj``).
+Source: Zhang et al. 2025, "Test-Time Training Done Right" (LaCT, large-chunk test-time
+training), and its released code / LaCT-760M checkpoint. Parameter names follow that
+checkpoint (``attn.qkv``, ``attn.q_norm``, ``attn.k_norm``, ``attn.o_proj``,
+``attn.w0.w_left``/``w_right`` (low rank) or ``attn.w0``, ``attn.w1``, ``attn.lr_proj``,
+``attn.qk_scale``/``qk_offset``, ``attn.ttt_scale_proj``, ``attn.ttt_norm``,
+``attn.momentum_proj.0``); the block around it (``attn_norm``, ``mlp_norm``,
+``mlp.{gate,up,down}_proj``) is ``layers.common.PreNormBlock`` with fla's GatedMLP.
 
 Deliberate choices:
   * The block is pre-norm (attn_norm -> layer -> residual, mlp_norm -> MLP ->
@@ -14,7 +16,8 @@ Deliberate choices:
     applied to each head_dim-wide slice of a fast-weight head, as upstream does.
   * The fast-weight branch keeps its inputs and state in float32 (a state cast to
     bf16 is upcast again) and casts its output back; under an autocast context the
-    matmuls follow autocast, as upstream's bf16-autocast kernels do.
+    matmuls follow autocast, as upstream's bf16-autocast kernels do. The fast-weight
+    math itself is ``ops.fast_weight``.
   * Layer state (all batch-first): fast weights ``w0,w1,w2`` [B,H,...], momentum
     ``m0,m1,m2``, pending chunk ``pk,pv`` [B,H,P,d], ``plr`` [B,H,P,3],
     ``pgate`` [B,H,P], window cache ``attn_k,attn_v`` [B,nh,L,hd] holding the
@@ -29,67 +32,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LaCTConfig
-from .fast_weight import fast_weight_scan, init_scan_state, initial_row_norms
+from ..ops.fast_weight import fast_weight_scan, init_scan_state, initial_row_norms
+from .attention import rope_tables, rotary, sliding_window_attention
+from .common import RMSNorm
 
 FAST_NORM_EPS = 1e-5  # eps of upstream's q_norm / k_norm / ttt_norm (fla RMSNorm default)
 
 
 def inv_softplus(x: float) -> float:
+    """softplus^-1(x) for x > 0 (the bias that makes softplus(0 + bias) = x)."""
     return x + math.log(-math.expm1(-x))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
-
-
-def rope_tables(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
-    """(cos, sin) [T, dim] for non-interleaved RoPE at absolute ``positions`` [T]; shared by all layers."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    ang = positions.to(torch.float32)[:, None] * inv_freq[None]
-    ang = torch.cat([ang, ang], -1)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-def rotary(x: torch.Tensor, rope) -> torch.Tensor:
-    """Apply RoPE tables (cos, sin) [T, d] to x [B, T, n, d]."""
-    cos, sin = (t[None, :, None].to(x.dtype) for t in rope)
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
-def sliding_window_attention(q, k, v, q_start: int, k_start: int, window: Optional[int]):
-    """Causal attention with a band: query at position i sees keys j with i-window < j <= i.
-
-    q [B,n,T,d] at absolute positions q_start.., k/v [B,n,S,d] at k_start.. (S >= T).
-    Queries go in blocks of ``window`` rows, each against only the keys it can
-    see, with an explicit boolean band mask (SDPA; no flash-attn dependency).
-    """
-    T = q.shape[2]
-    block = window if window else max(T, 1)
-    outs = []
-    for s in range(0, T, block):
-        e = min(T, s + block)
-        lo = k_start if not window else max(k_start, q_start + s - window + 1)
-        hi = q_start + e
-        qpos = torch.arange(q_start + s, q_start + e, device=q.device)
-        kpos = torch.arange(lo, hi, device=q.device)
-        diff = qpos[:, None] - kpos[None, :]
-        mask = diff >= 0
-        if window:
-            mask = mask & (diff < window)
-        ks, vs = k[:, :, lo - k_start: hi - k_start], v[:, :, lo - k_start: hi - k_start]
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], ks, vs, attn_mask=mask))
-    return torch.cat(outs, 2)
 
 
 class LowRankFastWeight(nn.Module):
@@ -102,6 +54,7 @@ class LowRankFastWeight(nn.Module):
         self.w_right = nn.Parameter(torch.empty(num_heads, rank, in_features))
 
     def forward(self) -> torch.Tensor:
+        """The initial fast weight [H, out, in] (differentiable in w_left / w_right)."""
         w = self.w_left @ self.w_right
         eye = torch.eye(w.shape[-2], w.shape[-1], device=w.device, dtype=w.dtype)
         return w + 0.5 * eye
@@ -110,7 +63,10 @@ class LowRankFastWeight(nn.Module):
 class LaCTLayer(nn.Module):
     """The token mixer (``attn`` in the checkpoint): window attention + LaCT branch, summed, then o_proj."""
 
-    def __init__(self, config: LaCTConfig, layer_idx: int):
+    def __init__(self, config, layer_idx: int):
+        """``config``: a LaCTConfig. Raises NotImplementedError (one line listing them) for the
+        upstream options not implemented; ValueError when the fast-weight head dim is not a
+        multiple of the attention head dim."""
         super().__init__()
         unsupported = {
             "use_muon": config.use_muon, "ttt_prenorm": config.ttt_prenorm,
@@ -161,11 +117,13 @@ class LaCTLayer(nn.Module):
 
     # -- fast weights -------------------------------------------------------
     def initial_fast_weights(self):
+        """(W0 [H,h,d], W1 [H,d,h], W2 [H,h,d]): the learned initial fast weights every sequence starts from."""
         w0 = self.w0() if self.low_rank > 0 else self.w0
         w2 = self.w2() if self.low_rank > 0 else self.w2
         return w0, self.w1, w2
 
     def empty_state(self, batch: int, device, dtype) -> dict[str, torch.Tensor]:
+        """The layer state before any token (see the module docstring); window KV in ``dtype``."""
         w0, w1, w2 = self.initial_fast_weights()
         st = init_scan_state(w0, w1, w2, batch, self.fw_head_dim, self.fw_head_dim, self.use_momentum)
         st = {k: v.unflatten(0, (batch, self.num_fw_heads)) for k, v in st.items()}
@@ -179,7 +137,9 @@ class LaCTLayer(nn.Module):
         return x.view(B, T, self.num_fw_heads, -1).transpose(1, 2).reshape(B * self.num_fw_heads, T, -1).float()
 
     def forward(self, x: torch.Tensor, state: Optional[dict], offset: int, need_state: bool = True, rope=None):
-        """x [B,T,D] at positions offset..; ``rope`` = rope_tables(...) for those positions."""
+        """x [B,T,D] at positions offset.. from ``state`` (None: empty) -> (out [B,T,D] in x's dtype,
+        new state or None when ``need_state`` is False); ``rope`` = rope_tables(...) for those
+        positions (computed here when None)."""
         B, T, D = x.shape
         if state is None:
             state = self.empty_state(B, x.device, x.dtype)
@@ -237,33 +197,3 @@ class LaCTLayer(nn.Module):
             new_state["attn_k"] = k_all[:, :, k_all.shape[2] - keep:].clone()
             new_state["attn_v"] = v_all[:, :, v_all.shape[2] - keep:].clone()
         return out, new_state
-
-
-class LaCTMLP(nn.Module):
-    def __init__(self, config: LaCTConfig):
-        super().__init__()
-        inter = config.intermediate_size
-        if inter is None:  # fla's GatedMLP rule
-            inter = int(config.hidden_size * config.hidden_ratio * 2 / 3)
-            inter = 256 * ((inter + 255) // 256)
-        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class LaCTBlock(nn.Module):
-    def __init__(self, config: LaCTConfig, layer_idx: int):
-        super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.attn = LaCTLayer(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.mlp = LaCTMLP(config)
-
-    def forward(self, x, state: Optional[dict], offset: int, need_state: bool = True, rope=None):
-        h, new_state = self.attn(self.attn_norm(x), state, offset, need_state, rope)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, new_state

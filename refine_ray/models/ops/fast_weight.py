@@ -1,4 +1,6 @@
-"""Pure math of LaCT's SwiGLU fast weights: apply, closed-form update, chunked scan.
+"""Pure math of LaCT's SwiGLU fast weights: apply, closed-form update, chunked scan (the LaCT op).
+
+Source: Zhang et al. 2025, "Test-Time Training Done Right" (LaCT) and its released code.
 
 Shapes (``N`` = batch x fast-weight heads, flattened; ``d`` = head dim, ``h`` = hidden):
   w0, w2: [N, h, d]    w1: [N, d, h]    f_W(x) = W1 (silu(W0 x) * (W2 x))
@@ -16,8 +18,6 @@ through carried states into earlier segments.
 """
 from __future__ import annotations
 
-
-
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +32,7 @@ def swiglu_apply(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.
 
 
 def silu_derivative(x: torch.Tensor) -> torch.Tensor:
+    """d silu(x) / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x))), elementwise."""
     s = torch.sigmoid(x)
     return s * (1 + x * (1 - s))
 
