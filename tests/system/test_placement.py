@@ -114,13 +114,15 @@ def test_custom_resources_the_cluster_lacks_are_a_clear_error():
 
 
 def test_custom_resources_pin_roles_to_the_nodes_that_advertise_them():
-    """A three-node local cluster whose worker nodes advertise refine_learner / refine_rollout + refine_aux:
-    every actor runs on the node holding its role's resource (the head advertises none). ~25 s."""
+    """A two-node local cluster whose nodes advertise refine_rollout + refine_aux / refine_learner (as the
+    KubeRay worker groups do): every actor runs on the node holding its role's resource, although the
+    head (where Ray would otherwise put everything) has room for the whole layout. ~20 s."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 2,
+                                                            "resources": {"refine_rollout": 2, "refine_aux": 1}})
+    rollout_node = cluster.head_node
     learner_node = cluster.add_node(num_cpus=1, num_gpus=1, resources={"refine_learner": 2})
-    rollout_node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"refine_rollout": 2, "refine_aux": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
