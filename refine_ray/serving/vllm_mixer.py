@@ -247,9 +247,9 @@ class FlaDeltaRuleMixer(GatedDeltaNetAttention):
         if a is None:  # DeltaNet: decay exactly 1 (exp(A_log) = 0)
             a = b.new_zeros(B, T, HV)
             A_log = torch.full((HV,), float("-inf"), device=b.device)
-            dt_bias = torch.zeros(HV, device=b.device)
-        else:
-            A_log, dt_bias = self.A_log, self.dt_bias
+            dt_bias = b.new_zeros(HV)
+        else:  # the kernels take A_log in fp32 and dt_bias in the activation dtype (as Qwen3-Next's layer)
+            A_log, dt_bias = self.A_log.float(), self.dt_bias.to(b.dtype)
         if T == 1:  # decode: B sequences, one token each
             cu = torch.arange(B + 1, dtype=torch.int32, device=q.device)
             o = ops.fused_sigmoid_gating_delta_rule_update_cpu(
