@@ -253,3 +253,18 @@ def test_ntp_chunked_min_calls_pads_with_empty_head_calls():
     # forward, then the recompute in backward (checkpointing, last chunk first)
     assert base[3] == [(5, 4), (3, 4), (3, 4), (5, 4)]
     assert padded[3] == [(5, 4), (3, 4), (0, 4), (0, 4), (0, 4), (0, 4), (3, 4), (5, 4)]
+
+
+def test_logprobs_from_logits_is_float64_close_on_a_large_vocabulary():
+    """The one log-prob function of sampler and learner (issue 15): picked logit minus logsumexp in
+    float32 stays within 2.5e-6 of float64 over a 30k vocabulary with peaked logits, where
+    log_softmax + gather is 6e-6-1e-5 off (measured)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 30522, generator=g) * 4
+    ids = torch.randint(0, 30522, (64,), generator=g)
+    ids[:32] = z[:32].argmax(-1)                     # half the rows pick their most likely token
+    for temperature in (1.0, 0.7):
+        exact = torch.log_softmax(z.double() / temperature, -1).gather(-1, ids[:, None])[:, 0]
+        ours = logprobs_from_logits(z, ids, temperature)
+        assert ours.dtype == torch.float32
+        assert float((ours.double() - exact).abs().max()) <= 2.5e-6
