@@ -322,8 +322,8 @@ class ExperimentConfig:
         from refine_ray.models.registry import VLLM_TYPES
 
         if self.rollout.backend == "vllm" and self.model.type not in VLLM_TYPES:
-            raise ConfigError(f"rollout.backend: vllm serves attention models (model.type={' or '.join(VLLM_TYPES)}), "
-                              f"not {self.model.type}; use rollout.backend=fast_weight")
+            raise ConfigError(f"rollout.backend: vllm serves model.type {' or '.join(VLLM_TYPES)} "
+                              f"(the registry's vLLM types), not {self.model.type}; use rollout.backend=fast_weight")
         if self.rollout.backend == "vllm" and self.refine.top_p < 1:
             raise ConfigError("refine.top_p: vLLM cannot return full-distribution log-probs under top-p; use 1.0")
         if self.rollout.backend == "vllm" and self.refine.reward_source == "policy" and self.refine.reward != "exact":

@@ -144,6 +144,7 @@ class FastWeightLM:
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
                         return_logits: bool = True) -> SegmentOutput:  # pragma: no cover - interface
+        """Run ``input_ids`` [B,T] long (no padding, T >= 1) from ``state`` (None: empty, offset 0)."""
         raise NotImplementedError
 
 

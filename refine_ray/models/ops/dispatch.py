@@ -37,6 +37,7 @@ _MODES = ("auto", "torch", "fla")
 
 @functools.lru_cache(maxsize=1)
 def fla_kernels_available() -> bool:
+    """Whether fla's delta-rule Triton kernels import here (cached; False on a machine without Triton)."""
     try:
         import fla.ops.delta_rule  # noqa: F401
         import fla.ops.gated_delta_rule  # noqa: F401
@@ -162,6 +163,7 @@ def short_conv(x, weight, bias=None, cache: Optional[torch.Tensor] = None, activ
 
 
 def rms_norm(x, weight, eps: float):
+    """RMSNorm over the last dim (fla.modules RMSNorm's kernel or ``pointwise.rms_norm``); x's dtype."""
     if kernel_backend(x) == "fla":
         from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
         return fla_rms_norm(x, weight, None, eps=eps)
@@ -169,6 +171,7 @@ def rms_norm(x, weight, eps: float):
 
 
 def rms_norm_gated(x, g, weight, eps: float, activation: str = "swish"):
+    """rms_norm(x) * weight * act(g) (fla's FusedRMSNormGated kernel or ``pointwise.rms_norm_gated``)."""
     if kernel_backend(x) == "fla":
         from fla.modules.norm.fused_norm_gate import rms_norm_gated as fla_rms_norm_gated
         return fla_rms_norm_gated(x, g, weight, None, activation=activation, eps=eps)
@@ -176,6 +179,7 @@ def rms_norm_gated(x, g, weight, eps: float, activation: str = "swish"):
 
 
 def swiglu(gate, up):
+    """silu(gate) * up in fp32, returned in gate's dtype (fla's fused kernel or ``pointwise.swiglu``)."""
     if kernel_backend(gate) == "fla":
         from fla.modules.activations import swiglu as fla_swiglu
         return fla_swiglu(gate, up)
