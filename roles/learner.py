@@ -16,6 +16,7 @@ class LearnerRankRole:
     group does), each rank with its own documents."""
 
     def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int):
+        """Nothing heavy here: the engine is built by :meth:`init` once every rank's process is up."""
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.learner = None
 

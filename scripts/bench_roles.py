@@ -1,11 +1,11 @@
-"""Where a RefineTrainer step goes: time per role, learner, weight publication, data movement.
+"""Where a RefineController step goes: time per role, learner, weight publication, data movement.
 
 Starts a local Ray cluster (logical GPUs, as the tests), runs ``--warmup`` + ``--steps``
-steps of :class:`refine_ray.system.controller.RefineTrainer` and splits each step into
+steps of :class:`refine_ray.system.controller.RefineController` and splits each step into
 
 * role compute: the ``task:execute`` span of every role call in the step's window, read
   from Ray's own task profile (``ray.timeline()``): scorer, rollout, reward, reference,
-  learner (``train_step``, slowest rank), weight gather (``full_state_dict``), and weight
+  learner (``train_step``, slowest rank), weight gather (``gather_weights``), and weight
   load in the receivers (``update_weights``);
 * data movement measured inside the step: the ``task:deserialize_arguments`` (fetch +
   unpickle of argument objects) and ``task:store_outputs`` (return values into the object
@@ -51,7 +51,7 @@ from refine_ray.data import load_tokenizer  # noqa: E402
 
 ROLE_CALLS = {"scorer": "ScorerRole.score_rows", "rollout": "RolloutRole.generate", "reward": "RewardRole.score",
               "reference": "ReferenceRole.logprobs", "learner": "LearnerRankRole.train_step",
-              "gather": "LearnerRankRole.full_state_dict", "load_w": "update_weights"}
+              "gather": "LearnerRankRole.gather_weights", "load_w": "update_weights"}
 
 
 # ------------------------------------------------------------------ Ray task profile
@@ -139,9 +139,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-# ------------------------------------------------------------------ one trainer
+# ------------------------------------------------------------------ one controller
 def run_mode(config: str, overrides: list[str], warmup: int, steps: int, reps: int) -> dict:
-    from refine_ray.system.controller import RefineTrainer
+    from refine_ray.system.controller import RefineController
 
     out_dir = tempfile.mkdtemp(prefix="bench_roles_")
     cfg = load_config(config, [*overrides, f"train.output_dir={out_dir}", "train.resume=false"])
@@ -150,27 +150,27 @@ def run_mode(config: str, overrides: list[str], warmup: int, steps: int, reps: i
           f"batch={cfg.data.batch_size} n={cfg.refine.n_chunks} G={cfg.refine.samples_per_prefix} "
           f"k={cfg.refine.response_length} max_length={cfg.data.max_length}", flush=True)
     t0 = time.perf_counter()
-    trainer = RefineTrainer(cfg, len(load_tokenizer(cfg.tokenizer.path)))
-    print(f"trainer up in {time.perf_counter() - t0:.1f}s", flush=True)
+    controller = RefineController(cfg, len(load_tokenizer(cfg.tokenizer.path)))
+    print(f"controller up in {time.perf_counter() - t0:.1f}s", flush=True)
     try:
         windows = []
         for i in range(warmup + steps):
             w0 = time.time()
-            m = trainer.step()
+            m = controller.step()
             windows.append((w0, time.time(), m))
             print(f"  step {i}{' (warm-up)' if i < warmup else ''}: {m['time/step_s']:.2f}s", flush=True)
-        exp = trainer.last_experience
+        exp = controller.last_experience
         learn = LearnBatch(docs=exp.scored.docs, cuts=exp.scored.cuts, responses=exp.rollout.tokens,
                            old_logprobs=exp.rollout.logprobs, advantages=np.zeros(len(exp.rollout.tokens), np.float32),
                            samples_per_prefix=exp.rollout.samples_per_prefix,
                            ref_logprobs=exp.ref_logprobs)
         payloads = {"LearnBatch": learn, "ScoredBatch": exp.scored, "RolloutBatch": exp.rollout,
-                    "weights": ray.get(trainer.weights_ref)}
+                    "weights": controller.learners.call_all("gather_weights")[0]}
         store = object_store_cost(payloads, reps)
         time.sleep(2.5)                 # task profile events reach the GCS once a second
         spans = task_spans(ray.timeline())
     finally:
-        trainer.shutdown()
+        controller.shutdown()
     rows = [decompose(m, split_window(spans, w0, w1), cfg) for w0, w1, m in windows[warmup:]]
     n_recv = cfg.scorer.num_actors + cfg.rollout.num_actors
     consumers = {"LearnBatch": cfg.learner.num_ranks, "ScoredBatch": 3 + cfg.reference.enabled,
@@ -178,7 +178,7 @@ def run_mode(config: str, overrides: list[str], warmup: int, steps: int, reps: i
     for r in store:       # what moving this payload costs per step: one put + one fetch per consumer
         r["per_step"] = r["put"] + consumers[r["payload"]] * r["fetch"]
         if r["payload"] == "weights":
-            r["per_step"] += r["get"]          # weight_sync: rank 0 -> driver ray.get -> ray.put
+            r["per_step"] += r["get"]          # object-store weight sync: rank 0's dict -> every receiver
     return {"cfg": cfg, "rows": rows, "store": store}
 
 

@@ -45,6 +45,7 @@ class ActorGroup:
     def __init__(self, role: str, cls, args_for: Callable[[int], tuple], options_for: Callable[[int], dict],
                  size: int, failure_hint: Callable[[], str] = lambda: "",
                  timeout_setting: Optional[tuple[str, float]] = None):
+        """Create the ``size`` actors (not yet waited for: see :meth:`ready`)."""
         self.role, self.cls = role, cls
         self.args_for, self.options_for = args_for, options_for
         self.failure_hint, self.timeout_setting = failure_hint, timeout_setting

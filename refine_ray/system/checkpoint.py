@@ -44,10 +44,12 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
+    """``<output_dir>/checkpoints``: where a run's step folders and ``latest`` live."""
     return Path(output_dir) / "checkpoints"
 
 
 def step_of(path: Path) -> int:
+    """The step N of a ``step_N`` folder; -1 for any other name."""
     m = STEP_DIR.match(path.name)
     return int(m.group(1)) if m else -1
 

@@ -111,6 +111,7 @@ class ExperienceMaker:
     """
 
     def __init__(self, groups: dict[str, ActorGroup], heal: Callable[[], int], max_retries: int):
+        """``groups``: the inference groups by role name (the controller's)."""
         self.groups, self.heal, self.max_retries = groups, heal, max_retries
         self.failures = 0                 # actor deaths survived, over the whole run
 

@@ -34,6 +34,8 @@ from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
 
 
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
+    """The DeepSpeed config: one document per micro-batch, ``docs_per_rank`` accumulation steps,
+    ``learner.zero_stage``, ``optim.grad_clip``, bf16 only on a GPU with ``model.dtype=bfloat16``."""
     zero: dict = {"stage": cfg.learner.zero_stage}
     if cfg.learner.zero_stage == 3:
         # Gather the full weights on save/publish rather than keeping fp16 shards only.
@@ -53,6 +55,9 @@ class RefineLearner:
     """A DeepSpeed engine around the policy; call on every rank in lockstep."""
 
     def __init__(self, cfg: ExperimentConfig, vocab_size: int):
+        """Join the process group (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from the environment;
+        NCCL on GPU, gloo on CPU; ``learner.collective_timeout_s``), build the policy, AdamW and
+        the linear warm-up schedule, and wrap them in a DeepSpeed engine."""
         import deepspeed
 
         self.cfg = cfg
@@ -80,6 +85,7 @@ class RefineLearner:
 
     @property
     def module(self):
+        """The policy inside the DeepSpeed engine (partitioned placeholders under ZeRO-3)."""
         return self.engine.module
 
     def _max_over_ranks(self, counts: list[int]) -> list[int]:
@@ -199,9 +205,12 @@ class RefineLearner:
         return send_weights(self.engine.module, group, self.cfg.learner.zero_stage == 3, model_dtype, bucket_mb)
 
     def save(self, path: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint of this rank (weights, optimizer, scheduler) under ``path``, tag ``ds``."""
         self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
 
     def load(self, path: str) -> dict:
+        """Load this rank's checkpoint from ``path`` (weights-only unpickling: a pickled object
+        outside tensors and DeepSpeed's allow-list raises pickle.UnpicklingError); returns the client state."""
         from refine_ray.system.checkpoint import weights_only_loading
 
         with weights_only_loading():        # a checkpoint from elsewhere must not run code here

@@ -12,6 +12,8 @@ class MetricsLogger:
     stay and are plotted with the new ones. None: a fresh run, a new file."""
 
     def __init__(self, output_dir: str | Path, resume_step: Optional[int] = None):
+        """Open ``<output_dir>/tensorboard`` and ``<output_dir>/metrics.jsonl`` (rewritten atomically
+        with the kept rows). Raises OSError when ``output_dir`` cannot be written."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(output_dir)
@@ -33,6 +35,8 @@ class MetricsLogger:
         self.jsonl = open(path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Write one step's metrics (the dict ``RefineController.step`` returns) to TensorBoard and
+        as one JSON line (flushed, so a crash loses at most the line being written)."""
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         row = {"step": step, **metrics}
@@ -41,12 +45,15 @@ class MetricsLogger:
         self.jsonl.flush()
 
     def close(self) -> None:
+        """Close both sinks and draw ``summary.png`` when anything was logged."""
         self.writer.close()
         self.jsonl.close()
         if self.history:
             self.plot(self.dir / "summary.png")
 
     def plot(self, path: Path) -> None:
+        """One panel per headline metric present (loss terms, mean reward, cut entropy, held-out
+        loss, step seconds) against the step, saved as a PNG at ``path``."""
         import matplotlib
 
         matplotlib.use("Agg")

@@ -35,6 +35,9 @@ class RayMetricsExporter:
     """Gauges for the headline figures plus step/sample counters, tagged with the run name."""
 
     def __init__(self, run: str, keys: tuple[str, ...] = HEADLINE, tags: Optional[Mapping[str, str]] = None):
+        """Register one gauge per metric key in ``keys`` plus the step and sample counters, tagged
+        ``run`` (and ``tags``). Raises RuntimeError before ``ray.init``, ValueError for keys whose
+        Prometheus names clash."""
         import ray
         from ray.util.metrics import Counter, Gauge
 

@@ -44,15 +44,19 @@ class RunDirError(ValueError):
 
 
 def holds_files(out: Path) -> bool:
+    """Whether ``out`` is a directory holding anything besides the run lock."""
     return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
 
 
 def looks_like_run(out: Path) -> bool:
+    """Whether ``out`` holds any file ``train`` writes (``RUN_MARKERS``)."""
     return any((out / m).exists() for m in RUN_MARKERS)
 
 
 @dataclass
 class Plan:
+    """How ``train`` starts in a run directory (see :func:`plan_start`)."""
+
     resume_from: Optional[Path]     # the checkpoint to resume from, or None for a fresh start
     replace: bool                   # move what the directory holds aside first
 
@@ -136,6 +140,8 @@ class RunDirLock:
     """An exclusive lock on a run directory for the life of this object (``release`` ends it)."""
 
     def __init__(self, out: Path):
+        """Create ``out`` if needed and lock ``out/<LOCK>`` (flock, non-blocking), recording pid,
+        host and start time in it. Raises RunDirError naming the holder when another run has it."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / LOCK
@@ -158,6 +164,7 @@ class RunDirLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
 
     def release(self) -> None:
+        """Remove the lock file (if it is still ours) and unlock; idempotent."""
         if self.fd is not None:
             with contextlib.suppress(OSError):    # only our own file: the dir may have been moved aside
                 if os.stat(self.out / LOCK).st_ino == os.fstat(self.fd).st_ino:

@@ -49,10 +49,11 @@ class WeightGroup:
     """
 
     def __init__(self, host: str, port: int, world: int, rank: int, group_id: int, timeout_s: float = 120.0):
+        """Rendezvous at ``host:port`` (rank 0 hosts the TCPStore) as ``rank`` of ``world``; keys are
+        prefixed by ``group_id`` so a re-formed group never meets an old one's keys."""
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, world, rank == 0, timeout, wait_for_workers=False)
         store = dist.PrefixStore(f"refine-weights-{group_id}", store)
-        self.rank, self.world = rank, world
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         if on_gpu:
