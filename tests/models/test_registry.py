@@ -157,3 +157,18 @@ def test_no_other_copy_of_the_dtype_rule():
             if '== "bfloat16"' in line and ("cuda" in line or "gpu" in line):
                 copies.append(f"{p.relative_to(ROOT)}:{i}")
     assert not copies, f"the bf16-only-on-CUDA rule written outside models/dtypes.py: {copies}"
+
+
+def test_one_right_padding_check_for_every_fast_weight_family():
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    messages = set()
+    for t in registry.FAST_WEIGHT_TYPES:
+        model = registry.build_model(t, seed=0, vocab_size=V)
+        with pytest.raises(ValueError, match="right padding only") as e:
+            model(input_ids=ids, attention_mask=left_padded)
+        messages.add(str(e.value))
+        right_padded = left_padded.flip(1)
+        loss = model(input_ids=ids, attention_mask=right_padded, labels=ids).loss
+        assert torch.isfinite(loss)
+    assert len(messages) == 1
