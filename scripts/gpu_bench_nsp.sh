@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # scripts/bench_nsp.py on a CUDA GPU: NTP vs REFINE re-encode vs REFINE with prefix sharing, for
-# random DeltaNet-340M and DeltaNet-1.3B in bf16 on fla's Triton kernels. With a cold Triton cache the
-# first calls autotune fla's kernels for minutes: a first run on an H200 did not finish the 340M
-# warm-up within 100 s nor the 1.3B one within 230 s, hence the limits below (LIMIT_340M, LIMIT_1P3B
-# in seconds override them).
+# random DeltaNet-340M and DeltaNet-1.3B in bf16 on fla's Triton kernels. A first run on an H200
+# (cold Triton cache) did not finish the 340M warm-up within 100 s nor the 1.3B one within 230 s,
+# likely Triton compiling/autotuning fla's kernels on first use; hence the limits below
+# (LIMIT_340M, LIMIT_1P3B in seconds override them).
 #
 # On any Linux machine with an NVIDIA GPU and Python >= 3.10, from the repository root:
 #   python3 -m venv .venv && . .venv/bin/activate
