@@ -191,7 +191,8 @@ class RefineController:
         """Elastic rollouts: add actors while the cluster has room; newcomers get the current weights."""
         rc = self.cfg.rollout
         if rc.max_actors > len(self.groups["rollout"]) and self.groups["rollout"].grow(
-                rc.max_actors, {"num_cpus": rc.cpus_per_actor, "num_gpus": rc.gpus_per_actor}):
+                rc.max_actors, {"num_cpus": rc.cpus_per_actor, "num_gpus": rc.gpus_per_actor,
+                                "resources": {k: v for k, v in rc.resources.items() if v > 0}}):
             self.publish(wait=True)
 
     def _metrics(self, exp: Experience, adv: np.ndarray, per_rank: list[dict], t: dict, gather_s: float,
