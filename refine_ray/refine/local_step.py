@@ -16,7 +16,9 @@ into **one** optimizer step, as the learner does per batch. Documents too short 
 ``n_chunks`` cuts of ``response_length`` tokens (or when ``mode='ntp'``) contribute
 the NTP loss only, with coefficient 1 when ``refine.ntp_coef`` is 0, and are counted
 in ``ntp_only_docs``; documents under 2 tokens have no NTP target and are skipped
-(``skipped_docs``). KL to a reference is not supported here (no reference model).
+(``skipped_docs``). KL to a reference is not supported here. ``refine.reward_source=frozen``
+reads both sides of the cosine from a frozen reference: the ``reference`` given, else a
+copy of the model taken when the step is built (its initial weights).
 The model's train/eval mode is left as the caller set it.
 
 Seeds are keyed like the distributed pipeline's (refine_ray.refine.seeding), by
@@ -29,10 +31,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
+import copy
+
 import torch
 
 from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ConfigError, RefineConfig
+from refine_ray.refine.collapse import distinct_token_fraction
+from refine_ray.refine.frozen_reference import reference_hidden
 from refine_ray.refine.loss import document_loss
 from refine_ray.refine.rewarding import SequenceRewarder, reward_metrics
 from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
@@ -55,18 +61,19 @@ class Experience:
     responses: torch.Tensor           # [D*n*G, k] long
     old_logprobs: torch.Tensor        # [D*n*G, k] float32 behaviour log-probs
     advantages: torch.Tensor          # [D*n*G] float32
-    metrics: dict[str, float]         # reward/* and adv/abs_mean
+    metrics: dict[str, float]         # reward/*, adv/abs_mean, collapse/cut_entropy, collapse/distinct_token_frac
 
 
 class LocalRefineStep:
     """Callable REFINE update for one model + optimizer; holds the rewarder and the seed keys.
 
     ``step(docs)`` takes 1-D LongTensors of unpadded token ids and returns float metrics.
-    Raises ConfigError for ``refine.kl_coef > 0`` (no reference model here).
+    ``reference``: the frozen model of ``reward_source=frozen`` (None: a frozen copy of
+    ``model`` as it is now). Raises ConfigError for ``refine.kl_coef > 0``.
     """
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, cfg: RefineConfig, grad_clip: float = 1.0,
-                 tokenizer=None, encoder_path: Optional[str] = None, seed: int = 0):
+                 tokenizer=None, encoder_path: Optional[str] = None, seed: int = 0, reference=None):
         if cfg.kl_coef > 0:
             raise ConfigError("refine.kl_coef: > 0 is not supported by the single-process step (no reference model)")
         self.model, self.optimizer, self.cfg, self.grad_clip = model, optimizer, cfg, grad_clip
@@ -75,6 +82,9 @@ class LocalRefineStep:
         self.device = next(model.parameters()).device
         self.seed, self.step_index = seed, 0
         self.min_tokens = min_document_tokens(cfg)
+        self.reference = None
+        if cfg.reward_source == "frozen" and cfg.reward != "exact":
+            self.reference = (reference if reference is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
     @property
     def rewarder(self) -> SequenceRewarder:
@@ -132,12 +142,19 @@ class LocalRefineStep:
             empty = torch.zeros(0, cfg.response_length, device=self.device)
             return Experience([], [], empty.long(), empty, empty[:, 0], {})
         tokens = torch.cat([c.tokens for c in conts])
-        rewards = self.rewarder(tokens, torch.cat([s.gt_ids for s in scores]),
-                                torch.cat([c.hidden for c in conts]), torch.cat([s.gt_hidden for s in scores]))
+        if self.reference is not None:      # reward_source=frozen: both sides from the frozen reference
+            pairs = [reference_hidden(self.reference, docs[i], s.cuts, c.tokens, G)
+                     for i, s, c in zip(refine_docs, scores, conts)]
+            response_hidden, true_hidden = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        else:
+            response_hidden, true_hidden = torch.cat([c.hidden for c in conts]), torch.cat([s.gt_hidden for s in scores])
+        rewards = self.rewarder(tokens, torch.cat([s.gt_ids for s in scores]), response_hidden, true_hidden)
         adv = grpo_advantages(rewards.rewards, make_group_ids(len(scores), cfg.n_chunks, G),
                               normalize_std=cfg.normalize_adv_std)
         metrics = reward_metrics(rewards)
         metrics["adv/abs_mean"] = float(adv.abs().mean())
+        metrics["collapse/cut_entropy"] = float(torch.cat([s.cut_entropy for s in scores]).float().mean())
+        metrics["collapse/distinct_token_frac"] = distinct_token_fraction(tokens)
         return Experience(list(refine_docs), [s.cuts for s in scores], tokens,
                           torch.cat([c.logprobs for c in conts]).float(), adv.to(self.device), metrics)
 

