@@ -103,10 +103,10 @@ def _llama() -> FamilyClasses:
 
 
 FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in (
-    ModelFamily("delta_net", "deltanet", _delta_net, offset_free_state=True, fast_weight=True, vllm=False,
+    ModelFamily("delta_net", "deltanet", _delta_net, offset_free_state=True, fast_weight=True, vllm=True,
                 bench_sizes=True),
     ModelFamily("gated_deltanet", "deltanet", _gated_deltanet, offset_free_state=True, fast_weight=True,
-                vllm=False, bench_sizes=True),
+                vllm=True, bench_sizes=True),
     ModelFamily("lact", "lact", _lact, offset_free_state=False, fast_weight=True, vllm=False, bench_sizes=False),
     ModelFamily("llama", "llama", _llama, offset_free_state=False, fast_weight=False, vllm=True,
                 bench_sizes=False),

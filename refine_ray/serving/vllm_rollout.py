@@ -7,16 +7,30 @@ is imported lazily: nothing else in refine_ray needs it.
 Deliberate decisions:
   * Model: the policy (``policy.build_policy``: the same seeded random model or
     ``model.path`` the learner starts from) is saved as a HF directory in a private
-    temp dir (config.json + model.safetensors) that vLLM serves. Only architectures
-    vLLM knows work: here model type 'llama' (refine_ray.models.llama); vLLM has no
-    DeltaNet / GatedDeltaNet / LaCT, and the error says so.
+    temp dir (config.json + model.safetensors) that vLLM serves: 'llama' natively,
+    'delta_net' / 'gated_deltanet' through this package's vLLM plugin
+    (:mod:`refine_ray.serving.vllm_plugin`, fla's checkpoint layout); the types are
+    ``registry.VLLM_TYPES``. vLLM has no LaCT, and the error says so.
   * No tokenizer: ``skip_tokenizer_init=True`` and token-id prompts.
-  * Requests: one per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.system.batches`), ``n=G``,
-    exactly k tokens (``max_tokens=k``, ``ignore_eos=True``). No ``min_tokens``: its logits
-    processor masks EOS before sampling, which would change the returned log-probs.
-  * Seeds: per request ``row_seed(train.seed, 2, step, doc_id, cut)`` (vLLM gives sample i
-    of the request seed + i), so a re-issued request samples the same tokens; keyed by what
-    is computed, never by the actor.
+  * Requests: G per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.system.batches`),
+    each ``n=1`` with exactly k tokens (``max_tokens=k``, ``ignore_eos=True``). No
+    ``min_tokens``: its logits processor masks EOS before sampling, which would change the
+    returned log-probs.
+  * Seeds: sample g of the i-th cut of document d gets
+    ``seeding.sample_seed(train.seed, step, d, i, g)``, the key the fast-weight engine uses,
+    so a re-issued request samples the same tokens whoever computes it. One request per
+    sample rather than ``n=G`` with one seed, so each sample's stream depends only on its key.
+  * The seeded-generator crash: on CPU, vLLM 0.32 fails any seeded request whose prefill is
+    split ("CPU Generator does not use offset": after a partial-prefill step the runner rolls
+    the generator's offset back, which CPU generators lack), and align-mode prefix caching
+    splits a prefill at the last block boundary. So each step first sends one unseeded
+    1-token request per prefix (this prefills and caches the state at the prefix's last whole
+    block), then the seeded requests, which hit the cache and prefill their < 1 block tail in
+    one step. Limit: a tail is split again only if a step's token budget
+    (max_num_batched_tokens) cannot hold all the tails.
+  * Prefix caching on: the G requests of one prefix, and the cuts of one document, reuse
+    cached states (fast-weight models: ``mamba_cache_mode='align'``, one state per
+    KV block, so a prefix reuses up to its last whole block).
   * Log-probs: ``logprobs_mode="processed_logprobs"`` and ``logprobs=0`` return, for each
     sampled token, log_softmax(logits / T) after vLLM's temperature and top-p / top-k. With
     top_p = 1 (and no penalties, min_p or top_k, none of which we set) that is exactly the
@@ -46,9 +60,9 @@ import numpy as np
 import torch
 
 from refine_ray.system.batches import RolloutBatch, ScoredBatch
-from refine_ray.refine.seeding import ROLLOUT_STREAM, row_seed
+from refine_ray.refine.seeding import sample_seed
 from refine_ray.models.dtypes import compute_dtype
-from refine_ray.models.registry import VLLM_TYPES  # our model types whose checkpoints vLLM can serve
+from refine_ray.models.registry import VLLM_TYPES, family  # our model types whose checkpoints vLLM can serve
 WEIGHTS_FILE = "model.safetensors"
 INSTALL_HINT = "pip install 'refine-ray[vllm]' (or bash scripts/setup_vllm.sh for .venv-vllm)"
 
@@ -84,8 +98,8 @@ class VLLMRollout:
         policy = build_policy(cfg.model, vocab_size, "cpu")
         model_type = policy.config.model_type
         if model_type not in VLLM_TYPES:
-            raise ValueError(f"model.type: vLLM cannot serve model_type {model_type!r} (it has no DeltaNet, "
-                             f"GatedDeltaNet or LaCT); use rollout.backend=fast_weight or one of {VLLM_TYPES}")
+            raise ValueError(f"model.type: vLLM cannot serve model_type {model_type!r}; use "
+                             f"rollout.backend=fast_weight or one of {VLLM_TYPES}")
         self._own_dir = model_dir is None
         self.model_dir = model_dir or tempfile.mkdtemp(prefix="refine_vllm_")
         if self._own_dir:
@@ -98,14 +112,27 @@ class VLLMRollout:
         self.llm = vllm.LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=self.dtype,
                             gpu_memory_utilization=float(os.environ.get("REFINE_VLLM_MEM", "0.2")),
                             enforce_eager=True, seed=self.seed, max_model_len=self.max_model_len,
-                            logprobs_mode="processed_logprobs")
+                            logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                            **self._cache_kwargs(model_type))
         self._SamplingParams = vllm.SamplingParams
 
+    @staticmethod
+    def _cache_kwargs(model_type: str) -> dict:
+        """Delta-rule models on CPU: KV blocks of 32 tokens (vLLM's CPU default is 128), so a
+        prefix reuses the cached state at its last multiple of 32 (align mode keeps one state per block)."""
+        if model_type in ("delta_net", "gated_deltanet") and not torch.cuda.is_available():
+            return {"block_size": 32}
+        return {}
+
     def _check_positions(self) -> None:
-        """The checkpoint must take every prompt the data config allows (positions up to max_length + k)."""
+        """The checkpoint must take every prompt the data config allows (positions up to max_length + k).
+
+        Only models with positions (llama); the delta-rule states are position-free."""
         path = os.path.join(self.model_dir, "config.json")
         with open(path) as f:
             conf = json.load(f)
+        if "max_position_embeddings" not in conf and family(conf["model_type"]).offset_free_state:
+            return
         need = int(self.cfg.data.max_length) + int(self.cfg.refine.response_length)
         if conf.get("max_position_embeddings", 0) < need:
             raise ValueError(f"model: max_position_embeddings={conf.get('max_position_embeddings')} < "
@@ -118,27 +145,32 @@ class VLLMRollout:
         prompts, params = [], []
         for d in range(len(batch.docs)):
             doc, doc_id = batch.docs.doc(d), int(batch.docs.doc_ids[d])
-            for c in batch.cuts[d].tolist():
-                prompts.append({"prompt_token_ids": [int(t) for t in doc[:c]]})
-                seed = row_seed(self.seed, ROLLOUT_STREAM, batch.step, doc_id, int(c)) % (2 ** 31)
-                params.append(self._SamplingParams(
-                    n=G, max_tokens=k, temperature=max(float(r.temperature), 0.0), top_p=1.0,
-                    logprobs=0, seed=seed, ignore_eos=True, detokenize=False))
+            for cut_index, c in enumerate(batch.cuts[d].tolist()):
+                prompt = {"prompt_token_ids": [int(t) for t in doc[:c]]}
+                for g in range(G):  # rows p * G + g, as the fast-weight engine
+                    prompts.append(prompt)
+                    params.append(self._SamplingParams(
+                        n=1, max_tokens=k, temperature=max(float(r.temperature), 0.0), top_p=1.0, logprobs=0,
+                        seed=sample_seed(self.seed, batch.step, doc_id, cut_index, g), ignore_eos=True,
+                        detokenize=False))
+        # Warm the prefix cache with one unseeded 1-token request per prefix: each seeded request
+        # then hits the cache up to the prefix's last whole block and prefills the rest in one
+        # step. A seeded request whose prefill is split (align mode splits at block boundaries)
+        # crashes vLLM 0.32 on CPU ("CPU Generator does not use offset"): the runner rolls the
+        # generator back after a partial-prefill step, which CPU generators cannot do.
+        warm = self._SamplingParams(n=1, max_tokens=1, temperature=0.0, detokenize=False)
+        self.llm.generate(prompts[::G], warm, use_tqdm=False)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        tokens = np.zeros((len(prompts) * G, k), dtype=np.int64)
-        logprobs = np.zeros((len(prompts) * G, k), dtype=np.float32)
-        for p, out in enumerate(outputs):
-            samples = sorted(out.outputs, key=lambda o: o.index)
-            if len(samples) != G:
-                raise RuntimeError(f"vLLM returned {len(samples)} samples for prefix {p}, expected {G}")
-            for g, s in enumerate(samples):
-                ids = list(s.token_ids)
-                if len(ids) != k or s.logprobs is None:
-                    raise RuntimeError(f"vLLM returned {len(ids)} tokens (expected {k}) or no log-probs "
-                                       f"for prefix {p} sample {g}")
-                row = p * G + g
-                tokens[row] = ids
-                logprobs[row] = [float(step[t].logprob) for step, t in zip(s.logprobs, ids)]
+        tokens = np.zeros((len(prompts), k), dtype=np.int64)
+        logprobs = np.zeros((len(prompts), k), dtype=np.float32)
+        for row, out in enumerate(outputs):
+            s = out.outputs[0]
+            ids = list(s.token_ids)
+            if len(out.outputs) != 1 or len(ids) != k or s.logprobs is None:
+                raise RuntimeError(f"vLLM returned {len(out.outputs)} samples of {len(ids)} tokens (expected 1 of "
+                                   f"{k}) or no log-probs for row {row} (prefix {row // G}, sample {row % G})")
+            tokens[row] = ids
+            logprobs[row] = [float(step[t].logprob) for step, t in zip(s.logprobs, ids)]
         return RolloutBatch(tokens=tokens, logprobs=logprobs, versions=np.full(len(tokens), version, dtype=np.int64),
                             hidden=None, samples_per_prefix=G)
 

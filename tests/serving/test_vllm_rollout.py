@@ -114,8 +114,8 @@ def test_load_weights_switches_the_served_model(engine, policy):
 def test_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="top_p"):
         VLLMRollout(_cfg(top_p=0.9), V)
-    with pytest.raises(ValueError, match="vLLM cannot serve model_type 'delta_net'"):
-        VLLMRollout(_cfg("delta_net"), V)
+    with pytest.raises(ValueError, match="vLLM cannot serve model_type 'lact'"):
+        VLLMRollout(_cfg("lact"), V)
 
 
 @pytest.mark.slow
