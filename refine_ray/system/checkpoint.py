@@ -300,9 +300,12 @@ def weights_only_loading() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ pending experience without pickle
-def encode_batches(obj, key: str, arrays: dict):
-    """A JSON tree for ``obj`` (transport batches, lists, tuples, dicts, numbers, numpy arrays);
-    arrays go into ``arrays`` under dotted names. Raises TypeError for anything else."""
+def encode_batches(obj, key: str, arrays: dict, batch_types: tuple = ()):
+    """A JSON tree for ``obj`` (dataclasses of ``batch_types``, lists, tuples, dicts, numbers, numpy
+    arrays); arrays go into ``arrays`` under dotted names. Raises TypeError for anything else.
+
+    The caller names the dataclasses it stores (the controller: transport batches and its shard
+    results), so this module needs no import from the layers above it."""
     import dataclasses
 
     import numpy as np
@@ -314,36 +317,32 @@ def encode_batches(obj, key: str, arrays: dict):
     if isinstance(obj, np.ndarray):
         arrays[key] = np.ascontiguousarray(obj)
         return {"array": key}
-    if dataclasses.is_dataclass(obj) and type(obj).__name__ in _batch_types():
+    if dataclasses.is_dataclass(obj) and type(obj) in batch_types:
         return {"batch": type(obj).__name__,
-                "fields": {f.name: encode_batches(getattr(obj, f.name), f"{key}.{f.name}", arrays)
+                "fields": {f.name: encode_batches(getattr(obj, f.name), f"{key}.{f.name}", arrays, batch_types)
                            for f in dataclasses.fields(obj)}}
     if isinstance(obj, dict):
-        return {"dict": {str(k): encode_batches(v, f"{key}.{k}", arrays) for k, v in obj.items()}}
+        return {"dict": {str(k): encode_batches(v, f"{key}.{k}", arrays, batch_types) for k, v in obj.items()}}
     if isinstance(obj, (list, tuple)):
         return {"tuple" if isinstance(obj, tuple) else "list":
-                [encode_batches(v, f"{key}.{i}", arrays) for i, v in enumerate(obj)]}
+                [encode_batches(v, f"{key}.{i}", arrays, batch_types) for i, v in enumerate(obj)]}
     raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
 
 
-def decode_batches(tree, arrays: dict):
-    """Inverse of :func:`encode_batches`; only the known batch classes are rebuilt."""
+def decode_batches(tree, arrays: dict, batch_types: tuple = ()):
+    """Inverse of :func:`encode_batches`; only the dataclasses named in ``batch_types`` are rebuilt
+    (any other name is refused: a checkpoint never chooses what code runs). Raises CheckpointError."""
     if not isinstance(tree, dict):
         return tree
     if "array" in tree:
         return arrays[tree["array"]]
     if "batch" in tree:
-        cls = _batch_types()[tree["batch"]]
-        return cls(**{k: decode_batches(v, arrays) for k, v in tree["fields"].items()})
+        known = {c.__name__: c for c in batch_types}
+        if tree["batch"] not in known:
+            raise CheckpointError(f"pending experience names an unknown batch type {tree['batch']!r}")
+        return known[tree["batch"]](**{k: decode_batches(v, arrays, batch_types) for k, v in tree["fields"].items()})
     if "dict" in tree:
-        return {k: decode_batches(v, arrays) for k, v in tree["dict"].items()}
+        return {k: decode_batches(v, arrays, batch_types) for k, v in tree["dict"].items()}
     if "tuple" in tree:
-        return tuple(decode_batches(v, arrays) for v in tree["tuple"])
-    return [decode_batches(v, arrays) for v in tree["list"]]
-
-
-def _batch_types() -> dict:
-    from refine_ray.system.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
-    from refine_ray.system.experience import ShardResult
-
-    return {c.__name__: c for c in (DocBatch, ScoredBatch, RolloutBatch, RewardBatch, ShardResult)}
+        return tuple(decode_batches(v, arrays, batch_types) for v in tree["tuple"])
+    return [decode_batches(v, arrays, batch_types) for v in tree["list"]]

@@ -37,7 +37,7 @@ from refine_ray.refine.scoring import min_document_tokens
 from refine_ray.system import checkpoint as ckpt
 from refine_ray.system.actor_group import ActorGroup, LearnerFailure, document_shards
 from refine_ray.system.batches import DocBatch, LearnBatch
-from refine_ray.system.experience import Experience, ExperienceMaker, Generation
+from refine_ray.system.experience import PENDING_TYPES, Experience, ExperienceMaker, Generation
 from refine_ray.system.placement import Placement
 from refine_ray.system.weight_sync import make_weight_sync
 from roles.learner import LearnerRankRole
@@ -268,7 +268,7 @@ class RefineController:
         self.learners.call_all("save", str(tmp / "learner"), {})
         arrays: dict = {}
         state = {"step": self.step_index, "version": self.version, "cursor": self.cursor.state_dict(),
-                 "failures": self.failures, "pending": ckpt.encode_batches(pending, "pending", arrays),
+                 "failures": self.failures, "pending": ckpt.encode_batches(pending, "pending", arrays, PENDING_TYPES),
                  "pending_step": None if self.pending is None else self.pending.step, "config": to_dict(self.cfg)}
         return str(ckpt.commit_save(tmp, final, state, arrays, self.cfg.train.keep_checkpoints))
 
@@ -280,7 +280,7 @@ class RefineController:
         self.cursor.load_state_dict(state["cursor"])
         if state["pending"] is not None:
             self.pending = Generation(state["pending_step"],
-                                      ready=ckpt.decode_batches(state["pending"], state["pending_arrays"]))
+                                      ready=ckpt.decode_batches(state["pending"], state["pending_arrays"], PENDING_TYPES))
         self.publish(wait=True)
         log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.version)
 

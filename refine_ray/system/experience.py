@@ -31,6 +31,10 @@ class ShardResult:
     ref_logprobs: Optional[np.ndarray] = None   # [rows, k] float32, when the reference role runs
 
 
+# The dataclasses a checkpoint may hold for pending async experience (checkpoint.encode_batches).
+PENDING_TYPES = (DocBatch, ScoredBatch, RolloutBatch, RewardBatch, ShardResult)
+
+
 @dataclass
 class Shard:
     """The object refs of one shard's chain, in flight."""
