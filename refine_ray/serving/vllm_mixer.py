@@ -39,6 +39,7 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.base import GatedDeltaNetAttention
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateShapeCalculator, is_conv_state_dim_first
+from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -118,6 +119,9 @@ class FlaDeltaRuleMixer(GatedDeltaNetAttention):
                                    requires_grad=False)
         self.o_proj = nn.Parameter(torch.empty(D, self.value_dim, dtype=dt), requires_grad=False)
 
+        for p in self.parameters(recurse=False):
+            set_weight_attrs(p, {"weight_loader": _load_rows})
+
         reason = kernel_unfit_reason(dt, self.head_k_dim, self.head_v_dim, self.allow_neg_eigval)
         self.core = "torch" if reason else "vllm"
         key = f"{type(config).__name__}:{self.core}:{reason}"
@@ -138,29 +142,27 @@ class FlaDeltaRuleMixer(GatedDeltaNetAttention):
             self.conv_kernel_size, self.num_spec)
 
     def load_fla_weight(self, name: str, w: torch.Tensor) -> bool:
-        """Copy fla parameter ``attn.<name>`` into the fused layout; False for an unknown name."""
-        Kd, Vd = self.key_dim, self.value_dim
-        rows = {"q": (0, Kd), "k": (Kd, 2 * Kd), "v": (2 * Kd, 2 * Kd + Vd)}
+        """Copy fla parameter ``attn.<name>`` into the fused layout; False for an unknown name.
+
+        Goes through each parameter's ``weight_loader`` (:func:`_load_rows`): vLLM's in-place
+        reload swaps parameters for meta tensors and wraps their loaders to buffer the copies."""
+        rows = {"q": 0, "k": self.key_dim, "v": 2 * self.key_dim}
         part, _, kind = name.partition(".")
+        start = 0
         if part in ("q_proj", "k_proj", "v_proj"):
-            s, e = rows[part[0]]
-            self.qkv_weight.data[s:e].copy_(w)
+            attr, start = "qkv_weight", rows[part[0]]
         elif part in ("q_conv1d", "k_conv1d", "v_conv1d"):
-            s, e = rows[part[0]]
-            if kind == "bias":
-                if self.conv_bias is None:
-                    return False
-                self.conv_bias.data[s:e].copy_(w)
-            else:
-                self.conv_weight.data[s:e].copy_(w.reshape(e - s, -1))
-        elif part == "o_norm" and kind == "weight":
-            self.o_norm.data.copy_(w)
-        elif part in ("b_proj", "a_proj", "g_proj", "o_proj") and kind == "weight" and getattr(self, part) is not None:
-            getattr(self, part).data.copy_(w)
+            attr, start = ("conv_bias" if kind == "bias" else "conv_weight"), rows[part[0]]
+        elif part in ("o_norm", "b_proj", "a_proj", "g_proj", "o_proj") and kind == "weight":
+            attr = part
         elif part in ("A_log", "dt_bias") and self.gated:
-            getattr(self, part).data.copy_(w)
+            attr = part
         else:
             return False
+        param = getattr(self, attr, None)
+        if param is None:
+            return False
+        param.weight_loader(param, w, start)
         return True
 
     def forward(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
@@ -275,6 +277,13 @@ class FlaDeltaRuleMixer(GatedDeltaNetAttention):
         else:
             o = rms_norm(o, self.o_norm, self.norm_eps)
         return F.linear(o.reshape(o.shape[0], -1).to(x.dtype), self.o_proj)
+
+
+def _load_rows(param: torch.Tensor, loaded_weight: torch.Tensor, start: int = 0) -> None:
+    """Copy ``loaded_weight`` into rows [start, start + len) of ``param`` (a fused q|k|v block
+    or a whole parameter); conv weights [C, 1, W] arrive in fla's nn.Conv1d layout."""
+    n = loaded_weight.shape[0]
+    param.data[start:start + n].copy_(loaded_weight.reshape(n, *param.shape[1:]))
 
 
 def _mixer_op(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
