@@ -14,7 +14,6 @@ model's deviation from fp32 on the same tokens (the noise floor, measured in the
 max and in mean. Each engine start is ~1-2 min on a shared 2-core CPU.
 """
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -69,7 +68,7 @@ def _prompts():
     return [rng.integers(0, V, n).tolist() for n in PROMPT_LENS]
 
 
-def _fp32_parity(tmp_path, model_type, caplog=None, **fields):
+def _fp32_parity(tmp_path, model_type, **fields):
     model = registry.build_model(model_type, seed=0, vocab_size=V, **fields).eval()
     llm = _serve(tmp_path, model, "float32")
     try:
@@ -138,3 +137,15 @@ def test_bf16_vllm_kernel_within_our_noise_floor(tmp_path, model_type):
     print(f"{model_type} bf16: vLLM vs our fp32 max {d_vllm.max():.3f} mean {d_vllm.mean():.4f}; "
           f"our bf16 vs fp32 max {d_ours.max():.3f} mean {d_ours.mean():.4f}")
     assert d_vllm.max() <= 2 * d_ours.max() and d_vllm.mean() <= 2 * d_ours.mean()
+
+
+def test_core_choice_names_why_the_vllm_kernels_cannot_serve():
+    """The automatic choice between vLLM's CPU kernels and the PyTorch core (logged once per model)."""
+    from refine_ray.serving.vllm_mixer import kernel_unfit_reason
+
+    bf16 = torch.bfloat16
+    assert kernel_unfit_reason(bf16, 128, 128, False) is None
+    assert "bf16 only" in kernel_unfit_reason(torch.float32, 64, 64, False)
+    assert "head dims k=32" in kernel_unfit_reason(bf16, 32, 32, False)
+    assert "head dims k=64, v=128" in kernel_unfit_reason(bf16, 64, 128, False)       # expand_v = 2
+    assert "allow_neg_eigval" in kernel_unfit_reason(bf16, 64, 64, True)
