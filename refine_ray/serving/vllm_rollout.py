@@ -84,7 +84,7 @@ def _engine_dtype(cfg) -> torch.dtype:
 class VLLMRollout:
     """RolloutEngine on vllm.LLM: ``generate(ScoredBatch, version)``, ``load_weights(dict)``."""
 
-    def __init__(self, cfg, vocab_size: int, model_dir: Optional[str] = None):
+    def __init__(self, cfg, vocab_size: int, model_dir: Optional[str] = None, prefix_caching: bool = True):
         vllm = import_vllm()
         from refine_ray.refine.policy import build_policy
 
@@ -112,9 +112,12 @@ class VLLMRollout:
         self.llm = vllm.LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=self.dtype,
                             gpu_memory_utilization=float(os.environ.get("REFINE_VLLM_MEM", "0.2")),
                             enforce_eager=True, seed=self.seed, max_model_len=self.max_model_len,
-                            logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                            logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching,
                             **self._cache_kwargs(model_type))
         self._SamplingParams = vllm.SamplingParams
+        # Off: benchmarks only. Then nothing is cached or warmed, and samples are unseeded (not keyed):
+        # a batch over max_num_batched_tokens splits prefills, which crashes seeded requests on CPU.
+        self.prefix_caching = prefix_caching
 
     @staticmethod
     def _cache_kwargs(model_type: str) -> dict:
@@ -151,7 +154,8 @@ class VLLMRollout:
                     prompts.append(prompt)
                     params.append(self._SamplingParams(
                         n=1, max_tokens=k, temperature=max(float(r.temperature), 0.0), top_p=1.0, logprobs=0,
-                        seed=sample_seed(self.seed, batch.step, doc_id, cut_index, g), ignore_eos=True,
+                        seed=sample_seed(self.seed, batch.step, doc_id, cut_index, g) if self.prefix_caching else None,
+                        ignore_eos=True,
                         detokenize=False))
         # Warm the prefix cache with one unseeded 1-token request per prefix: each seeded request
         # then hits the cache up to the prefix's last whole block and prefills the rest in one
@@ -159,7 +163,8 @@ class VLLMRollout:
         # crashes vLLM 0.32 on CPU ("CPU Generator does not use offset"): the runner rolls the
         # generator back after a partial-prefill step, which CPU generators cannot do.
         warm = self._SamplingParams(n=1, max_tokens=1, temperature=0.0, detokenize=False)
-        self.llm.generate(prompts[::G], warm, use_tqdm=False)
+        if self.prefix_caching:
+            self.llm.generate(prompts[::G], warm, use_tqdm=False)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         tokens = np.zeros((len(prompts), k), dtype=np.int64)
         logprobs = np.zeros((len(prompts), k), dtype=np.float32)
