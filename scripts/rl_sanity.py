@@ -5,12 +5,22 @@ DeltaNet and a few fixed gov_report documents:
 
     nice .venv/bin/python scripts/rl_sanity.py            # writes outputs/rl_sanity/
 
-Variants (same initial weights, same documents, same seeds, AdamW):
+Warm start: ``warmup`` NTP steps from the seeded random initialisation (shared by every variant),
+because from random weights PG alone does not move the policy at all at this scale (measured:
+120 PG-only steps left the entropy at the cuts at 6.49 -> 6.45 nats of a uniform 6.55, see
+docs/results.md); REFINE is mid-/post-training of a model that already predicts. The frozen
+reference is the warm-started model (the RL phase's initial weights).
+
+Variants (same warm-started weights, same documents, same seeds, AdamW):
     pg_frozen   PG only (ntp_coef 0, pg_coef 1), reward = cosine on the FROZEN initial model's hidden states
+    pg_frozen_lowlr  the same at a tenth of the learning rate (PG's noisy gradient under AdamW's
+                per-parameter normalisation moves every weight by ~lr per step: at 1e-3 that
+                undoes the warm start within 10 steps, see docs/results.md)
     pg_policy   PG only, reward = cosine on the policy's own hidden states (the paper's reward)
     mix_frozen  the paper's mix NTP 1 + PG 0.2, frozen-reference reward
     mix_policy  the paper's mix NTP 1 + PG 0.2, policy reward (the paper)
     ntp         NTP only
+    pg_exact, pg_exact_lowlr  PG only on the exact-match reward (not run by default; ``--variants``)
 Every ``eval_every`` steps each model is evaluated on the same documents at fixed uniform cuts
 with fixed seeds (refine_ray.refine.heldout.evaluate_fixed_cuts: rewards by type, greedy
 k-token exact match, the collapse indicators). Writes results.json, results.md (table) and
@@ -21,8 +31,8 @@ WordPiece ids instead of 30,522), which makes the LM head -- ~90% of the time wi
 vocabulary -- ~15x cheaper; nothing else changes (the model never sees the other ids).
 
 The checks (:func:`checks`, bounds fixed before any run, documented in docs/results.md):
-    pg_frozen: the frozen-reference reward at the end (mean of the last two evaluations) is above its
-        start; collapse indicators within bounds: unrelated-position hidden cosine at most +0.15 over its
+    pg_frozen and pg_frozen_lowlr: the frozen-reference reward at the end (mean of the last two evaluations) is at
+        least 0.02 above its start (first ">": passed on noise); collapse indicators within bounds: unrelated-position hidden cosine at most +0.15 over its
         start, sampled distinct-token fraction at least half that of the true continuations, NTP loss at
         most +1 nat over its start.
     mix vs ntp (same reward source): at the end the mix's NTP loss is at most 0.3 nats above NTP-only's
@@ -48,15 +58,20 @@ from refine_ray.refine.local_step import LocalRefineStep
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench" / "gov_report_16384.parquet"
 
-# name -> (ntp_coef, pg_coef, reward_source, mode)
+# name -> (ntp_coef, pg_coef, reward, reward_source, mode, learning-rate factor)
 VARIANTS = {
-    "pg_frozen": (0.0, 1.0, "frozen", "refine"),
-    "pg_policy": (0.0, 1.0, "policy", "refine"),
-    "mix_frozen": (1.0, 0.2, "frozen", "refine"),
-    "mix_policy": (1.0, 0.2, "policy", "refine"),
-    "ntp": (1.0, 0.0, "policy", "ntp"),
+    "pg_frozen": (0.0, 1.0, "cosine", "frozen", "refine", 1.0),
+    "pg_frozen_lowlr": (0.0, 1.0, "cosine", "frozen", "refine", 0.1),
+    "pg_exact": (0.0, 1.0, "exact", "policy", "refine", 1.0),
+    "pg_exact_lowlr": (0.0, 1.0, "exact", "policy", "refine", 0.1),
+    "pg_policy": (0.0, 1.0, "cosine", "policy", "refine", 1.0),
+    "mix_frozen": (1.0, 0.2, "cosine", "frozen", "refine", 1.0),
+    "mix_policy": (1.0, 0.2, "cosine", "policy", "refine", 1.0),
+    "ntp": (1.0, 0.0, "cosine", "policy", "ntp", 1.0),
 }
+DEFAULT_VARIANTS = ("pg_frozen", "pg_frozen_lowlr", "pg_policy", "mix_frozen", "mix_policy", "ntp")  # ~9.5 min
 # Bounds of the checks (fixed before the first run; see the module docstring).
+MIN_REWARD_RISE = 0.02     # was "> start": that passed on evaluation noise (small case, 30 steps)
 MAX_PAIR_COSINE_RISE = 0.15
 MIN_DISTINCT_VS_TRUTH = 0.5
 MAX_PG_NTP_RISE = 1.0
@@ -69,6 +84,7 @@ class Setup:
     """The harness's sizes; the defaults are the documented run (~10 min on one thread)."""
     docs: int = 4                 # first gov_report documents (report text, instruction line dropped)
     tokens: int = 512             # tokens per document
+    warmup: int = 60              # NTP steps before the variants branch (shared)
     steps: int = 120
     eval_every: int = 10
     eval_cuts: int = 8            # fixed uniform cuts per document at evaluation
@@ -77,7 +93,7 @@ class Setup:
     k: int = 5                    # response_length
     lr: float = 1e-3
     seed: int = 0
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
 
 def load_documents(setup: Setup) -> tuple[list[torch.Tensor], int]:
@@ -99,20 +115,32 @@ def load_documents(setup: Setup) -> tuple[list[torch.Tensor], int]:
 
 def refine_config(setup: Setup, variant: str) -> RefineConfig:
     """The variant's ``refine`` section (entropy cuts, temperature 1 as the paper)."""
-    ntp_coef, pg_coef, source, _ = VARIANTS[variant]
+    ntp_coef, pg_coef, reward, source, _, _ = VARIANTS[variant]
     return RefineConfig(n_chunks=setup.n_chunks, response_length=setup.k, samples_per_prefix=setup.samples,
-                        ntp_coef=ntp_coef, pg_coef=pg_coef, reward_source=source)
+                        ntp_coef=ntp_coef, pg_coef=pg_coef, reward=reward, reward_source=source)
 
 
-def run_variant(setup: Setup, variant: str, docs: list[torch.Tensor], vocab: int, log=print) -> dict:
-    """Train one variant for ``setup.steps`` steps; returns {'train': [per-step metrics],
-    'eval': [per-evaluation metrics with 'step']}."""
+def warm_start(setup: Setup, docs: list[torch.Tensor], vocab: int) -> dict:
+    """The state dict after ``setup.warmup`` NTP steps (AdamW, ``setup.lr``) from the seeded init."""
     model = registry.build_model("delta_net", seed=setup.seed, vocab_size=vocab)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)       # the initial weights
+    step = LocalRefineStep(model, torch.optim.AdamW(model.parameters(), lr=setup.lr), refine_config(setup, "ntp"),
+                           seed=setup.seed)
+    for _ in range(setup.warmup):
+        step.step(docs, mode="ntp")
+    return copy.deepcopy(model.state_dict())
+
+
+def run_variant(setup: Setup, variant: str, docs: list[torch.Tensor], vocab: int, start: dict,
+                log=print) -> dict:
+    """Train one variant for ``setup.steps`` steps from the weights ``start`` (a fresh AdamW);
+    returns {'train': [per-step metrics], 'eval': [per-evaluation metrics with 'step']}."""
+    model = registry.build_model("delta_net", seed=setup.seed, vocab_size=vocab)
+    model.load_state_dict(start)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)       # the RL phase's initial weights
     cfg = refine_config(setup, variant)
-    opt = torch.optim.AdamW(model.parameters(), lr=setup.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=setup.lr * VARIANTS[variant][5])
     step = LocalRefineStep(model, opt, cfg, seed=setup.seed, reference=reference)
-    eval_cfg = replace(cfg, reward_source="frozen")
+    eval_cfg = replace(cfg, reward="cosine", reward_source="frozen")
     history: dict[str, list] = {"train": [], "eval": []}
     for s in range(setup.steps + 1):
         if s % setup.eval_every == 0 or s == setup.steps:
@@ -122,10 +150,10 @@ def run_variant(setup: Setup, variant: str, docs: list[torch.Tensor], vocab: int
             log(f"{variant:>10} step {s:4d}  ntp {m['ntp_loss']:.3f}  frozen {m['nsp_cosine_frozen']:.3f}  "
                 f"policy {m['nsp_cosine_policy']:.3f}  greedy {m['nsp_exact_greedy']:.3f}  "
                 f"pair_cos {m['hidden_pair_cosine']:.3f}  H {m['cut_entropy']:.2f}  "
-                f"distinct {m['distinct_token_frac']:.3f}")
+                f"distinct {m['distinct_token_frac']:.3f}", flush=True)
         if s == setup.steps:
             break
-        history["train"].append({"step": s, **step.step(docs, mode=VARIANTS[variant][3])})
+        history["train"].append({"step": s, **step.step(docs, mode=VARIANTS[variant][4])})
     return history
 
 
@@ -137,21 +165,23 @@ def _end(evals: list[dict], key: str) -> float:
 def checks(results: dict) -> dict[str, dict]:
     """The harness's pass/fail checks (bounds in the module docstring) with the numbers compared."""
     out = {}
-    if "pg_frozen" in results:
-        ev = results["pg_frozen"]["eval"]
+    for pg in ("pg_frozen", "pg_frozen_lowlr"):
+        if pg not in results:
+            continue
+        ev = results[pg]["eval"]
         start = ev[0]
-        out["pg_frozen raises the frozen reward"] = {
+        out[f"{pg} raises the frozen reward"] = {
             "start": start["nsp_cosine_frozen"], "end": _end(ev, "nsp_cosine_frozen"),
-            "pass": _end(ev, "nsp_cosine_frozen") > start["nsp_cosine_frozen"]}
+            "pass": _end(ev, "nsp_cosine_frozen") >= start["nsp_cosine_frozen"] + MIN_REWARD_RISE}
         worst_pair = max(e["hidden_pair_cosine"] for e in ev)
-        out["pg_frozen hidden pair cosine rise <= 0.15"] = {
+        out[f"{pg} hidden pair cosine rise <= 0.15"] = {
             "start": start["hidden_pair_cosine"], "max": worst_pair,
             "pass": worst_pair - start["hidden_pair_cosine"] <= MAX_PAIR_COSINE_RISE}
         ratio = min(e["distinct_token_frac"] / e["truth_distinct_token_frac"] for e in ev)
-        out["pg_frozen distinct tokens >= 0.5 x truth's"] = {"min_ratio": ratio, "pass": ratio >= MIN_DISTINCT_VS_TRUTH}
+        out[f"{pg} distinct tokens >= 0.5 x truth's"] = {"min_ratio": ratio, "pass": ratio >= MIN_DISTINCT_VS_TRUTH}
         worst_ntp = max(e["ntp_loss"] for e in ev)
-        out["pg_frozen NTP loss rise <= 1 nat"] = {"start": start["ntp_loss"], "max": worst_ntp,
-                                                   "pass": worst_ntp - start["ntp_loss"] <= MAX_PG_NTP_RISE}
+        out[f"{pg} NTP loss rise <= 1 nat"] = {"start": start["ntp_loss"], "max": worst_ntp,
+                                               "pass": worst_ntp - start["ntp_loss"] <= MAX_PG_NTP_RISE}
     for mix in ("mix_frozen", "mix_policy"):
         if mix in results and "ntp" in results:
             a, b = results[mix]["eval"], results["ntp"]["eval"]
@@ -196,6 +226,9 @@ def plot(results: dict, path: Path) -> None:
     for ax, key in zip(axes.flat, keys):
         for name, hist in results.items():
             ax.plot([e["step"] for e in hist["eval"]], [e[key] for e in hist["eval"]], label=name, marker=".")
+        if key == "distinct_token_frac":    # what reproducing the truth would score
+            first = next(iter(results.values()))["eval"]
+            ax.plot([e["step"] for e in first], [e["truth_distinct_token_frac"] for e in first], "k--", label="truth")
         ax.set_title(key)
         ax.set_xlabel("step")
     axes.flat[0].legend()
@@ -207,10 +240,12 @@ def main(setup: Setup, out: Path) -> dict:
     """Run every variant of ``setup``; write results.json, results.md and curves.png under ``out``."""
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     docs, vocab = load_documents(setup)
-    results, t0 = {}, time.perf_counter()
+    start = warm_start(setup, docs, vocab)
+    results = {}
     for variant in setup.variants:
-        results[variant] = run_variant(setup, variant, docs, vocab)
+        results[variant] = run_variant(setup, variant, docs, vocab, start)
     check = checks(results)
     (out / "results.json").write_text(json.dumps({"setup": asdict(setup), "vocab": vocab, "results": results,
                                                   "checks": check, "seconds": time.perf_counter() - t0}, indent=1))
@@ -224,7 +259,8 @@ def main(setup: Setup, out: Path) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=Setup.steps)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=Setup.warmup)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("outputs/rl_sanity"))
     args = parser.parse_args()
-    main(Setup(steps=args.steps, variants=args.variants), args.out)
+    main(Setup(steps=args.steps, warmup=args.warmup, variants=args.variants), args.out)

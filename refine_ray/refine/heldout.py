@@ -127,7 +127,7 @@ def evaluate_fixed_cuts(model, docs: Sequence[torch.Tensor], cfg: RefineConfig, 
     indicators = collapse_metrics(hidden, pairs, torch.cat(parts.pop("cut_entropy")),
                                   torch.cat(parts.pop("sample_tokens")))
     for name, value in indicators.items():
-        out[prefix + name.split("/", 1)[1]] = value
+        out[prefix + name] = value
     out[prefix + "truth_distinct_token_frac"] = distinct_token_fraction(torch.cat(parts.pop("truth_tokens")))
     for name, values in parts.items():
         out[prefix + name] = float(torch.cat(values).double().mean())     # pooled over rows

@@ -37,7 +37,7 @@ import torch
 
 from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ConfigError, RefineConfig
-from refine_ray.refine.collapse import distinct_token_fraction
+from refine_ray.refine.collapse import step_collapse_metrics
 from refine_ray.refine.frozen_reference import reference_hidden
 from refine_ray.refine.loss import document_loss
 from refine_ray.refine.rewarding import SequenceRewarder, reward_metrics
@@ -61,7 +61,7 @@ class Experience:
     responses: torch.Tensor           # [D*n*G, k] long
     old_logprobs: torch.Tensor        # [D*n*G, k] float32 behaviour log-probs
     advantages: torch.Tensor          # [D*n*G] float32
-    metrics: dict[str, float]         # reward/*, adv/abs_mean, collapse/cut_entropy, collapse/distinct_token_frac
+    metrics: dict[str, float]         # reward/*, adv/abs_mean, cut_entropy, collapse/*
 
 
 class LocalRefineStep:
@@ -153,8 +153,8 @@ class LocalRefineStep:
                               normalize_std=cfg.normalize_adv_std)
         metrics = reward_metrics(rewards)
         metrics["adv/abs_mean"] = float(adv.abs().mean())
-        metrics["collapse/cut_entropy"] = float(torch.cat([s.cut_entropy for s in scores]).float().mean())
-        metrics["collapse/distinct_token_frac"] = distinct_token_fraction(tokens)
+        metrics.update(step_collapse_metrics(torch.cat([s.gt_hidden for s in scores]),
+                                             torch.cat([s.cut_entropy for s in scores]), tokens))
         return Experience(list(refine_docs), [s.cuts for s in scores], tokens,
                           torch.cat([c.logprobs for c in conts]).float(), adv.to(self.device), metrics)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from refine_ray.refine.collapse import (collapse_metrics, distinct_token_fraction, hidden_pair_cosine,
-                                        unrelated_position_pairs)
+                                        step_collapse_metrics, unrelated_position_pairs)
 
 
 def test_pairs_join_different_documents_and_are_fixed():
@@ -26,6 +26,10 @@ def test_one_document_pairs_are_half_its_usable_length_apart():
 def test_too_short_documents_are_one_clear_error():
     with pytest.raises(ValueError, match="min_prefix"):
         unrelated_position_pairs([5, 6], 8, min_prefix=10)
+    with pytest.raises(ValueError, match="min_prefix"):
+        unrelated_position_pairs([11], 8, min_prefix=10)
+    pairs = unrelated_position_pairs([1, 1], 4)              # k=1 cut rows: one position each
+    assert bool((pairs[:, [1, 3]] == 0).all()) and bool((pairs[:, 0] != pairs[:, 2]).all())
 
 
 def test_identical_hidden_states_give_cosine_one():
@@ -60,5 +64,13 @@ def test_collapse_metrics_names_and_values():
     v = torch.ones(8)
     out = collapse_metrics([v.expand(30, 8), v.expand(30, 8)], unrelated_position_pairs([30, 30], 8),
                            torch.tensor([1.0, 3.0]), torch.full((4, 5), 2))
-    assert out == pytest.approx({"collapse/hidden_pair_cosine": 1.0, "collapse/cut_entropy": 2.0,
-                                 "collapse/distinct_token_frac": 1 / 20})
+    assert out == pytest.approx({"hidden_pair_cosine": 1.0, "cut_entropy": 2.0, "distinct_token_frac": 1 / 20})
+
+
+def test_step_metrics_pair_different_cuts():
+    gen = torch.Generator().manual_seed(1)
+    same = torch.randn(8, generator=gen).expand(6, 5, 8)          # 6 cuts, k=5, all one vector
+    out = step_collapse_metrics(same, torch.full((6,), 0.5), torch.arange(30).reshape(6, 5))
+    assert out == pytest.approx({"collapse/hidden_pair_cosine": 1.0, "cut_entropy": 0.5,
+                                 "collapse/distinct_token_frac": 1.0})
+    assert "collapse/hidden_pair_cosine" not in step_collapse_metrics(same[:1], torch.ones(1), torch.ones(1, 5))
