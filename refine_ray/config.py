@@ -360,6 +360,24 @@ _MOVED_KEYS = {
 }
 
 
+
+def upgrade_stored_config(raw: dict) -> dict:
+    """A run config that an earlier refine-ray wrote (a run's ``config.json``, a checkpoint's
+    ``trainer.json``), in today's keys: ``refine.sampling`` becomes ``refine.cut_strategy`` and the
+    ``enabled`` flag of the scorer, rollout and reward roles (which always run) is dropped.
+
+    Only for configs the program wrote itself, so that old runs still export and resume; a user's
+    YAML with an old key still stops with the one line of ``_MOVED_KEYS``. Returns a new dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    refine = out.get("refine")
+    if isinstance(refine, dict) and "sampling" in refine and "cut_strategy" not in refine:
+        refine["cut_strategy"] = refine.pop("sampling")
+    for role in ("scorer", "rollout", "reward"):
+        if isinstance(out.get(role), dict):
+            out[role].pop("enabled", None)
+    return out
+
+
 # ---------------------------------------------------------------- loading
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

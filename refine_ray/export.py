@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from refine_ray.system import checkpoint as ckpt
-from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict
+from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, upgrade_stored_config
 from refine_ray.models import registry
 from refine_ray.preflight import error_line
 
@@ -90,7 +90,7 @@ def _find_run_config(src: Path, run_config: Optional[str]) -> ExperimentConfig:
             raise ExportError(f"{c}: not valid JSON ({e})") from None
         if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
             try:
-                return from_dict(ExperimentConfig, raw, "")
+                return from_dict(ExperimentConfig, upgrade_stored_config(raw), "")
             except ConfigError as e:
                 raise ExportError(f"{c}: not an ExperimentConfig ({e})") from None
     raise ExportError(f"{src}: no run config.json found (looked in {', '.join(str(c) for c in candidates)}); "
@@ -99,7 +99,7 @@ def _find_run_config(src: Path, run_config: Optional[str]) -> ExperimentConfig:
 
 def _run_config_from(raw: dict, src: Path) -> ExperimentConfig:
     try:
-        return from_dict(ExperimentConfig, raw, "")
+        return from_dict(ExperimentConfig, upgrade_stored_config(raw), "")
     except ConfigError as e:
         raise ExportError(f"{src}: the checkpoint's run config is not an ExperimentConfig ({e})") from None
 

@@ -152,3 +152,21 @@ def test_export_bare_deepspeed_save_dir(tmp_path, tokenizer):
     with pytest.raises(ExportError, match="size mismatch"):
         export_model(str(ckpt), tmp_path / "hf2", run_config=str(tmp_path / "small.json"))
     assert model.config.model_type == "delta_net"
+
+
+def test_export_reads_a_run_config_written_before_the_renames(tmp_path, tokenizer):
+    """Runs written before refine.sampling became refine.cut_strategy and the always-on roles lost
+    `enabled` still export (the program's own files are upgraded; user YAML is not)."""
+    run = tmp_path / "outputs" / "old-run"
+    (run / "ckpt").mkdir(parents=True)
+    raw = to_dict(ExperimentConfig(model=ModelConfig(type="delta_net", hidden_size=32, num_heads=2, seed=3)))
+    raw["refine"]["sampling"] = raw["refine"].pop("cut_strategy")
+    for role in ("scorer", "rollout", "reward"):
+        raw[role]["enabled"] = True
+    (run / "config.json").write_text(json.dumps(raw))
+    model = registry.build_model("delta_net", seed=7, vocab_size=len(tokenizer), hidden_size=32, num_heads=2)
+    torch.save(model.state_dict(), run / "ckpt" / "weights.pt")
+    export_model(str(run / "ckpt" / "weights.pt"), tmp_path / "hf")
+    back = registry.load_model(str(tmp_path / "hf"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
