@@ -56,7 +56,7 @@ def eval_config(cfg: RefineConfig, num_cuts: int) -> RefineConfig:
 @torch.no_grad()
 def evaluate_fixed_cuts(model, docs: Sequence[torch.Tensor], cfg: RefineConfig, seed: int = 0,
                         num_cuts: int = 8, reference=None, rewarder=None, num_pairs: int = 64,
-                        prefix: str = "val/") -> dict[str, float]:
+                        prefix: str = "val/", with_ntp: bool = True) -> dict[str, float]:
     """Next-sequence metrics of ``model`` on ``docs`` (1-D long token ids) at fixed cuts (module doc).
 
     Args:
@@ -67,9 +67,11 @@ def evaluate_fixed_cuts(model, docs: Sequence[torch.Tensor], cfg: RefineConfig, 
         rewarder: a :class:`~refine_ray.refine.rewarding.SequenceRewarder` with
             ``source='encoder'`` for ``nsp_cosine_encoder`` (None: not computed).
         num_pairs: unrelated position pairs for ``hidden_pair_cosine`` (fixed by ``seed``).
+        with_ntp: also ``ntp_loss`` (False when the caller has it, e.g. from the learner).
 
     Returns floats keyed ``prefix + name`` plus ``prefix + 'nsp_docs'`` (documents long enough
-    for ``num_cuts`` cuts; shorter ones count only in ``ntp_loss``). Source: the REFINE
+    for ``num_cuts`` cuts; shorter ones count only in ``ntp_loss``; ``ntp_loss`` is the mean of
+    the per-document mean losses). Source: the REFINE
     paper's rewards and k-token exact match; fixed cuts and seeds are our addition (issue 15).
     Raises ValueError when no document has 2 tokens.
     """
@@ -82,7 +84,8 @@ def evaluate_fixed_cuts(model, docs: Sequence[torch.Tensor], cfg: RefineConfig, 
     for ids in docs:
         h = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
         hidden.append(h)
-        ntp.append(float(document_ntp_loss(model, ids, hidden=h)))
+        if with_ntp:
+            ntp.append(float(document_ntp_loss(model, ids, hidden=h)))
     parts: dict[str, list[torch.Tensor]] = {}
 
     def add(name: str, value: torch.Tensor) -> None:
@@ -120,7 +123,9 @@ def evaluate_fixed_cuts(model, docs: Sequence[torch.Tensor], cfg: RefineConfig, 
         add("cut_entropy", score.cut_entropy)
         add("sample_tokens", sampled.tokens)
         add("truth_tokens", truth)
-    out = {prefix + "ntp_loss": sum(ntp) / len(ntp), prefix + "nsp_docs": float(len(parts.get("cut_entropy", [])))}
+    out = {prefix + "nsp_docs": float(len(parts.get("cut_entropy", [])))}
+    if with_ntp:
+        out[prefix + "ntp_loss"] = sum(ntp) / len(ntp)
     if not parts:
         return out
     pairs = unrelated_position_pairs([h.shape[0] for h in hidden], num_pairs, seed, min_prefix=ecfg.min_prefix)
