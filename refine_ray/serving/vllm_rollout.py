@@ -25,9 +25,12 @@ Deliberate decisions:
     the generator's offset back, which CPU generators lack), and align-mode prefix caching
     splits a prefill at the last block boundary. So each step first sends one unseeded
     1-token request per prefix (this prefills and caches the state at the prefix's last whole
-    block), then the seeded requests, which hit the cache and prefill their < 1 block tail in
-    one step. Limit: a tail is split again only if a step's token budget
-    (max_num_batched_tokens) cannot hold all the tails.
+    block), then the seeded requests, which hit the cache and prefill their <= 1 block tail in
+    one step. A tail would still be split if a step's token budget (max_num_batched_tokens)
+    could not hold the tails of every request scheduled with it, so requests go in waves of
+    at most min(max_num_seqs, max_num_batched_tokens // block_size) (each wave warmed, then
+    sampled), and on CPU the delta-rule engine is created with max_num_batched_tokens =
+    max_num_seqs x block_size, so a wave is the whole batch up to max_num_seqs requests.
   * Prefix caching on: the G requests of one prefix, and the cuts of one document, reuse
     cached states (fast-weight models: ``mamba_cache_mode='align'``, one state per
     KV block, so a prefix reuses up to its last whole block).
@@ -64,15 +67,16 @@ from refine_ray.refine.seeding import sample_seed
 from refine_ray.models.dtypes import compute_dtype
 from refine_ray.models.registry import VLLM_TYPES, family  # our model types whose checkpoints vLLM can serve
 WEIGHTS_FILE = "model.safetensors"
+MAX_NUM_SEQS = 256   # vLLM's CPU default for the LLM class
 INSTALL_HINT = "pip install 'refine-ray[vllm]' (or bash scripts/setup_vllm.sh for .venv-vllm)"
 
 
-def import_vllm():
-    """``vllm`` or a one-line ImportError saying how to install it."""
+def import_vllm(what: str = "rollout.backend=vllm"):
+    """``vllm`` or a one-line ImportError saying that ``what`` needs it and how to install it."""
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"rollout.backend=vllm needs vLLM, which is not installed ({e}): {INSTALL_HINT}") from None
+        raise ImportError(f"{what} needs vLLM, which is not installed ({e}): {INSTALL_HINT}") from None
     return vllm
 
 
@@ -124,8 +128,21 @@ class VLLMRollout:
         """Delta-rule models on CPU: KV blocks of 32 tokens (vLLM's CPU default is 128), so a
         prefix reuses the cached state at its last multiple of 32 (align mode keeps one state per block)."""
         if model_type in ("delta_net", "gated_deltanet") and not torch.cuda.is_available():
-            return {"block_size": 32}
+            # a budget that holds a <= 1-block tail for every running request (see _wave_size)
+            return {"block_size": 32, "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_SEQS * 32}
         return {}
+
+    def _wave_size(self) -> int:
+        """Seeded requests per ``generate`` call: every one of them, scheduled at once, prefills
+        its <= 1-block tail (after the warm-up) within one step's token budget, so none is split
+        (a split seeded prefill kills vLLM 0.32 on CPU). Raises RuntimeError if no request fits."""
+        vc = self.llm.llm_engine.vllm_config
+        block = int(vc.cache_config.block_size)
+        budget, seqs = int(vc.scheduler_config.max_num_batched_tokens), int(vc.scheduler_config.max_num_seqs)
+        if budget < block:
+            raise RuntimeError(f"vLLM max_num_batched_tokens={budget} < block_size={block}: a seeded tail "
+                               "could be split, which crashes vLLM on CPU")
+        return min(seqs, budget // block)
 
     def _check_positions(self) -> None:
         """The checkpoint must take every prompt the data config allows (positions up to max_length + k).
@@ -143,6 +160,10 @@ class VLLMRollout:
 
     # ------------------------------------------------------------------ RolloutEngine
     def generate(self, batch: ScoredBatch, version: int) -> RolloutBatch:
+        """k sampled tokens per (prefix, sample): ``RolloutBatch`` with tokens [P*G, k] int64,
+        behaviour log-probs [P*G, k] float32 (log_softmax(logits / T) of each token), versions
+        [P*G] int64 (= ``version``); rows p * G + g over the prefixes doc[:cut] in batch order.
+        Raises RuntimeError if vLLM returns another shape."""
         r = self.cfg.refine
         G, k = int(r.samples_per_prefix), batch.k
         prompts, params = [], []
@@ -162,10 +183,15 @@ class VLLMRollout:
         # step. A seeded request whose prefill is split (align mode splits at block boundaries)
         # crashes vLLM 0.32 on CPU ("CPU Generator does not use offset"): the runner rolls the
         # generator back after a partial-prefill step, which CPU generators cannot do.
+        # In waves (see _wave_size): all of a wave's seeded tails fit one step's token budget.
         warm = self._SamplingParams(n=1, max_tokens=1, temperature=0.0, detokenize=False)
-        if self.prefix_caching:
-            self.llm.generate(prompts[::G], warm, use_tqdm=False)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = []
+        wave = self._wave_size() if self.prefix_caching else len(prompts)
+        for start in range(0, len(prompts), wave):
+            rows = range(start, min(start + wave, len(prompts)))
+            if self.prefix_caching:   # one warm-up per prefix (row p * G + g) in the wave
+                self.llm.generate([prompts[i] for i in rows if i % G == 0 or i == start], warm, use_tqdm=False)
+            outputs += self.llm.generate([prompts[i] for i in rows], [params[i] for i in rows], use_tqdm=False)
         tokens = np.zeros((len(prompts), k), dtype=np.int64)
         logprobs = np.zeros((len(prompts), k), dtype=np.float32)
         for row, out in enumerate(outputs):

@@ -103,6 +103,25 @@ def test_load_weights_in_place(engine, policy):
         engine.load_weights({n: p.detach().numpy() for n, p in policy.named_parameters()})
 
 
+def test_more_seeded_tails_than_the_default_token_budget(engine, policy):
+    """144 seeded requests whose prefixes end 31 tokens past a block boundary: their tails
+    (4464 tokens) exceed vLLM's CPU default budget of 4096 tokens a step, so with the default
+    one prefill would be split and the seeded generator would kill the engine. VLLMRollout
+    sizes the budget (and waves) so every tail of a step fits."""
+    sched = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert sched.max_num_batched_tokens >= sched.max_num_seqs * 32 and engine._wave_size() >= 144
+    rng = np.random.default_rng(2)
+    ids, docs = list(range(100, 112)), [rng.integers(0, V, 128) for _ in range(12)]
+    cuts = np.tile(np.array([31, 63, 95, 127]), (12, 1))              # 12 docs x 4 cuts x G=3 = 144 requests
+    n = cuts.size
+    batch = ScoredBatch(docs=DocBatch.from_lists(ids, docs), cuts=cuts, gt_ids=np.zeros((n, K), np.int64),
+                        gt_hidden=np.zeros((n, K, 8), np.float32), cut_entropy=np.zeros(n, np.float32), step=3)
+    assert (cuts % 32).sum() * 12 * G > 4096
+    out = engine.generate(batch, version=0)
+    assert out.tokens.shape == (n * G, K)
+    np.testing.assert_allclose(out.logprobs, _reference_logprobs(policy, batch, out.tokens), atol=ATOL, rtol=0)
+
+
 def test_seeded_request_with_split_prefill_crashes_vllm(engine):
     """vLLM 0.32 on CPU: a seeded request whose prefill is split (align mode splits a 45-token
     prompt at the 32-token block boundary) kills the engine (the worker logs "RuntimeError: CPU
