@@ -3,14 +3,12 @@
 No Ray, no model classes. See each module's docstring for the deliberate decisions
 taken against the reference implementation.
 """
-from refine_ray.algo.advantages import broadcast_advantages, grpo_advantages, make_group_ids
+from refine_ray.algo.advantages import grpo_advantages, make_group_ids
 from refine_ray.algo.cuts import (
     CUT_STRATEGIES,
-    CutPlan,
     DocumentTooShort,
     cut_range,
     gather_targets,
-    plan_cuts,
     sample_cuts,
     smooth_entropy,
 )
@@ -26,23 +24,12 @@ from refine_ray.algo.losses import (
     ppo_clip_loss,
     refine_loss,
 )
-from refine_ray.algo.rewards import (
-    REWARD_KINDS,
-    canonical_reward_kind,
-    compute_reward,
-    cosine_reward,
-    exact_match_reward,
-    hybrid_reward,
-    place_at_last_token,
-    response_mask_from_eos,
-)
+from refine_ray.algo.rewards import cosine_reward, exact_match_reward
 
 __all__ = [
-    "AGG_MODES", "CUT_STRATEGIES", "REWARD_KINDS", "CutPlan", "DocumentTooShort",
-    "agg_loss", "broadcast_advantages", "canonical_reward_kind", "compute_reward",
-    "cosine_reward", "cut_range", "exact_match_reward", "gather_targets",
-    "grpo_advantages", "head_calls", "hybrid_reward", "kl_penalty", "logprobs_from_logits",
-    "make_group_ids", "ntp_loss", "ntp_loss_from_hidden", "place_at_last_token",
-    "plan_cuts", "ppo_clip_loss", "refine_loss", "response_mask_from_eos",
+    "AGG_MODES", "CUT_STRATEGIES", "DocumentTooShort",
+    "agg_loss", "cosine_reward", "cut_range", "exact_match_reward", "gather_targets",
+    "grpo_advantages", "head_calls", "kl_penalty", "logprobs_from_logits",
+    "make_group_ids", "ntp_loss", "ntp_loss_from_hidden", "ppo_clip_loss", "refine_loss",
     "sample_cuts", "smooth_entropy", "token_entropy", "token_entropy_from_hidden",
 ]

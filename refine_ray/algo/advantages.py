@@ -7,11 +7,9 @@ of one document (different prefixes); with G > 1 it is the G samples of one pref
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-__all__ = ["make_group_ids", "grpo_advantages", "broadcast_advantages"]
+__all__ = ["make_group_ids", "grpo_advantages"]
 
 
 def make_group_ids(num_docs: int, n_cuts: int, G: int) -> torch.Tensor:
@@ -73,14 +71,3 @@ def grpo_advantages(
     adv = torch.where(single, r if singleton == "reward" else torch.zeros_like(r), adv)
     return adv.to(rewards.dtype)
 
-
-def broadcast_advantages(advantages: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                         k: Optional[int] = None) -> torch.Tensor:
-    """``[N] -> [N, k]``: the sequence advantage on every response token (times ``mask``;
-    exactly 0 under a zero mask, even for a non-finite advantage)."""
-    if mask is None:
-        if k is None:
-            raise ValueError("give mask or k")
-        return advantages[:, None].expand(-1, k).clone()
-    adv = advantages[:, None] * mask.to(advantages.dtype)
-    return torch.where(mask != 0, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))

@@ -23,19 +23,16 @@ candidates (every chunk holds at least k), else :class:`DocumentTooShort`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 __all__ = [
     "CUT_STRATEGIES",
     "DocumentTooShort",
-    "CutPlan",
     "cut_range",
     "smooth_entropy",
     "sample_cuts",
-    "plan_cuts",
     "gather_targets",
 ]
 
@@ -132,60 +129,6 @@ def sample_cuts(
         probs = torch.softmax(logits.double(), dim=1)
         pick = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return cand.gather(1, pick[:, None]).squeeze(1).long()
-
-
-@dataclass
-class CutPlan:
-    """Cuts for a batch: ``cuts[i]`` belongs to document ``doc_index[i]``.
-
-    ``skipped`` lists documents too short for the requested cuts (log
-    ``num_skipped`` as a metric); they contribute no rows.
-    """
-
-    doc_index: list[int]
-    cuts: torch.Tensor  # [num_kept, n_chunks] long
-    skipped: list[int] = field(default_factory=list)
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-
-def plan_cuts(
-    entropies: Sequence[torch.Tensor] | torch.Tensor,
-    n_chunks: int,
-    k: int,
-    strategy: str = "entropy",
-    min_prefix: int = 20,
-    generator: Optional[torch.Generator] = None,
-    temperature: float = 1.0,
-    lengths: Optional[Sequence[int] | torch.Tensor] = None,
-) -> CutPlan:
-    """:func:`sample_cuts` over a batch, skipping (not raising on) too-short documents.
-
-    ``entropies``: a list of 1-D per-document tensors, or a right-padded ``[B, S]``
-    tensor together with ``lengths`` (row i uses ``entropies[i, :lengths[i]]``).
-    """
-    if lengths is not None:
-        lengths = [int(x) for x in (lengths.tolist() if torch.is_tensor(lengths) else lengths)]
-        if len(lengths) != len(entropies):
-            raise ValueError(f"{len(lengths)} lengths for {len(entropies)} documents")
-    kept, cut_rows, skipped = [], [], []
-    for i, ent in enumerate(entropies):
-        if lengths is not None:
-            ent = ent[: lengths[i]]
-        try:
-            cut_rows.append(
-                sample_cuts(ent, n_chunks, k, strategy, min_prefix, generator, temperature)
-            )
-            kept.append(i)
-        except DocumentTooShort:
-            skipped.append(i)
-    if cut_rows:
-        cuts = torch.stack(cut_rows)
-    else:
-        cuts = torch.empty(0, n_chunks, dtype=torch.long)
-    return CutPlan(doc_index=kept, cuts=cuts, skipped=skipped)
 
 
 def gather_targets(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from refine_ray.algo import broadcast_advantages, grpo_advantages, make_group_ids
+from refine_ray.algo import grpo_advantages, make_group_ids
 
 
 def test_make_group_ids():
@@ -80,14 +80,3 @@ def test_empty_and_shape_errors():
     with pytest.raises(ValueError):
         grpo_advantages(torch.zeros(3), torch.zeros(2, dtype=torch.long))
 
-
-def test_broadcast_advantages():
-    a = torch.tensor([2.0, -1.0])
-    assert broadcast_advantages(a, k=2).tolist() == [[2.0, 2.0], [-1.0, -1.0]]
-    assert broadcast_advantages(a, torch.tensor([[1, 0], [1, 1]])).tolist() == [[2.0, 0.0], [-1.0, -1.0]]
-
-
-def test_broadcast_advantages_zero_under_mask_even_if_not_finite():
-    adv = torch.tensor([2.0, float("nan"), float("inf")])
-    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 0, 0]])
-    assert broadcast_advantages(adv, mask).tolist() == [[2.0, 2.0, 0.0], [0.0] * 3, [0.0] * 3]

@@ -7,7 +7,6 @@ from refine_ray.algo import (
     DocumentTooShort,
     cut_range,
     gather_targets,
-    plan_cuts,
     sample_cuts,
     smooth_entropy,
 )
@@ -120,21 +119,6 @@ def test_bad_arguments():
         sample_cuts(torch.zeros(100), 2, 5, "max")
     with pytest.raises(ValueError):
         sample_cuts(torch.zeros(2, 100), 2, 5)
-
-
-def test_plan_cuts_skips_short_documents():
-    g = torch.Generator().manual_seed(0)
-    ents = [torch.rand(100), torch.rand(10), torch.rand(80)]
-    plan = plan_cuts(ents, 2, 5, min_prefix=20, generator=g)
-    assert plan.doc_index == [0, 2] and plan.skipped == [1] and plan.num_skipped == 1
-    assert plan.cuts.shape == (2, 2)
-    padded = torch.zeros(3, 100)
-    padded[2, 34:] = 100.0  # right pads past length 34 must be ignored
-    plan2 = plan_cuts(padded, 2, 5, "argmax", min_prefix=20, lengths=torch.tensor([100, 10, 34]))
-    assert plan2.doc_index == [0, 2] and plan2.num_skipped == 1
-    assert plan2.cuts[1].tolist() == [20, 25]  # length 34: chunks are exactly [20,24], [25,29]
-    empty = plan_cuts([torch.rand(5)], 2, 5)
-    assert empty.cuts.shape == (0, 2) and empty.num_skipped == 1
 
 
 def test_gather_targets_by_hand():
