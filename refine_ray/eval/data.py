@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "DataError", "LONGBENCH_COLUMNS", "RULER_COLUMNS", "load_rows", "load_longbench",
-    "load_ruler", "longbench_files", "ruler_files", "ruler_file_info",
+    "load_ruler", "ruler_file_info",
 ]
 
 LONGBENCH_COLUMNS: tuple[str, ...] = ("prompt", "answers", "max_gen_tokens", "task")
@@ -76,17 +76,6 @@ def load_ruler(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def longbench_files(data_dir: str | Path) -> dict[str, Path]:
-    """task -> parquet path for ``{task}_{len}.parquet`` files in ``data_dir``."""
-    out: dict[str, Path] = {}
-    for p in sorted(Path(data_dir).glob("*.parquet")):
-        task = re.sub(r"_\d+$", "", p.stem)
-        out[task] = p
-    if not out:
-        raise DataError(f"{Path(data_dir).name}: no parquet files in {data_dir}")
-    return out
-
-
 _RULER_NAME = re.compile(r"^ruler_(?P<task>[a-z0-9]+)_(?P<model>.+)_(?P<length>\d+)_"
                          r"(?P<n>\d+)_(?P<split>train|test)$")
 
@@ -99,13 +88,3 @@ def ruler_file_info(path: str | Path) -> dict[str, Any]:
     return {"task": f"ruler_{m['task']}", "model": m["model"], "length": int(m["length"]),
             "num_rows": int(m["n"]), "split": m["split"]}
 
-
-def ruler_files(data_dir: str | Path, model: str | None = None,
-                split: str = "test") -> list[tuple[dict[str, Any], Path]]:
-    """(info, path) for RULER files in ``data_dir``, filtered by model and split."""
-    out = []
-    for p in sorted(Path(data_dir).glob("ruler_*.parquet")):
-        info = ruler_file_info(p)
-        if info["split"] == split and (model is None or info["model"] == model):
-            out.append((info, p))
-    return out

@@ -28,8 +28,8 @@ __all__ = [
     "classification_score", "code_sim", "count_score", "retrieval_score", "retrieval_zh_score",
     "first_line", "TASK_METRIC", "FIRST_LINE_TASKS", "LONGBENCH_TASKS", "LONGBENCH_E_TASKS",
     "ZH_TASKS", "PAPER_TASKS", "PAPER_ABBREV", "base_task", "check_task", "max_gen_tokens",
-    "score_example", "score_longbench", "score_longbench_e", "task_classes", "trec_classes",
-    "score_longbench_rows", "ruler_postprocess", "ruler_qa_hit", "string_match_part",
+    "score_example", "score_longbench", "score_longbench_e", "task_classes",
+    "ruler_postprocess", "ruler_qa_hit", "string_match_part",
     "RULER_QA_METRICS", "score_ruler_qa",
 ]
 
@@ -294,22 +294,6 @@ def task_classes(task: str, rows: Iterable[Mapping[str, Any]]) -> list[str]:
         classes.update(pattern.findall(row["prompt"]))
     classes.discard("")
     return sorted(classes)
-
-
-def trec_classes(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    """``task_classes('trec', rows)``."""
-    return task_classes("trec", rows)
-
-
-def score_longbench_rows(rows: Sequence[Mapping[str, Any]], predictions: Sequence[str]) -> float:
-    """Score predictions for rows of one LongBench file (task from the rows, class lists
-    from ``task_classes``), 0-100."""
-    tasks = {row["task"] for row in rows}
-    if len(tasks) != 1:
-        raise ValueError(f"rows must come from one task, got {sorted(tasks)}")
-    task = tasks.pop()
-    classes = task_classes(task, rows) if base_task(task) in CLASSIFICATION_TASKS else None
-    return score_longbench(task, predictions, [row["answers"] for row in rows], classes)
 
 
 # ---------------------------------------------------------------- RULER QA

@@ -7,12 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from refine_ray.eval.data import (
-    DataError, load_longbench, load_ruler, longbench_files, ruler_file_info, ruler_files,
-)
-from refine_ray.eval.metrics import (
-    LONGBENCH_TASKS, score_longbench, score_longbench_rows, trec_classes,
-)
+from refine_ray.eval.data import DataError, load_longbench, load_ruler, ruler_file_info
+from refine_ray.eval.metrics import LONGBENCH_TASKS, score_longbench, task_classes
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
@@ -27,8 +23,8 @@ GEN = {"2wikimqa": 32, "hotpotqa": 32, "musique": 32, "triviaqa": 32, "lcc": 64,
 
 @needs_data
 def test_real_longbench_files() -> None:
-    files = longbench_files(DATA / "longbench")
-    # the release's 14 tasks, all among LongBench's 21 scored ones
+    files = {p.stem.rsplit("_", 1)[0]: p for p in sorted((DATA / "longbench").glob("*.parquet"))}
+    # the release's 14 tasks ({task}_16384.parquet), all among LongBench's 21 scored ones
     assert set(files) == set(ROWS) and set(files) < set(LONGBENCH_TASKS)
     for task, path in files.items():
         rows = load_longbench(path)
@@ -41,7 +37,7 @@ def test_real_longbench_files() -> None:
 @needs_data
 def test_real_trec_classes_and_gold_scores() -> None:
     rows = load_longbench(DATA / "longbench" / "trec_16384.parquet")
-    classes = trec_classes(rows)
+    classes = task_classes("trec", rows)
     # gold answers cover 35 labels; the few-shot "Type:" lines complete LongBench's 50
     assert len(classes) == 50 and "Other location" in classes
     assert {a for r in rows for a in r["answers"]} <= set(classes)
@@ -50,19 +46,20 @@ def test_real_trec_classes_and_gold_scores() -> None:
     # row 0's gold is "Other location"; predicting "Animal" there scores 0 -> 199/200 = 99.5
     assert gold[0] == "Other location"
     preds = ["Animal"] + gold[1:]
-    assert score_longbench_rows(rows, preds) == 99.5
+    assert score_longbench("trec", preds, [r["answers"] for r in rows], classes) == 99.5
 
 
 @needs_data
 def test_real_ruler_files() -> None:
-    found = ruler_files(DATA / "ruler")
-    assert len(found) == 8
-    for info, path in found:
+    paths = sorted((DATA / "ruler").glob("ruler_*.parquet"))
+    assert len(paths) == 8
+    for path in paths:
+        info = ruler_file_info(path)
+        assert info["split"] == "test" and info["model"] in ("delta_net", "lact")
         rows = load_ruler(path)
         assert len(rows) == info["num_rows"] == 200
         assert {r["task"] for r in rows} == {info["task"]}
         assert all(r["answers"] == r["answer"] and r["answer"] for r in rows)
-    assert len(ruler_files(DATA / "ruler", model="lact")) == 4
 
 
 def test_ruler_file_info() -> None:
@@ -116,5 +113,3 @@ def test_unreadable_and_absent(tmp_path: Path) -> None:
         load_longbench(bad)
     with pytest.raises(DataError, match=r"^nope.parquet: no such file"):
         load_longbench(tmp_path / "nope.parquet")
-    with pytest.raises(DataError, match="no parquet files"):
-        longbench_files(tmp_path / "none")
