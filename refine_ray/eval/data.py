@@ -59,12 +59,21 @@ def load_rows(path: str | Path, required: Sequence[str],
 
 
 def load_longbench(path: str | Path) -> list[dict[str, Any]]:
-    """A LongBench file (columns prompt, answers, max_gen_tokens, task, ...)."""
+    """A LongBench / LongBench-E file (columns prompt, answers, max_gen_tokens, task, ...).
+
+    An optional ``length`` column (LongBench-E's context length: words, characters for
+    Chinese) must hold integers >= 0; evaluation buckets ``<task>_e`` scores by it.
+    Raises DataError (one line) on a bad ``max_gen_tokens`` or ``length``.
+    """
     rows = load_rows(path, LONGBENCH_COLUMNS, list_columns=("answers",))
     for i, row in enumerate(rows):
         if row["max_gen_tokens"] is None or int(row["max_gen_tokens"]) <= 0:
             raise DataError(f"{Path(path).name}: row {i} has a bad 'max_gen_tokens' "
                             f"({row['max_gen_tokens']!r})")
+        length = row.get("length", 0)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise DataError(f"{Path(path).name}: row {i} has a bad 'length' ({length!r}; "
+                            f"expected the context length, an integer >= 0)")
     return rows
 
 

@@ -8,10 +8,11 @@ Inputs: LongBench / LongBench-E files (``{task}_{len}.parquet``; per-task metric
 ``refine_ray.eval.metrics``), RULER QA files (``ruler_{task}_{model}_{len}_{n}_{split}.parquet``;
 two metrics, see below) and generated NIAH rows (``refine_ray.eval.niah``; recall).
 Output: ``{"run_name": RUN, "<task>": score, ..., "meta": {...}}`` (scores 0-100; RULER and
-NIAH keys are ``<task>_<length>``; RULER QA adds ``<task>_string_match_part_<length>``), the
-format ``refine_ray.eval.tables`` reads, plus ``<out>.predictions.jsonl`` (per row: prediction,
-answers, 0-1 score), saved after every batch; a re-run with the same ``--out`` resumes
-(``refine_ray.eval.progress``). A prompt that tokenises to nothing is a one-line error
+NIAH keys are ``<task>_<length>``; RULER QA adds ``<task>_string_match_part_<length>``; a
+LongBench-E file with a ``length`` column adds ``<task>_e_by_length``, its 0-4k / 4-8k / 8k+
+scores), the format ``refine_ray.eval.tables`` reads, plus ``<out>.predictions.jsonl`` (per
+row: prediction, answers, 0-1 score), saved after every batch; a re-run with the same ``--out``
+resumes (``refine_ray.eval.progress``). A prompt that tokenises to nothing is a one-line error
 before any row is answered. See docs/evaluation.md.
 
 Decisions vs the reference:
@@ -133,12 +134,19 @@ def row_score(s: EvalSet, row: dict, pred: str, classes: Optional[list[str]]) ->
     return niah_recall(pred, row["answers"])
 
 
-def score_set(s: EvalSet, preds: list[str]) -> dict[str, float]:
+def score_set(s: EvalSet, preds: list[str]) -> dict[str, Any]:
     """Result keys -> scores (0-100) of one set. RULER QA gives two: ``<task>_<len>`` with the
-    reference's first-line rule (the paper's tables) and ``<task>_string_match_part_<len>``."""
+    reference's first-line rule (the paper's tables) and ``<task>_string_match_part_<len>``.
+    A LongBench-E set (``<task>_e`` rows with a ``length`` column) adds ``<task>_e_by_length``:
+    LongBench's ``scorer_e`` buckets ``{"0-4k", "4-8k", "8k+"}`` (empty buckets left out)."""
     answers = [r["answers"] for r in s.rows]
     if s.kind == "longbench":
-        return {s.key: M.score_longbench(s.key, preds, answers, _classes(s))}
+        classes = _classes(s)
+        out: dict[str, Any] = {s.key: M.score_longbench(s.key, preds, answers, classes)}
+        if M.base_task(s.key) != s.key and all("length" in r for r in s.rows):
+            lengths = [r["length"] for r in s.rows]
+            out[f"{s.key}_by_length"] = M.score_longbench_e(s.key, preds, answers, lengths, classes)
+        return out
     if s.kind == "ruler":
         task, length = s.key.rsplit("_", 1)
         return {s.key: M.score_ruler_qa(preds, answers, "first_line"),

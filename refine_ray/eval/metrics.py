@@ -256,9 +256,12 @@ def score_longbench(task: str, predictions: Sequence[str], answers_list: Sequenc
 
 def score_longbench_e(task: str, predictions: Sequence[str], answers_list: Sequence[Iterable[str]],
                       lengths: Sequence[int], all_classes: Sequence[str] | None = None) -> dict[str, float]:
-    """LongBench-E's ``scorer_e``: scores (0-100, 2 decimals) by context length bucket
-    '0-4k' (< 4000), '4-8k' (< 8000), '8k+'. A bucket without rows is left out (upstream
-    reports numpy's NaN mean there)."""
+    """LongBench-E's ``scorer_e`` (LongBench ``eval.py``): scores (0-100, 2 decimals) by the
+    rows' context ``lengths`` (words; characters for Chinese), bucket '0-4k' (< 4000), '4-8k'
+    (< 8000), '8k+'. A bucket without rows is left out (upstream reports numpy's NaN mean
+    there). Raises ValueError (one line) on an unknown task, mismatched list lengths or a
+    classification task without ``all_classes``. Called by ``refine-ray eval`` for ``<task>_e``
+    files with a ``length`` column."""
     check_task(task)
     check_predictions(task, predictions, answers_list)
     if len(lengths) != len(predictions):

@@ -5,7 +5,9 @@ scores may instead sit under a ``"scores"`` object. LongBench tasks use their Lo
 names; RULER / NIAH scores use ``<task>_<length>`` keys, e.g. ``ruler_squadqa_4096`` or
 ``niah_multikey_8192``. RULER QA has two metrics: ``ruler_squadqa_4096`` (the REFINE
 reference's first-line rule, the paper's) and ``ruler_squadqa_string_match_part_4096``
-(RULER's official); both get columns, and the table says which is which.
+(RULER's official); both get columns, and the table says which is which. A LongBench-E
+task's ``"<task>_e_by_length": {"0-4k": .., "4-8k": .., "8k+": ..}`` object gets its own
+table beside the task's overall ``<task>_e`` score.
 
     python -m refine_ray.eval.tables results/*.json --out table.md --plot plot.png
 """
@@ -21,16 +23,20 @@ from pathlib import Path
 
 from refine_ray.eval.metrics import PAPER_ABBREV, PAPER_TASKS
 
-__all__ = ["Result", "load_result", "longbench_table", "ruler_table", "render", "plot", "main"]
+__all__ = ["Result", "load_result", "longbench_table", "ruler_table", "longbench_e_table", "render", "plot",
+           "main"]
 
 _LENGTH_KEY = re.compile(r"^(?P<task>(?:ruler|niah)_[A-Za-z0-9_\-]+?)_(?P<length>\d+)$")
+E_BUCKETS = ("0-4k", "4-8k", "8k+")   # LongBench-E's scorer_e context-length buckets
 
 
 class Result:
-    """One run's scores: ``name`` and ``scores`` (task -> 0-100)."""
+    """One run's scores: ``name``, ``scores`` (task -> 0-100) and ``by_length``
+    (LongBench-E task -> bucket -> 0-100)."""
 
-    def __init__(self, name: str, scores: dict[str, float]) -> None:
-        self.name, self.scores = name, scores
+    def __init__(self, name: str, scores: dict[str, float],
+                 by_length: dict[str, dict[str, float]] | None = None) -> None:
+        self.name, self.scores, self.by_length = name, scores, by_length or {}
 
     def ruler(self) -> dict[tuple[str, int], float]:
         """(task, length) -> score for the ``<task>_<length>`` keys."""
@@ -54,12 +60,15 @@ def load_result(path: str | Path) -> Result:
     name = str(obj.get("run_name") or path.stem)
     raw = obj["scores"] if isinstance(obj.get("scores"), dict) else obj
     scores: dict[str, float] = {}
+    by_length: dict[str, dict[str, float]] = {}
     for key, val in raw.items():  # numbers are scores; anything else is metadata
         if key != "run_name" and isinstance(val, (int, float)) and not isinstance(val, bool):
             scores[key] = float(val)
+        elif key.endswith("_by_length") and isinstance(val, dict):
+            by_length[key.removesuffix("_by_length")] = {b: float(val[b]) for b in E_BUCKETS if b in val}
     if not scores:
         raise ValueError(f"{path.name}: no numeric task scores")
-    return Result(name, scores)
+    return Result(name, scores, by_length)
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -125,8 +134,24 @@ def ruler_table(results: Sequence[Result], digits: int = 1) -> str:
     return _md(header, rows)
 
 
+def longbench_e_table(results: Sequence[Result], digits: int = 1) -> str:
+    """LongBench-E tasks by context length (0-4k / 4-8k / 8k+) and overall; '' when none."""
+    tasks = sorted({t for r in results for t in r.by_length})
+    if not tasks:
+        return ""
+    header = ["Run", *(f"{t} {b}" for t in tasks for b in (*E_BUCKETS, "all"))]
+    rows = []
+    for r in results:
+        row = [r.name]
+        for t in tasks:
+            buckets = r.by_length.get(t, {})
+            row += [_fmt(buckets.get(b), digits) for b in E_BUCKETS] + [_fmt(r.scores.get(t), digits)]
+        rows.append(row)
+    return _md(header, rows)
+
+
 def render(results: Sequence[Result], digits: int = 1) -> str:
-    """Full markdown document: LongBench table and (if any) RULER table."""
+    """Full markdown document: LongBench table and (if any) RULER and LongBench-E tables."""
     parts = ["## LongBench (paper's 12 tasks)", "", longbench_table(results, digits)]
     if any(r.scores.get(t) is None for r in results for t in PAPER_TASKS):
         parts += ["", "`–` = missing; `*` = average over the tasks present only."]
@@ -137,6 +162,10 @@ def render(results: Sequence[Result], digits: int = 1) -> str:
             parts += ["", "RULER QA: `<task>` columns use the REFINE reference's first-line rule (the paper's "
                       "tables); `<task>_string_match_part` columns use RULER's official metric over the whole "
                       "response. See docs/evaluation.md."]
+    et = longbench_e_table(results, digits)
+    if et:
+        parts += ["", "## LongBench-E by context length", "", et, "",
+                  "Buckets as LongBench's `scorer_e` (row `length` < 4000, < 8000, else); `–` = no rows."]
     return "\n".join(parts) + "\n"
 
 

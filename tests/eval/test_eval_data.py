@@ -104,6 +104,14 @@ def test_bad_types_and_values(tmp_path: Path) -> None:
                                         "max_gen_tokens": [0], "task": ["qasper"]})
     with pytest.raises(DataError, match="bad 'max_gen_tokens'"):
         load_longbench(p)
+    # LongBench-E's optional context length must be an integer >= 0
+    lb = {"prompt": ["q", "r"], "answers": [["a"], ["b"]], "max_gen_tokens": [8, 8], "task": ["qasper_e"] * 2}
+    ok = load_longbench(_write(tmp_path / "ok.parquet", {**lb, "length": [0, 9000]}))
+    assert [r["length"] for r in ok] == [0, 9000]
+    for bad, row in (([10, -1], 1), ([10, None], 1), ([10.0, 5.0], 0)):
+        p = _write(tmp_path / "len.parquet", {**lb, "length": bad})
+        with pytest.raises(DataError, match=rf"^len.parquet: row {row} has a bad 'length' .*integer >= 0\)$"):
+            load_longbench(p)
 
 
 def test_unreadable_and_absent(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 from refine_ray.cli import main
 from refine_ray.eval.tables import load_result, render
 from refine_ray.data import truncate
-from refine_ray.eval.evaluate import EvalConfig, EvalSet, build_eval_model, gen_budget, stop_ids
+from refine_ray.eval.evaluate import EvalConfig, EvalSet, build_eval_model, gen_budget, score_set, stop_ids
+from refine_ray.eval.metrics import normalize_answer
 from refine_ray.eval.ttt import TestTimeTrainer
 
 TINY = ["--config", "configs/ttt_tiny_longbench.yaml", "--model", "tiny:delta_net", "--no-progress",
@@ -93,6 +94,41 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, case, needle):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_longbench_e_file_reports_length_buckets_beside_the_overall_score(tmp_path, capsys):
+    """A LongBench-E file (task qasper_e, a `length` column) gets scorer_e's 0-4k / 4-8k / 8k+ scores."""
+    prompts = [f"Passage {i}: the {w} sat on the mat. Question: who sat? Answer:"
+               for i, w in enumerate(["cat", "dog", "owl", "fox", "eel"])]
+    lengths = [120, 3999, 4000, 9000, 15000]       # buckets 0-4k, 0-4k, 4-8k, 8k+, 8k+ (upstream: < 4000, < 8000)
+
+    def run(answers, name):
+        data = _parquet(tmp_path / f"{name}.parquet", prompt=prompts, answers=answers, task=["qasper_e"] * 5,
+                        max_gen_tokens=[3] * 5, length=lengths)
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", *TINY, "--data", data, "--name", name, "--out", str(out)]) == 0
+        return out
+
+    # the greedy answers of the (deterministic) tiny model, then golds chosen so each row is a known hit or miss
+    preds = [p["prediction"] for p in _preds(run([["x"]] * 5, "probe"))]
+    assert all(normalize_answer(p) for p in preds), preds     # each has a token, so F1(p, p) = 1
+    hit = [True, False, True, True, False]
+    # "the" normalises to no tokens (articles are dropped): F1 = 0 whatever the prediction
+    out = run([[p] if h else ["the"] for p, h in zip(preds, hit)], "lbe")
+    obj = json.loads(out.read_text())
+    # 0-4k: rows 0 (hit), 1 (miss) -> 50; 4-8k: row 2 (hit) -> 100; 8k+: rows 3 (hit), 4 (miss) -> 50; all: 3/5
+    assert obj["qasper_e"] == 60.0
+    assert obj["qasper_e_by_length"] == {"0-4k": 50.0, "4-8k": 100.0, "8k+": 50.0}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("lbe: qasper_e=60.00 (avg 60.00;")
+    result = load_result(out)
+    assert result.by_length == {"qasper_e": {"0-4k": 50.0, "4-8k": 100.0, "8k+": 50.0}}
+    table = render([result])
+    assert "| Run | qasper_e 0-4k | qasper_e 4-8k | qasper_e 8k+ | qasper_e all |" in table
+    assert "| lbe | 50.0 | 100.0 | 50.0 | 60.0 |" in table
+    # without a length column (or for a LongBench task) there are no buckets
+    rows = [{"answers": ["a cat"], "prompt": "p"}]
+    assert score_set(EvalSet("qasper_e", "longbench", rows, "x"), ["a cat"]) == {"qasper_e": 100.0}
+    assert score_set(EvalSet("qasper", "longbench", [{**rows[0], "length": 10}], "x"), ["cat"]) == {"qasper": 100.0}
 
 
 def test_whitespace_prompt_is_one_line_error_before_any_work(tmp_path, capsys):
