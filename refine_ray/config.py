@@ -279,11 +279,17 @@ class EvalConfig:
     ruler_gen_tokens: int = 32
     niah_gen_tokens: int = 128            # RULER's NIAH tokens_to_generate (prompt + this fit the length)
     limit: Optional[int] = None           # first N rows of each file
+    backend: str = "native"               # 'native' (refine_ray's engine) | 'vllm' (no TTT; docs/vllm.md)
     ttt: TTTConfig = field(default_factory=TTTConfig)
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "max_prompt_tokens", "ruler_gen_tokens", "niah_gen_tokens")
+        if self.backend not in ("native", "vllm"):
+            raise ConfigError(f"{key}.backend: {self.backend!r} is not one of 'native', 'vllm'")
+        if self.backend == "vllm" and self.ttt.mode != "none":
+            raise ConfigError(f"{key}.backend: vllm answers without test-time training (its engine keeps its own "
+                              f"copy of the weights); use --ttt none or {key}.backend=native")
         for name in ("max_gen_tokens", "limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}: {getattr(self, name)} must be > 0")

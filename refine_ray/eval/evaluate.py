@@ -50,6 +50,9 @@ __all__ = ["EvalConfig", "EvalError", "EvalSet", "load_eval_sets", "build_eval_m
            "tokenize_sets", "run_eval", "write_json_atomic"]
 
 
+VLLM_BATCH = 64   # rows per vLLM generate call with eval.backend=vllm (answers saved after each)
+
+
 class EvalError(ValueError):
     """Bad evaluation input; the message is one line naming the file or option."""
 
@@ -234,15 +237,17 @@ def run_settings(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, mode
 
 
 def run_eval(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, sets: list[EvalSet], name: str,
-             out: Optional[Path] = None, show_progress: bool = True, model_id: Optional[str] = None) -> dict[str, Any]:
+             out: Optional[Path] = None, show_progress: bool = True, model_id: Optional[str] = None,
+             engine=None) -> dict[str, Any]:
     """Answer and score every set; returns (and writes to ``out``) the result dict.
 
     With ``out``, each answered batch is saved at once to ``<out>.predictions.jsonl`` (row,
     prediction, answers, 0-1 score) and a re-run with the same ``out`` resumes (see
-    ``refine_ray.eval.progress``). Raises EvalError (one line) on an empty prompt or a refused resume.
+    ``refine_ray.eval.progress``). With ``ecfg.backend == 'vllm'`` the answers come from vLLM
+    (:class:`refine_ray.serving.vllm_generate.VLLMGreedy`: the same greedy/stop rules, no TTT);
+    ``engine``: a started VLLMGreedy of this model to reuse (left open), else one is started and closed.
+    Raises EvalError (one line) on an empty prompt, a refused resume, or vLLM missing / not serving the model.
     """
-    from tqdm import tqdm
-
     t0 = time.time()
     prompts = tokenize_sets(sets, tokenizer, ecfg)
     log = PredictionLog(out, run_settings(model, tokenizer, cfg, ecfg, model_id), EvalError) if out else None
@@ -250,6 +255,36 @@ def run_eval(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, sets: li
         raise EvalError(f"{log.path.name}: cannot resume a run with eval.ttt.accumulate=true (its weights depend "
                         f"on every earlier row); use another --out")
     trainer = TestTimeTrainer(model, cfg, ecfg.ttt, tokenizer)
+    own = ecfg.backend == "vllm" and engine is None
+    if own:
+        engine = _vllm_engine(model, sets, prompts, ecfg)
+    try:
+        return _answer_sets(model, tokenizer, ecfg, sets, name, out, show_progress, prompts, log, trainer,
+                            engine if ecfg.backend == "vllm" else None, t0)
+    finally:
+        if own:
+            engine.close()
+
+
+def _vllm_engine(model, sets: list[EvalSet], prompts, ecfg: EvalConfig):
+    """eval.backend=vllm: a VLLMGreedy whose context holds the longest prompt + answer; one-line EvalError
+    when vLLM is missing or does not serve the model type."""
+    longest = max((len(t) for toks, _ in prompts for t in toks), default=1)
+    budget = max((gen_budget(s, row, ecfg) for s in sets for row in s.rows), default=1)
+    try:
+        from refine_ray.serving.vllm_generate import VLLMGreedy
+
+        return VLLMGreedy(model, longest + budget)
+    except (ImportError, ValueError) as e:
+        raise EvalError(str(e).splitlines()[0]) from None
+
+
+def _answer_sets(model, tokenizer, ecfg: EvalConfig, sets, name, out, show_progress, prompts, log, trainer,
+                 engine, t0) -> dict[str, Any]:
+    """run_eval's loop: answer each set's rows (TTT + native generation, or the vLLM ``engine``), log, score."""
+    from tqdm import tqdm
+
+    answer = engine.answer if engine is not None else trainer.answer
     result: dict[str, Any] = {"run_name": name}
     per_set, resumed = {}, 0
     total = sum(len(s.rows) for s in sets)
@@ -267,9 +302,10 @@ def run_eval(model, tokenizer, cfg: ExperimentConfig, ecfg: EvalConfig, sets: li
             budgets = [gen_budget(s, row, ecfg) for row in s.rows]
             stop, min_new = stop_ids(s, model, tokenizer)
             bar.set_postfix(task=s.key)
-            for b in range(0, len(todo), ecfg.ttt.batch_size):   # one TTT batch at a time, saved at once
-                idx = todo[b:b + ecfg.ttt.batch_size]
-                outs = trainer.answer([toks[i] for i in idx], [budgets[i] for i in idx], eos_token_id=stop,
+            step = ecfg.ttt.batch_size if engine is None else VLLM_BATCH
+            for b in range(0, len(todo), step):   # one TTT (or vLLM) batch at a time, saved at once
+                idx = todo[b:b + step]
+                outs = answer([toks[i] for i in idx], [budgets[i] for i in idx], eos_token_id=stop,
                                       progress=bar, min_new_tokens=min_new)
                 for i, o in zip(idx, outs):
                     row = s.rows[i]
