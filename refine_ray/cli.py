@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(raise train.steps to continue, or train.overwrite=true to start over)")
             return 0
         last = history[-1]
-        print(f"done: {len(history)} steps, loss {last['loss']:.4f}, reward {last['reward/mean']:.4f}, "
+        print(f"done: {len(history)} steps, loss {last['loss']:.4f}, reward {last['train_cuts/reward_mean']:.4f}, "
               f"weights v{int(last['version'])}; outputs in {cfg.train.output_dir}")
     return 0
 

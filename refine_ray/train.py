@@ -57,7 +57,7 @@ def _train(cfg: ExperimentConfig, controller, logger) -> list[dict]:
             history.append(metrics)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
                 logger.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics['reward/mean']:.3f}",
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics['train_cuts/reward_mean']:.3f}",
                             v=int(metrics["version"]))
             last = step == cfg.train.steps - 1
             if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):

@@ -15,6 +15,7 @@ import torch
 from refine_ray.system.batches import DocBatch, ScoredBatch
 from refine_ray.config import DataConfig, ModelConfig, RefineConfig, TokenizerConfig
 from refine_ray.data import Corpus, load_tokenizer
+from refine_ray.refine.heldout import evaluate_fixed_cuts
 from refine_ray.refine.seeding import cut_seed
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.scoring import score_document
@@ -33,6 +34,7 @@ class ScorerRole(VersionedWeights):
         tok = load_tokenizer(tokenizer.path)
         self.corpus = Corpus(data, tok)
         self.model = build_policy(model, len(tok), self.device).eval()
+        self.model_cfg, self.vocab_size, self.reference = model, len(tok), None
 
     def lengths(self) -> np.ndarray:
         """Token count per corpus row, ``[rows]`` int64 (after truncation to data.max_length)."""
@@ -47,6 +49,16 @@ class ScorerRole(VersionedWeights):
         if self.data.answer_column is not None:
             scored.answers = DocBatch.from_lists(rows, [d.answer_ids for d in docs])
         return scored
+
+    def heldout_nsp(self, docs: DocBatch, num_cuts: int) -> dict[str, float]:
+        """Fixed-cut next-sequence metrics ``val/*`` of the current weights on held-out ``docs``
+        (:func:`refine_ray.refine.heldout.evaluate_fixed_cuts`, ``num_cuts`` = ``train.val_cuts``),
+        with the frozen reference (the initial weights, built on first use) for ``val/nsp_cosine_frozen``."""
+        if self.reference is None:
+            self.reference = build_policy(self.model_cfg, self.vocab_size, self.device).eval()
+        ids = [torch.from_numpy(docs.doc(i)).to(self.device) for i in range(len(docs))]
+        return evaluate_fixed_cuts(self.model, ids, self.refine, seed=self.run_seed, num_cuts=num_cuts,
+                                   reference=self.reference, with_ntp=False)   # the learner has val/ntp_loss
 
     def score(self, docs: DocBatch, step: int) -> ScoredBatch:
         """Score documents with the current weights and choose their cuts (REFINE steps 1-2).

@@ -91,7 +91,7 @@ class TestTimeTrainer:
         m["ttt/loss_sum"] += last.get("loss", 0.0)
         if mode == "refine":
             m["ttt/ntp_fallback_prompts"] += last.get("ntp_only_docs", 0.0)
-            m["ttt/reward_sum"] += last.get("reward/mean", 0.0)
+            m["ttt/reward_sum"] += last.get("train_cuts/reward_mean", 0.0)
             m["ttt/refine_batches"] += 1.0 if last.get("refine_docs", 0.0) > 0 else 0.0
         return last
 

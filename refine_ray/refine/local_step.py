@@ -61,7 +61,7 @@ class Experience:
     responses: torch.Tensor           # [D*n*G, k] long
     old_logprobs: torch.Tensor        # [D*n*G, k] float32 behaviour log-probs
     advantages: torch.Tensor          # [D*n*G] float32
-    metrics: dict[str, float]         # reward/*, adv/abs_mean, cut_entropy, collapse/*
+    metrics: dict[str, float]         # train_cuts/*, adv/abs_mean, cut_entropy, collapse/*
 
 
 class LocalRefineStep:

@@ -122,10 +122,13 @@ class SequenceRewarder:
 
 
 def reward_metrics(rewards) -> dict[str, float]:
-    """``reward/mean``, ``reward/std`` and ``reward/<component>_mean`` of a :class:`Rewards`
-    or a transport ``RewardBatch`` (anything with ``rewards`` and ``components`` arrays)."""
+    """``train_cuts/reward_mean``, ``train_cuts/reward_std`` and ``train_cuts/<component>_mean`` of
+    a :class:`Rewards` or a transport ``RewardBatch`` (anything with ``rewards`` and ``components``
+    arrays). Named for where they are measured: the step's entropy-selected cuts, which move to
+    wherever the policy is still uncertain, so they are not comparable from step to step; the
+    step-comparable signal is the fixed-cut evaluation (``val/nsp_*``, refine_ray.refine.heldout)."""
     values = np.asarray(rewards.rewards, dtype=np.float64)
-    out = {"reward/mean": float(values.mean()), "reward/std": float(values.std())}
+    out = {"train_cuts/reward_mean": float(values.mean()), "train_cuts/reward_std": float(values.std())}
     for name, comp in rewards.components.items():
-        out[f"reward/{name}_mean"] = float(np.asarray(comp, dtype=np.float64).mean())
+        out[f"train_cuts/{name}_mean"] = float(np.asarray(comp, dtype=np.float64).mean())
     return out

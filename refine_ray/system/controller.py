@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError, RayError
 from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ExperimentConfig, to_dict
 from refine_ray.data import DataCursor
+from refine_ray.refine.collapse import step_collapse_metrics
 from refine_ray.refine.rewarding import reward_metrics
 from refine_ray.refine.scoring import min_document_tokens
 from refine_ray.system import checkpoint as ckpt
@@ -169,7 +170,9 @@ class RefineController:
 
     def heldout_loss(self) -> dict[str, float]:
         """Held-out NTP loss (nats per token) and perplexity of the current learner weights on the
-        first ``train.val_docs`` documents of ``train.val_path`` (text only)."""
+        first ``train.val_docs`` documents of ``train.val_path`` (text only), and the fixed-cut
+        next-sequence metrics of the published weights on them (``val/nsp_*``, collapse indicators;
+        one scorer actor, refine_ray.refine.heldout): the step-comparable learning signal."""
         if self.heldout_docs is None:
             from refine_ray.data import Corpus, load_tokenizer
 
@@ -180,8 +183,11 @@ class RefineController:
             self.heldout_docs = DocBatch.from_lists([d.doc_id for d in docs], [d.ids for d in docs])
         shards = document_shards(len(self.heldout_docs), len(self.learners))
         parts = self.learners.call_all("validation_nll", per_actor=[(self.heldout_docs.select(s),) for s in shards])
+        nsp = self.groups["scorer"][0].heldout_nsp.remote(self.heldout_docs, self.cfg.train.val_cuts)
         loss = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
-        return {"val/ntp_loss": loss, "val/perplexity": float(np.exp(min(loss, 50.0)))}
+        out = ray.get(nsp)
+        out.update({"val/ntp_loss": loss, "val/perplexity": float(np.exp(min(loss, 50.0)))})
+        return out
 
     # ------------------------------------------------------------ helpers of the step
     def _launch(self, step: int) -> Generation:
@@ -202,10 +208,13 @@ class RefineController:
             metrics.update(self.heldout_loss())
         metrics["time/learner_compute_s"] = max(m["time/learner_compute_s"] for m in per_rank)  # slowest rank
         metrics.update(reward_metrics(exp.rewards))
+        metrics.update(step_collapse_metrics(torch.from_numpy(exp.scored.gt_hidden),
+                                             torch.from_numpy(exp.scored.cut_entropy),
+                                             torch.from_numpy(exp.rollout.tokens)))   # cut_entropy + collapse/*
         step_s = t["end"] - t["start"]
         metrics.update({
             "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(np.abs(adv).mean()),
-            "cut_entropy": float(exp.scored.cut_entropy.mean()), "staleness": float(staleness),
+            "staleness": float(staleness),
             "stale_regenerated": float(regenerated), "docs_skipped_total": float(self.cursor.skipped),
             "actor_failures_total": float(self.failures), "rollout_actors": float(len(self.groups["rollout"])),
             "version": float(self.version), "samples": float(len(exp.rollout.tokens)),
@@ -239,7 +248,8 @@ class RefineController:
             "rollout": ActorGroup("rollout", RolloutRole,
                                   lambda i: (c.model, c.data, c.refine, c.rollout, vocab_size, seed, i),
                                   lambda i: opts("rollout", min(i, c.rollout.num_actors - 1)), c.rollout.num_actors),
-            "reward": ActorGroup("reward", RewardRole, lambda i: (c.refine, c.tokenizer, c.reward, seed, i),
+            "reward": ActorGroup("reward", RewardRole,
+                                 lambda i: (c.refine, c.tokenizer, c.reward, seed, i, c.model, vocab_size),
                                  lambda i: opts("reward", i), c.reward.num_actors),
         }
         if c.reference.enabled:

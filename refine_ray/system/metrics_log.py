@@ -52,14 +52,17 @@ class MetricsLogger:
             self.plot(self.dir / "summary.png")
 
     def plot(self, path: Path) -> None:
-        """One panel per headline metric present (loss terms, mean reward, cut entropy, held-out
-        loss, step seconds) against the step, saved as a PNG at ``path``."""
+        """One panel per headline metric present (loss terms, training-cut reward, cut entropy,
+        unrelated-position hidden cosine, held-out loss, fixed-cut greedy exact match and frozen
+        cosine, step seconds) against the step, saved as a PNG at ``path``."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [k for k in ("loss", "ntp_loss", "pg_loss", "reward/mean", "cut_entropy", "val/ntp_loss", "time/step_s")
+        panels = [k for k in ("loss", "ntp_loss", "pg_loss", "train_cuts/reward_mean", "cut_entropy",
+                              "collapse/hidden_pair_cosine", "val/ntp_loss", "val/nsp_exact_greedy",
+                              "val/nsp_cosine_frozen", "time/step_s")
                   if any(k in row for row in self.history)]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
         for ax, key in zip(axes[0], panels):

@@ -17,7 +17,7 @@ import math
 import re
 from typing import Mapping, Optional
 
-HEADLINE = ("loss", "ntp_loss", "pg_loss", "reward/mean", "cut_entropy", "kl", "clipfrac",
+HEADLINE = ("loss", "ntp_loss", "pg_loss", "train_cuts/reward_mean", "cut_entropy", "kl", "clipfrac",
             "grad_norm", "lr", "staleness", "tokens_per_s", "time/step_s")
 PREFIX = "refine_"
 _BAD = re.compile(r"[^a-zA-Z0-9_]+")

@@ -50,7 +50,7 @@ def test_local_step_moves_weights_with_finite_metrics(tokenizer, prompts, kind, 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     m = step.step(prompts)
     assert m["refine_docs"] == 2 and m["ntp_only_docs"] == 0 and m["stepped"] == 1
-    for name in ("loss", "ntp_loss", "pg_loss", "grad_norm", "reward/mean", "reward/cosine_mean", "reward/exact_mean"):
+    for name in ("loss", "ntp_loss", "pg_loss", "grad_norm", "train_cuts/reward_mean", "train_cuts/cosine_mean", "train_cuts/exact_mean"):
         assert torch.isfinite(torch.tensor(m[name])), name
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 

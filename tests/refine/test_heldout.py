@@ -114,6 +114,6 @@ def test_local_step_frozen_reward_reads_the_initial_weights(setup):
     rows = [reference_hidden(initial, docs[i], exp.cuts[i], exp.responses[i * 2 * G:(i + 1) * 2 * G], G)
             for i in range(3)]
     want = cosine_reward(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).repeat_interleave(G, 0))
-    assert exp.metrics["reward/mean"] == pytest.approx(float(want.mean()), abs=1e-6)
+    assert exp.metrics["train_cuts/reward_mean"] == pytest.approx(float(want.mean()), abs=1e-6)
     assert 0 < metrics["collapse/distinct_token_frac"] <= 1 and metrics["cut_entropy"] > 0
     assert -1 <= metrics["collapse/hidden_pair_cosine"] <= 1

@@ -53,7 +53,7 @@ def test_resume_continues_exactly(cluster, tmp_path, vocab, mode):
     first = _run(_cfg(tmp_path / "split", f"system.mode={mode}"), vocab, 2, save_at=2)
     assert ckpt.latest_checkpoint(tmp_path / "split").name == "step_000002"
     resumed = _run(_cfg(tmp_path / "split", f"system.mode={mode}"), vocab, 2)
-    for key in ("loss", "ntp_loss", "pg_loss", "kl", "reward/mean", "version"):
+    for key in ("loss", "ntp_loss", "pg_loss", "kl", "train_cuts/reward_mean", "version"):
         np.testing.assert_allclose([m[key] for m in first + resumed], [m[key] for m in full],
                                    rtol=1e-6, atol=1e-7, err_msg=key)
 
@@ -94,7 +94,7 @@ def test_actor_killed_mid_step_loses_nothing(cluster, tmp_path, vocab, role):
         exp = controller.last_experience
         assert metrics["actor_failures_total"] >= 1
         assert exp.rollout.tokens.shape[0] == cfg.data.batch_size * cfg.refine.n_chunks * cfg.refine.samples_per_prefix
-        for key in ("loss", "reward/mean", "samples"):
+        for key in ("loss", "train_cuts/reward_mean", "samples"):
             np.testing.assert_allclose(metrics[key], reference[0][key], rtol=1e-6, err_msg=key)
         metrics = controller.step()          # the replacement serves the next step with the new weights
         assert np.isfinite(metrics["loss"]) and metrics["staleness"] == 0

@@ -58,11 +58,11 @@ def test_values_reach_prometheus_endpoint(local_ray):
     assert port and ray.nodes()[0]["MetricsExportPort"] == port
     run = f"t{uuid.uuid4().hex[:8]}"
     exporter = RayMetricsExporter(run)
-    step = {"loss": 2.5, "reward/mean": 0.625, "time/step_s": 1.75, "samples": 16.0,
+    step = {"loss": 2.5, "train_cuts/reward_mean": 0.625, "time/step_s": 1.75, "samples": 16.0,
             "unknown/key": 9.0, "version": 3.0, "kl": float("nan")}
-    assert exporter.record(step) == 3          # loss, reward/mean, time/step_s; nan and unknown ignored
+    assert exporter.record(step) == 3          # loss, train_cuts/reward_mean, time/step_s; nan and unknown ignored
     assert exporter.record({"loss": 2.0, "samples": 16.0}) == 1
-    want = {"ray_refine_loss": 2.0, "ray_refine_reward_mean": 0.625, "ray_refine_time_step_s": 1.75,
+    want = {"ray_refine_loss": 2.0, "ray_refine_train_cuts_reward_mean": 0.625, "ray_refine_time_step_s": 1.75,
             "ray_refine_steps_total": 2.0, "ray_refine_samples_total": 32.0}
     got: dict = {}
     deadline = time.monotonic() + 40

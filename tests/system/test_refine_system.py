@@ -67,6 +67,9 @@ def test_refine_steps_through_all_roles(cluster, tmp_path, mode):
         # held-out NTP loss after steps 2 (not 1, 3): a random tiny model is near log(vocab)
         assert ["val/ntp_loss" in h for h in history] == [False, True, False]
         assert 5.0 < history[1]["val/ntp_loss"] < 12.0 and np.isfinite(history[1]["val/perplexity"])
+        # beside it, the fixed-cut next-sequence evaluation (issue 15); every step: the collapse indicators
+        assert 0 <= history[1]["val/nsp_exact_greedy"] <= 1 and -1 <= history[1]["val/nsp_cosine_frozen"] <= 1
+        assert all("collapse/hidden_pair_cosine" in h and "train_cuts/reward_mean" in h for h in history)
     finally:
         controller.shutdown()
 
@@ -96,7 +99,7 @@ def test_prefix_shared_refine_on_other_models(cluster, tmp_path, model_type):
         history = [controller.step(), controller.step()]
         _check_experience(controller, cfg, 1)
         assert all(np.isfinite(h["loss"]) for h in history)
-        assert history[-1]["reward/exact_mean"] >= 0 and "reward/cosine_mean" in history[-1]
+        assert history[-1]["train_cuts/exact_mean"] >= 0 and "train_cuts/cosine_mean" in history[-1]
     finally:
         controller.shutdown()
 
