@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from refine_ray.models.registry import VLLM_TYPES, family
+
 
 def _batch(prefix: int, cuts: int, k: int, vocab: int, step: int):
     from refine_ray.system.batches import DocBatch, ScoredBatch
@@ -46,7 +48,8 @@ def _time(engine, prefix, cuts, k, vocab) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-type", default="gated_deltanet", choices=["gated_deltanet", "delta_net"])
+    served = [t for t in VLLM_TYPES if family(t).fast_weight]      # the plugin's delta-rule families
+    p.add_argument("--model-type", default="gated_deltanet", choices=served)
     p.add_argument("--prefix", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--cuts", type=int, default=8)
     p.add_argument("--k", type=int, default=5)

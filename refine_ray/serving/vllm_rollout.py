@@ -127,7 +127,7 @@ class VLLMRollout:
     def _cache_kwargs(model_type: str) -> dict:
         """Delta-rule models on CPU: KV blocks of 32 tokens (vLLM's CPU default is 128), so a
         prefix reuses the cached state at its last multiple of 32 (align mode keeps one state per block)."""
-        if model_type in ("delta_net", "gated_deltanet") and not torch.cuda.is_available():
+        if family(model_type).fast_weight and not torch.cuda.is_available():
             # a budget that holds a <= 1-block tail for every running request (see _wave_size)
             return {"block_size": 32, "max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_SEQS * 32}
         return {}
