@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from refine_ray.models.registry import VLLM_TYPES
-from refine_ray.serving.vllm_rollout import import_vllm
+from refine_ray.serving.vllm_rollout import import_vllm, shutdown_engine
 
 
 class VLLMGreedy:
@@ -81,10 +81,7 @@ class VLLMGreedy:
 
     def close(self) -> None:
         """Shut the engine down and remove the private model dir."""
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+        if getattr(self, "llm", None) is not None:
+            shutdown_engine(self.llm)
             self.llm = None
         self._cleanup()

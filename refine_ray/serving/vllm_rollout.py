@@ -85,6 +85,13 @@ def _engine_dtype(cfg) -> torch.dtype:
     return compute_dtype(cfg.model.dtype)
 
 
+
+def shutdown_engine(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core (its worker processes) now, not at garbage collection."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
 class VLLMRollout:
     """RolloutEngine on vllm.LLM: ``generate(ScoredBatch, version)``, ``load_weights(dict)``."""
 
@@ -227,11 +234,8 @@ class VLLMRollout:
 
     def close(self) -> None:
         """Shut the engine down and remove the private model dir."""
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if shutdown is not None and hasattr(shutdown, "shutdown"):
-                shutdown.shutdown()
+        if getattr(self, "llm", None) is not None:
+            shutdown_engine(self.llm)
             self.llm = None
         if self._own_dir:
             self._cleanup()

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from reencode_reference import reencode_logprobs
 
 vllm = pytest.importorskip("vllm", reason="vLLM not installed: bash scripts/setup_vllm.sh, then run with .venv-vllm")
 
@@ -45,19 +46,7 @@ def _batch(step: int = 0) -> ScoredBatch:
 
 
 def _reference_logprobs(model, batch: ScoredBatch, tokens: np.ndarray, temperature: float) -> np.ndarray:
-    """Re-encode prefix + continuation with our model: log_softmax(logits / T) of each sampled token."""
-    out, row = np.zeros(tokens.shape, np.float32), 0
-    with torch.no_grad():
-        for d in range(len(batch.docs)):
-            for c in batch.cuts[d].tolist():
-                prefix = torch.from_numpy(batch.docs.doc(d)[:c].astype(np.int64))
-                resp = torch.from_numpy(tokens[row:row + G])
-                seq = torch.cat([prefix.expand(G, -1), resp], 1)
-                logits = model.forward_segment(seq).logits[:, c - 1:c + K - 1].float()
-                lp = torch.log_softmax(logits / temperature, -1).gather(-1, resp[..., None])[..., 0]
-                out[row:row + G] = lp.numpy()
-                row += G
-    return out
+    return reencode_logprobs(model, batch, tokens, G, K, temperature)
 
 
 @pytest.fixture(scope="module")

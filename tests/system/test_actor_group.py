@@ -43,7 +43,8 @@ def _experience(cfg, vocab: int, rollout_actors: int, rows: list[int]):
         "scorer": ActorGroup("scorer", ScorerRole, lambda i: (c.model, c.tokenizer, c.data, c.refine, seed, i), cpu, 1),
         "rollout": ActorGroup("rollout", RolloutRole, lambda i: (c.model, c.data, c.refine, c.rollout, vocab, seed, i),
                               cpu, rollout_actors),
-        "reward": ActorGroup("reward", RewardRole, lambda i: (c.refine, c.tokenizer, c.reward, seed, i), cpu, 1),
+        "reward": ActorGroup("reward", RewardRole, lambda i: (c.refine, c.tokenizer, c.reward, seed, i, c.model, vocab),
+                             cpu, 1),
     }
     try:
         for g in groups.values():
