@@ -114,6 +114,8 @@ def _export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``refine-ray train|eval|export``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
+    problem, one line on stderr; 3 a learner rank failed). ``argv`` defaults to ``sys.argv[1:]``."""
     import warnings
 
     # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path, and errors stay one line

@@ -175,6 +175,7 @@ def _parquet_rows(files: list[str]) -> int:
 
 @dataclass
 class Document:
+    """One corpus row, tokenised: ``ids [L]`` int64 without padding (truncated to ``data.max_length``)."""
     doc_id: int                 # row index in the corpus: stable across resumes
     ids: np.ndarray             # int64 token ids, no padding
     answer: object = None
@@ -221,6 +222,8 @@ class Corpus:
         return len(self.texts)
 
     def document(self, row: int) -> Document:
+        """Row ``row`` tokenised without special tokens and truncated by ``data.truncation``; with
+        ``data.answer_column``, also its first answer's tokens. Raises IndexError for a row out of range."""
         ids = truncate(self.tokenizer(self.texts[row], add_special_tokens=False, verbose=False)["input_ids"],
                        self.cfg.max_length, self.cfg.truncation)
         answer = self.answers[row]
@@ -262,6 +265,8 @@ class DataCursor:
         return np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
 
     def next_rows(self, size: int) -> list[int]:
+        """The next ``size`` corpus rows in epoch order, skipping (and counting in ``skipped``) rows shorter
+        than ``min_tokens``; a new epoch reshuffles with ``seed + epoch``."""
         rows: list[int] = []
         while len(rows) < size:
             if self.position >= len(self._order):
@@ -276,8 +281,10 @@ class DataCursor:
         return rows
 
     def state_dict(self) -> dict:
+        """The position (epoch, position in it, rows skipped so far) a checkpoint keeps."""
         return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at a :meth:`state_dict` position (the epoch's order is recomputed from the seed)."""
         self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
         self._order = self._permutation()

@@ -64,6 +64,7 @@ class PreflightError(ValueError):
 
 @dataclass
 class PreflightReport:
+    """What preflight learned and the run reuses: the tokenizer, its size, corpus lengths, the checkpoint to resume."""
     tokenizer: object
     vocab_size: int             # len(tokenizer)
     rows: int                   # documents in the corpus
@@ -223,6 +224,8 @@ def check_weights(d: Path, model_type: str) -> None:
 
 
 def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> None:
+    """The model section builds (random model) or ``model.path`` is a loadable checkpoint of a registry type
+    whose vocabulary covers the tokenizer's. Raises ConfigError with one line naming the field or file."""
     m = cfg.model
     if m.path is None:
         try:

@@ -59,6 +59,7 @@ class EvalError(ValueError):
 
 @dataclass
 class EvalSet:
+    """One evaluation set: its result key, its kind and its rows (prompt, answers, budgets)."""
     key: str                   # result key: LongBench task, or <task>_<length>
     kind: str                  # 'longbench' | 'ruler' | 'niah'
     rows: list[dict[str, Any]]
@@ -118,6 +119,9 @@ class _NoSpecial:
 
 
 def gen_budget(s: EvalSet, row: dict, cfg: EvalConfig) -> int:
+    """Tokens to generate for ``row``: LongBench's per-task budget (upstream ``dataset2maxlen``, capped
+    by ``eval.max_gen_tokens`` when set); ``eval.ruler_gen_tokens`` for RULER QA and
+    ``eval.niah_gen_tokens`` for NIAH."""
     if s.kind == "longbench":
         n = M.max_gen_tokens(row)
         return min(n, cfg.max_gen_tokens) if cfg.max_gen_tokens else n
@@ -204,6 +208,7 @@ def stop_ids(s: EvalSet, model, tok) -> tuple[Optional[list[int]], int]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename)."""
     write_atomic(path, json.dumps(obj, indent=2))
 
 
@@ -331,6 +336,7 @@ def _answer_sets(model, tokenizer, ecfg: EvalConfig, sets, name, out, show_progr
 
 
 def summary_line(result: dict[str, Any], out: Optional[Path]) -> str:
+    """The one line ``eval`` prints: every numeric score of ``result`` (0-100), the mean, and where it was written."""
     scores = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     meta = result["meta"]
     parts = [f"{k}={v:.2f}" for k, v in scores.items()]

@@ -37,6 +37,7 @@ __all__ = [
 
 
 class Tokenizer(Protocol):
+    """What NIAH generation needs of a tokenizer: ``encode(text) -> token ids`` (to size haystacks in tokens)."""
     def encode(self, text: str) -> Sequence[int]: ...
 
 

@@ -33,6 +33,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def prompt_hash(prompt: str) -> str:
+    """A short stable fingerprint of a prompt (16 hex chars of SHA-1): a resumed run checks its rows are the same."""
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
@@ -84,9 +85,11 @@ class PredictionLog:
         return rec
 
     def add(self, rec: dict[str, Any]) -> None:
+        """Record one answered row (keyed by set and row; a row answered again replaces the old record)."""
         self.records[(rec["set"], int(rec["row"]))] = rec
 
     def save(self) -> None:
+        """Write the settings (once) and all records atomically, so a crash never leaves a partial file."""
         if not self.settings_path.is_file():
             write_atomic(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()))

@@ -213,6 +213,10 @@ class VLLMRollout:
                             hidden=None, samples_per_prefix=G)
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Weight-sync receiver: write ``weights`` (``{name: float32 ndarray}``, parameters + persistent buffers,
+        as the object-store backend sends them) over the served safetensors atomically, reload them in place
+        (``collective_rpc('reload_weights')``) and reset the prefix cache (its states came from the old
+        weights). Raises KeyError naming missing parameters."""
         from safetensors.torch import save_file
 
         missing = [n for n in self.param_names if n not in weights]
