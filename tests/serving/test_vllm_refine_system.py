@@ -21,7 +21,7 @@ from refine_ray.system.controller import RefineController  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False,
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"REFINE_VLLM_MEM": os.environ.get("REFINE_VLLM_MEM", "0.2")}})
     yield
     ray.shutdown()

@@ -119,7 +119,7 @@ def test_rollout_role_actor_with_vllm_backend(tmp_path):
     cfg.rollout.backend = "vllm"
     vocab = len(load_tokenizer(cfg.tokenizer.path))
     batch = _batch()
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
              runtime_env={"env_vars": {"REFINE_VLLM_MEM": os.environ.get("REFINE_VLLM_MEM", "0.2")}})
     try:
         actor = ray.remote(num_cpus=1, num_gpus=1)(RolloutRole).remote(cfg)

@@ -29,7 +29,7 @@ def vocab():
 
 @pytest.fixture
 def cluster():
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

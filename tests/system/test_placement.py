@@ -53,7 +53,7 @@ def test_cpu_shortfall_is_caught_before_ray_starts(placement):
 
 @pytest.fixture
 def ray_cluster():
-    ray.init(num_cpus=4, num_gpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=3, include_dashboard=False)
     yield
     ray.shutdown()
 

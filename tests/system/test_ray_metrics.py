@@ -33,7 +33,7 @@ def test_needs_ray_init():
 @pytest.fixture(scope="module")
 def local_ray():
     tmp = tempfile.mkdtemp(prefix="rrm_", dir="/tmp")
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     try:
         yield ray._private.worker.global_worker.node.metrics_export_port
     finally:

@@ -32,7 +32,7 @@ def _check_experience(controller, cfg, expected_version):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
