@@ -144,9 +144,7 @@ class LearnerConfig:
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "num_ranks", "collective_timeout_s")
-        if self.gpus_per_rank < 0 or self.cpus_per_rank < 0:
-            raise ConfigError(f"{key}: gpus_per_rank and cpus_per_rank must be >= 0")
-        _custom_resources(self.resources, f"{key}.resources")
+        _check_resources(self, key, "gpus_per_rank", "cpus_per_rank")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{key}.zero_stage: {self.zero_stage} must be 0, 1, 2 or 3")
 
@@ -162,9 +160,7 @@ class RoleConfig:
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "num_actors")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
-            raise ConfigError(f"{key}: gpus_per_actor and cpus_per_actor must be >= 0")
-        _custom_resources(self.resources, f"{key}.resources")
+        _check_resources(self, key, "gpus_per_actor", "cpus_per_actor")
 
 
 @dataclass
@@ -338,9 +334,14 @@ def _positive(section: Any, key: str, *names: str) -> None:
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
-def _custom_resources(resources: dict[str, float], key: str) -> None:
-    for name, amount in resources.items():
+def _check_resources(section: Any, key: str, gpus: str, cpus: str) -> None:
+    """A learner rank's or role actor's resources: GPU and CPU shares ``>= 0`` and valid custom
+    resources (``<key>.resources``). Raises ConfigError naming the fields."""
+    if getattr(section, gpus) < 0 or getattr(section, cpus) < 0:
+        raise ConfigError(f"{key}: {gpus} and {cpus} must be >= 0")
+    for name, amount in section.resources.items():
+        key_r = f"{key}.resources"
         if not name or name in _BUILTIN_RESOURCES:
-            raise ConfigError(f"{key}: {name!r} is not a custom resource name (CPUs and GPUs have their own fields)")
+            raise ConfigError(f"{key_r}: {name!r} is not a custom resource name (CPUs and GPUs have their own fields)")
         if amount < 0:
-            raise ConfigError(f"{key}.{name}: {amount:g} must be >= 0")
+            raise ConfigError(f"{key_r}.{name}: {amount:g} must be >= 0")
