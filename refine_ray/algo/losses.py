@@ -165,8 +165,12 @@ def ntp_loss_from_hidden(
     chunk_size: int = 1024,
     lm_head_bias: Optional[torch.Tensor] = None,
     min_calls: int = 0,
+    targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`ntp_loss` of ``hidden @ lm_head_weight.T`` without materialising ``[T, V]``.
+
+    ``targets``: ``[B, T]`` bool, token t counts as a target only where it is True (e.g. a loss
+    on the answers only, as the Zoology recall benchmarks train); None: every real token.
 
     ``lm_head_weight`` may also be the LM head module itself: it is then called rather
     than its weight read, which ZeRO-3 needs (it gathers partitioned weights in module hooks).
@@ -184,6 +188,8 @@ def ntp_loss_from_hidden(
     if mask is None:
         mask = torch.ones_like(ids)
     valid = _ntp_valid(mask)
+    if targets is not None:
+        valid = valid & targets[:, 1:].bool()
     h = hidden[:, :-1][valid]  # [M, D]
     y = ids[:, 1:][valid].long()
     n = h.shape[0]

@@ -98,8 +98,13 @@ class LocalRefineStep:
         """Key the following steps' cuts and samples by ``seed``, the step counter back at 0."""
         self.seed, self.step_index = seed, 0
 
-    def step(self, docs: Sequence[torch.Tensor], mode: Mode = "refine") -> dict[str, float]:
+    def step(self, docs: Sequence[torch.Tensor], mode: Mode = "refine",
+             ntp_targets: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
         """Collect rollouts for ``docs`` (1-D long token ids) and make one optimizer step.
+
+        ``ntp_targets``: per document an ``[L]`` bool mask of the tokens its NTP loss counts
+        (e.g. answers only); None: every token but the first. Raises ValueError when a mask's
+        length is not its document's.
 
         Returns ``loss``, ``ntp_loss`` (means over usable documents), ``pg_loss``,
         ``clipfrac``, ``clipfrac_lower``, ``approx_kl`` (means over REFINE documents),
@@ -110,6 +115,10 @@ class LocalRefineStep:
         if mode not in ("refine", "ntp"):
             raise ValueError(f"mode must be 'refine' or 'ntp', got {mode!r}")
         docs = [d.to(self.device).long() for d in docs]
+        if ntp_targets is not None:
+            if len(ntp_targets) != len(docs) or any(t.shape != d.shape for t, d in zip(ntp_targets, docs)):
+                raise ValueError("ntp_targets: one [L] bool mask per document, of its length, expected")
+            targets = [t.to(self.device).bool() for t, d in zip(ntp_targets, docs) if d.numel() >= 2]
         usable = [d for d in docs if d.numel() >= 2]
         if not usable:
             self.step_index += 1
@@ -117,7 +126,7 @@ class LocalRefineStep:
                     "ntp_only_docs": 0.0, "stepped": 0.0}
         refine_docs = [i for i, d in enumerate(usable) if mode == "refine" and d.numel() >= self.min_tokens]
         experience = self.collect(usable, refine_docs)
-        metrics = self.update(usable, experience)
+        metrics = self.update(usable, experience, targets if ntp_targets is not None else None)
         metrics["skipped_docs"] = float(len(docs) - len(usable))
         self.step_index += 1
         return metrics
@@ -158,7 +167,8 @@ class LocalRefineStep:
         return Experience(list(refine_docs), [s.cuts for s in scores], tokens,
                           torch.cat([c.logprobs for c in conts]).float(), adv.to(self.device), metrics)
 
-    def update(self, docs: Sequence[torch.Tensor], experience: Experience) -> dict[str, float]:
+    def update(self, docs: Sequence[torch.Tensor], experience: Experience,
+               ntp_targets: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
         """One optimizer step: every document's loss / len(docs), accumulated, clipped, stepped.
 
         REFINE documents (``experience.refine_docs``) take :func:`document_loss`; the others
@@ -171,15 +181,16 @@ class LocalRefineStep:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = defaultdict(float)
         for i, ids in enumerate(docs):
+            targets = None if ntp_targets is None else ntp_targets[i]
             if i in position:
                 rows = slice(position[i] * rows_per_doc, (position[i] + 1) * rows_per_doc)
                 loss, doc_metrics = document_loss(self.model, ids, experience.cuts[position[i]],
                                                   experience.responses[rows], experience.old_logprobs[rows],
-                                                  experience.advantages[rows], cfg)
+                                                  experience.advantages[rows], cfg, ntp_targets=targets)
                 for name, value in doc_metrics.items():
                     sums[name] += value
             else:
-                ntp = document_ntp_loss(self.model, ids)
+                ntp = document_ntp_loss(self.model, ids, targets=targets)
                 loss = (cfg.ntp_coef or 1.0) * ntp
                 sums["loss"] += float(loss.detach())
                 sums["ntp_loss"] += float(ntp.detach())

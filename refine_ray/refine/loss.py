@@ -19,7 +19,8 @@ from refine_ray.refine.sequence_logprobs import document_logprobs
 def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch.Tensor,
                   old_logprobs: torch.Tensor, advantages: torch.Tensor, cfg: RefineConfig,
                   ref_logprobs: Optional[torch.Tensor] = None,
-                  ntp_head_calls: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+                  ntp_head_calls: int = 0,
+                  ntp_targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``c_ntp * NTP + c_pg * PPO-clip + c_kl * KL`` of one document, differentiable in ``model``.
 
     Args:
@@ -33,6 +34,8 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
             ``kl_coef``, ``kl_type``.
         ref_logprobs: ``[n*G, k]`` reference-policy log-probs; required when ``kl_coef > 0``.
         ntp_head_calls: the NTP loss calls the LM head at least this often (ZeRO-3 lockstep).
+        ntp_targets: ``[L]`` bool, the tokens the NTP loss counts (None: all but the first;
+            e.g. answer tokens only for a recall task).
 
     Returns:
         ``(loss, metrics)``: the scalar float32 loss and float metrics ``loss``, ``ntp_loss``
@@ -54,7 +57,8 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
         raise ValueError("document_loss: refine.kl_coef > 0 needs the reference log-probs (reference.enabled)")
     device = responses.device
     out = document_logprobs(model, ids, cuts, responses, responses.shape[0] // n, cfg.temperature,
-                            shared=cfg.prefix_sharing, with_ntp=cfg.ntp_coef > 0, ntp_head_calls=ntp_head_calls)
+                            shared=cfg.prefix_sharing, with_ntp=cfg.ntp_coef > 0, ntp_head_calls=ntp_head_calls,
+                            ntp_targets=ntp_targets)
     old = old_logprobs.to(device=device, dtype=torch.float32)
     mask = torch.ones_like(old)
     pg, pg_metrics = ppo_clip_loss(out.logprobs, old, advantages.to(device), mask, cfg.clip_low, cfg.clip_high,

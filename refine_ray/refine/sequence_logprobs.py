@@ -43,7 +43,8 @@ class DocumentLogprobs:
 
 def document_logprobs(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch.Tensor,
                       samples_per_prefix: int, temperature: float = 1.0, shared: bool = True,
-                      with_ntp: bool = True, ntp_head_calls: int = 0) -> DocumentLogprobs:
+                      with_ntp: bool = True, ntp_head_calls: int = 0,
+                      ntp_targets: Optional[torch.Tensor] = None) -> DocumentLogprobs:
     """Log-probs of ``responses [n*G, k]`` (long, row = cut*G + sample) after the prefixes
     ``ids[:cut]`` of ``ids [L]`` for ``cuts [n]``, differentiable in ``model``.
 
@@ -51,11 +52,12 @@ def document_logprobs(model, ids: torch.Tensor, cuts: torch.Tensor, responses: t
     full distribution (``algo.logprobs_from_logits``, the sampler's own function) and, with
     ``with_ntp``, the document's mean NTP loss (nats). ``shared``: one trunk pass (prefix
     sharing) or re-encode every prefix (the reference); same numbers up to float rounding.
-    ``ntp_head_calls``: the NTP loss calls the LM head at least this many times (ZeRO-3)."""
+    ``ntp_head_calls``: the NTP loss calls the LM head at least this many times (ZeRO-3).
+    ``ntp_targets``: ``[L]`` bool, the tokens the NTP loss counts (None: all but the first)."""
     ntp = ntp_head_calls if with_ntp else None
     if shared:
-        return _shared(model, ids, cuts, responses, samples_per_prefix, temperature, ntp)
-    return _reencode(model, ids, cuts, responses, samples_per_prefix, temperature, ntp)
+        return _shared(model, ids, cuts, responses, samples_per_prefix, temperature, ntp, ntp_targets)
+    return _reencode(model, ids, cuts, responses, samples_per_prefix, temperature, ntp, ntp_targets)
 
 
 def _head(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -63,8 +65,11 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
-                      head_calls: int = 0) -> torch.Tensor:
+                      head_calls: int = 0, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean next-token CE over document ``ids [L]``; ``hidden [L, D]`` if a pass already made it.
+
+    ``targets``: ``[L]`` bool, only these tokens count as targets (None: every token but the
+    first); the mean is over the counted targets, 0 when there are none.
 
     The head module is called, not its weight read: under ZeRO-3 only a module call sees
     the gathered weight. Logits are built in chunks of 1024 positions (never [L, V] at
@@ -72,10 +77,11 @@ def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] =
     """
     if hidden is None:
         hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
-    return ntp_loss_from_hidden(hidden[None], model.lm_head, ids[None], min_calls=head_calls)
+    return ntp_loss_from_hidden(hidden[None], model.lm_head, ids[None], min_calls=head_calls,
+                                targets=None if targets is None else targets[None])
 
 
-def _shared(model, ids, cuts, responses, G, temperature, ntp_calls) -> DocumentLogprobs:
+def _shared(model, ids, cuts, responses, G, temperature, ntp_calls, ntp_targets) -> DocumentLogprobs:
     k = responses.shape[1]
     if one_pass(model):
         # Trunk: one call that also returns the (differentiable) state at every cut; all n·G
@@ -98,7 +104,7 @@ def _shared(model, ids, cuts, responses, G, temperature, ntp_calls) -> DocumentL
         else:
             logits = first
         logps.append(logprobs_from_logits(logits, rows, temperature))
-    ntp = None if ntp_calls is None else document_ntp_loss(model, ids, hidden, ntp_calls)
+    ntp = None if ntp_calls is None else document_ntp_loss(model, ids, hidden, ntp_calls, ntp_targets)
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
 
 
@@ -117,7 +123,7 @@ def _trunk_split_at_cuts(model, ids, cuts) -> tuple[torch.Tensor, dict[int, Mode
     return torch.cat(hidden_parts, 0), states
 
 
-def _reencode(model, ids, cuts, responses, G, temperature, ntp_calls) -> DocumentLogprobs:
+def _reencode(model, ids, cuts, responses, G, temperature, ntp_calls, ntp_targets) -> DocumentLogprobs:
     k = responses.shape[1]
     logps = []
     for j, c in enumerate(cuts.tolist()):
@@ -126,7 +132,7 @@ def _reencode(model, ids, cuts, responses, G, temperature, ntp_calls) -> Documen
         out = model.forward_segment(seq, None, return_logits=False)
         logits = _head(model, out.hidden[:, c - 1:c + k - 1])
         logps.append(logprobs_from_logits(logits, rows, temperature))
-    ntp = None if ntp_calls is None else document_ntp_loss(model, ids, None, ntp_calls)
+    ntp = None if ntp_calls is None else document_ntp_loss(model, ids, None, ntp_calls, ntp_targets)
     return DocumentLogprobs(torch.cat(logps, 0), ntp)
 
 
