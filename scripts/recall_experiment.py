@@ -21,14 +21,15 @@ Protocol (fixed before the comparison was first run; the evaluation is never tun
      recall benchmarks train) until the held-out recall at the training length reaches 0.3
      (checked every 10 steps): partial recall. Layout probes before this protocol (one seed,
      not one of the experiment's): with the loss on every replayed token (keys too) or with
-     64 filler tokens, recall stayed at chance for 400-600 steps; with the answers only and no
-     filler it rose from chance to 0.89-0.98 between steps 300 and 400 (docs/results.md).
+     64 filler tokens, recall stayed at chance for 300-700 steps; with the answers only and no
+     filler it rose from chance to 0.89-0.98 between steps 300 and 400 (docs/results.md). The
+     stopping check reads its own held-out documents (a development set), not the test ones.
   2. From that model and optimizer state, continue on the same documents, in the same order:
        ntp            answer-only NTP (the pre-training objective), and
        refine_exact   REFINE: the same NTP (coefficient 1) + 0.2 x GRPO/PPO-clip (the paper's
                       mix) at entropy-sampled cuts past the separator (``refine.min_prefix``),
-                      n=4 cuts, G=8 samples of k=m+1 tokens, reward = exact match of all k
-                      tokens (this task's own reward);
+                      n=4 cuts, G=8 samples of k=m+1 tokens, reward = exact match, the
+                      fraction of the k tokens right (this task's own reward);
        refine_cosine  the same with refine-ray's default reward: hidden-state cosine read from the
                       frozen pre-trained model (``reward_source: frozen``).
      Equal optimizer steps and training tokens: every arm makes ``continue_steps`` steps on the
@@ -64,7 +65,7 @@ from refine_ray.refine.heldout import evaluate_fixed_cuts
 from refine_ray.refine.local_step import LocalRefineStep
 
 KEYS, VALUES, FILLER, SEP = (0, 64), (64, 192), (192, 255), 255
-TRAIN_STREAM, HELDOUT_STREAM = 1, 2
+TRAIN_STREAM, HELDOUT_STREAM, DEV_STREAM = 1, 2, 3     # document streams: disjoint seeds
 # name -> (mode, reward, reward_source); all REFINE arms use NTP 1 + PG 0.2
 ARMS = {"ntp": ("ntp", "exact", "policy"), "refine_exact": ("refine", "exact", "policy"),
         "refine_cosine": ("refine", "cosine", "frozen")}
@@ -194,7 +195,7 @@ def pretrain(setup: Setup, log) -> tuple[dict, dict, list[dict]]:
     opt = torch.optim.AdamW(model.parameters(), lr=setup.lr)
     step = LocalRefineStep(model, opt, refine_config(setup, "ntp"), seed=setup.seed)
     pairs, filler = setup.eval_lengths[0]
-    heldout = documents(setup.seed, HELDOUT_STREAM, pairs * 100_000 + filler, setup.heldout_docs, pairs,
+    heldout = documents(setup.seed, DEV_STREAM, pairs * 100_000 + filler, setup.heldout_docs, pairs,
                         setup.value_len, filler)
     evals, s = [], 0
     while s < setup.max_pretrain_steps:
@@ -220,7 +221,8 @@ def continue_arm(setup: Setup, arm: str, start: tuple[dict, dict, int], log,
     model.load_state_dict(start[0])
     reference = copy.deepcopy(model).eval().requires_grad_(False)       # the pre-trained model
     opt = torch.optim.AdamW(model.parameters(), lr=setup.lr)
-    opt.load_state_dict(start[1])
+    opt.load_state_dict(copy.deepcopy(start[1]))   # load_state_dict keeps the tensors: AdamW would
+                                                   # update the shared start state in place
     step = LocalRefineStep(model, opt, refine_config(setup, arm), seed=setup.seed, reference=reference)
     mode = ARMS[arm][0]
     marks = dict(time_marks or {})
@@ -230,6 +232,7 @@ def continue_arm(setup: Setup, arm: str, start: tuple[dict, dict, int], log,
         # past continue_steps (the NTP arm running on to the REFINE arms' CPU time) the training
         # length is evaluated every 5 x eval_every steps, for the curve against CPU time
         if (s % setup.eval_every == 0 and s <= setup.continue_steps
+                or s == setup.continue_steps
                 or s > setup.continue_steps and s % (5 * setup.eval_every) == 0):
             m = {"step": s, "train_cpu_s": cpu,
                  **evaluate(model, setup, reference, full=s == setup.continue_steps)}
@@ -356,9 +359,11 @@ def plot(seeds: list[dict], path: Path) -> None:
             x = np.mean([[e[x_key] for e in evals[:n]] for evals in runs], 0)
             y = np.array([[e[y_key] for e in evals[:n]] for evals in runs])
             ax.plot(x, y.mean(0), marker=".", label=arm)
-            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+            std = y.std(0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1])
+            ax.fill_between(x, y.mean(0) - std, y.mean(0) + std, alpha=0.2)
         ax.set_xlabel("continuation step" if x_key == "step" else "training CPU seconds (one thread)")
         ax.set_title(y_key + " (held out)")
+        ax.set_ylabel("recall (answer-token accuracy)" if y_key.endswith("/recall") else "greedy k-token exact (token fraction)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -367,10 +372,16 @@ def plot(seeds: list[dict], path: Path) -> None:
 def check_finished(setups: list[Setup], out: Path) -> None:
     """A finished ``seed_<s>.json`` is reused only if the same setup wrote it: raises ValueError
     naming the file and the differing fields otherwise (before any seed starts)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, expected a directory")
     for setup in setups:
         path = out / f"seed_{setup.seed}.json"
         if path.exists():
-            saved, wanted = json.loads(path.read_text())["setup"], json.loads(json.dumps(asdict(setup)))
+            try:
+                saved = json.loads(path.read_text())["setup"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not a finished seed's results ({type(e).__name__}: {e}); delete it") from None
+            wanted = json.loads(json.dumps(asdict(setup)))
             differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
             if differ:
                 raise ValueError(f"{path}: written by another setup (field: saved vs requested {differ}); "
@@ -408,8 +419,13 @@ if __name__ == "__main__":
     parser.add_argument("--arms", nargs="+", default=Setup().arms, choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=Path("outputs/recall"))
     args = parser.parse_args()
-    if args.continue_steps < 1 or args.jobs < 1 or len(set(args.seeds)) != len(args.seeds):
-        parser.error("--continue-steps and --jobs must be >= 1 and --seeds distinct")
+    for name, bad, expected in (
+            ("--continue-steps", args.continue_steps < 1, ">= 1"), ("--jobs", args.jobs < 1, ">= 1"),
+            ("--seeds", not all(0 <= s < 2 ** 32 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds),
+             "distinct integers in [0, 2**32)"),
+            ("--arms", len(set(args.arms)) != len(args.arms), "distinct")):
+        if bad:
+            parser.error(f"{name}: {expected} expected")
     setups = [Setup(seed=s, continue_steps=args.continue_steps, arms=args.arms)
               for s in args.seeds]
     try:

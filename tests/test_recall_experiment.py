@@ -94,6 +94,20 @@ def test_a_finished_seed_of_another_setup_is_refused(experiment, tmp_path):
     with pytest.raises(ValueError, match=r"seed_0.json: written by another setup.*'continue_steps': \(150, 20\)"):
         experiment.main([experiment.Setup(seed=0, continue_steps=20)], tmp_path, jobs=1, command="test")
     assert not (tmp_path / "results.json").exists()
+    (tmp_path / "seed_2.json").write_text("")
+    with pytest.raises(ValueError, match=r"seed_2.json: not a finished seed's results"):
+        experiment.check_finished([experiment.Setup(seed=2)], tmp_path)
+
+
+def test_arms_start_from_the_same_optimizer_state(experiment):
+    """Every arm continues from the pre-trained model AND optimizer state; running one must not
+    change the start the next arm gets (AdamW updates loaded state tensors in place)."""
+    setup = experiment.Setup(pairs=8, hidden=16, layers=1, batch=2, max_pretrain_steps=3, pretrain_check_every=3,
+                             continue_steps=3, eval_every=5, heldout_docs=2, val_docs=1, eval_lengths=[(8, 0)])
+    state, opt_state, _, steps = experiment.pretrain(setup, log=lambda msg: None)
+    runs = [experiment.continue_arm(setup, "ntp", (state, opt_state, steps), log=lambda msg: None) for _ in range(2)]
+    finals = [{k: v for k, v in run["final"].items() if k != "train_cpu_s"} for run in runs]
+    assert finals[0] == finals[1] and finals[0]["step"] == 3      # 3: not a multiple of eval_every
 
 
 @pytest.mark.slow
