@@ -290,7 +290,8 @@ def columns(setup: dict) -> list[tuple[str, str]]:
     training length's whole-query recall and losses, the fixed-cut metrics, steps and CPU time."""
     main = "P{}_F{}".format(*setup["eval_lengths"][0])
     return ([(f"P{p}_F{f}/recall", f"recall {p}/{f}") for p, f in setup["eval_lengths"]]
-            + [(f"{main}/query_recall", "whole queries"), (f"{main}/sequence_recall", "keys+values"), (f"{main}/query_ntp_loss", "query NTP loss"),
+            + [(f"{main}/query_recall", "whole queries"), (f"{main}/key_recall", "replayed keys"),
+               (f"{main}/query_ntp_loss", "query NTP loss"),
                (f"{main}/ntp_loss", "document NTP loss"), ("val/nsp_exact_greedy", "val greedy exact"),
                ("val/nsp_exact", "val sampled exact"), ("val/nsp_cosine_frozen", "val frozen cosine"),
                ("val/hidden_pair_cosine", "pair cosine"), ("val/distinct_token_frac", "distinct tokens"),
@@ -302,6 +303,10 @@ def rows(seeds: list[dict]) -> dict[str, list[dict]]:
     at each REFINE arm's training CPU time."""
     out: dict[str, list[dict]] = {}
     for run in seeds:
+        main, m = "P{}_F{}".format(*run["setup"]["eval_lengths"][0]), run["setup"]["value_len"]
+        for result in run["arms"].values():                 # key accuracy, from the replayed block's
+            for ev in [result["final"], *result.get("at_time", {}).values()]:    # (1 key + m values)
+                ev[f"{main}/key_recall"] = (1 + m) * ev[f"{main}/sequence_recall"] - m * ev[f"{main}/recall"]
         for arm, result in run["arms"].items():
             label = "pre-trained (start)" if arm == "start" else f"{arm} (equal steps)"
             out.setdefault(label, []).append(result["final"])
@@ -312,6 +317,7 @@ def rows(seeds: list[dict]) -> dict[str, list[dict]]:
 
 def _cell(values: list[float], key: str) -> str:
     mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    mean = round(mean, 3) + 0.0                                          # no "-0.000"
     if key in ("step", "train_cpu_s"):
         return f"{mean:.0f} ± {std:.0f}"
     return f"{mean:.3f} ± {std:.3f}"
@@ -336,7 +342,30 @@ def markdown(seeds: list[dict], command: str) -> str:
                 continue
             cells = [_cell([a[k] - b[k] for a, b in zip(table[f"{arm} (equal steps)"], table[other])], k) for k in keys]
             lines.append(f"| {arm} − ntp, {basis} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + curve_lines(seeds)) + "\n"
+
+
+def curve_lines(seeds: list[dict]) -> list[str]:
+    """The whole equal-step curve as paired differences (REFINE arm minus NTP, held-out recall at
+    the training length, every evaluation) and each arm's training CPU seconds per step."""
+    arms = [a for a in seeds[0]["arms"] if a not in ("start", "ntp")]
+    if "ntp" not in seeds[0]["arms"] or not arms:
+        return []
+    key = columns(seeds[0]["setup"])[0][0]
+    steps = [e["step"] for e in seeds[0]["arms"]["ntp"]["evals"] if e["step"] <= seeds[0]["setup"]["continue_steps"]]
+    lines = ["", f"Paired differences along the equal-step curve ({key}, REFINE arm minus NTP):", "",
+             "| step | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for arm in arms:
+        cells = []
+        for i in range(len(steps)):
+            diffs = [r["arms"][arm]["evals"][i][key] - r["arms"]["ntp"]["evals"][i][key] for r in seeds]
+            cells.append(_cell(diffs, key))
+        lines.append(f"| {arm} − ntp | " + " | ".join(cells) + " |")
+    per_step = {arm: [r["arms"][arm]["final"]["train_cpu_s"] / r["arms"][arm]["final"]["step"] for r in seeds]
+                for arm in [*arms, "ntp"]}
+    lines += ["", "Training CPU seconds per step (one thread): " + ", ".join(
+        f"{arm} {np.mean(v):.2f} ({np.mean(v) / np.mean(per_step['ntp']):.1f}x ntp)" for arm, v in per_step.items())]
+    return lines
 
 
 def plot(seeds: list[dict], path: Path) -> None:
