@@ -115,6 +115,7 @@ class LocalRefineStep:
         if mode not in ("refine", "ntp"):
             raise ValueError(f"mode must be 'refine' or 'ntp', got {mode!r}")
         docs = [d.to(self.device).long() for d in docs]
+        targets = None
         if ntp_targets is not None:
             if len(ntp_targets) != len(docs) or any(t.shape != d.shape for t, d in zip(ntp_targets, docs)):
                 raise ValueError("ntp_targets: one [L] bool mask per document, of its length, expected")
@@ -126,7 +127,7 @@ class LocalRefineStep:
                     "ntp_only_docs": 0.0, "stepped": 0.0}
         refine_docs = [i for i, d in enumerate(usable) if mode == "refine" and d.numel() >= self.min_tokens]
         experience = self.collect(usable, refine_docs)
-        metrics = self.update(usable, experience, targets if ntp_targets is not None else None)
+        metrics = self.update(usable, experience, targets)
         metrics["skipped_docs"] = float(len(docs) - len(usable))
         self.step_index += 1
         return metrics
