@@ -14,14 +14,15 @@ floats are finite (``nan``/``inf`` mean nothing in any setting and would only
 surface as a crash inside an actor) and integers are ``>= 0`` (all are counts,
 sizes or seeds; numpy rejects negative seeds).
 """
-from refine_ray.config.sections import (ConfigError, DataConfig, EvalConfig, ExperimentConfig, LearnerConfig,
-                                        ModelConfig, OptimConfig, ReferenceConfig, RefineConfig, RewardConfig,
-                                        RoleConfig, RolloutConfig, SystemConfig, TokenizerConfig, TrainConfig,
-                                        TTTConfig)
-from refine_ray.config.loading import (from_dict, load_config, read_config_file, to_dict, upgrade_stored_config,
-                                       validate_config)
+from refine_ray.config.sections import (ConfigError, DataConfig, EvalConfig, ExperimentConfig, InputPath,
+                                        LearnerConfig, ModelConfig, OptimConfig, OutputPath, PathMarker,
+                                        ReferenceConfig, RefineConfig, RewardConfig, RoleConfig, RolloutConfig,
+                                        SystemConfig, TokenizerConfig, TrainConfig, TTTConfig)
+from refine_ray.config.loading import (from_dict, load_config, path_fields, read_config_file, to_dict,
+                                       upgrade_stored_config, validate_config)
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "LearnerConfig", "ModelConfig",
-           "OptimConfig", "ReferenceConfig", "RefineConfig", "RewardConfig", "RoleConfig", "RolloutConfig",
-           "SystemConfig", "TokenizerConfig", "TrainConfig", "TTTConfig", "from_dict", "load_config",
-           "read_config_file", "to_dict", "upgrade_stored_config", "validate_config"]
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "InputPath", "LearnerConfig",
+           "ModelConfig", "OptimConfig", "OutputPath", "PathMarker", "ReferenceConfig", "RefineConfig",
+           "RewardConfig", "RoleConfig", "RolloutConfig", "SystemConfig", "TokenizerConfig", "TrainConfig",
+           "TTTConfig", "from_dict", "load_config", "path_fields", "read_config_file", "to_dict",
+           "upgrade_stored_config", "validate_config"]

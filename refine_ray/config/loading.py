@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from refine_ray.config.sections import ConfigError, ExperimentConfig
+from refine_ray.config.sections import ConfigError, ExperimentConfig, PathMarker
 
 
 # Keys that older configs may still set: one line saying what became of them.
@@ -207,6 +207,34 @@ def validate_config(obj: Any, key: str) -> None:
             validate_config(value, f"{key}.{f.name}" if key else f.name)
     if hasattr(obj, "validate"):
         obj.validate(key)
+
+
+def path_fields(cfg: Any, output: bool | None = None, _key: str = "") -> dict[str, str | list[str]]:
+    """Every set path-typed field of ``cfg`` (annotated ``InputPath``/``OutputPath`` in
+    :mod:`refine_ray.config.sections`), found from the types: dotted key -> value (a string, or a list
+    for fields such as ``data.path``); fields left ``None`` are omitted.
+
+    ``output``: None lists all, True only the directories the run writes, False only what it reads.
+    """
+    out: dict[str, str | list[str]] = {}
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        dotted = f"{_key}.{f.name}" if _key else f.name
+        if dataclasses.is_dataclass(value):
+            out.update(path_fields(value, output, dotted))
+            continue
+        marker = _path_marker(hints[f.name])
+        if value is not None and marker is not None and (output is None or marker.output == output):
+            out[dotted] = value
+    return out
+
+
+def _path_marker(tp: Any) -> PathMarker | None:
+    """The PathMarker anywhere in a field's annotation (``Optional[Union[InputPath, list[InputPath]]]``)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, PathMarker)), None)
+    return next((m for m in map(_path_marker, typing.get_args(tp)) if m is not None), None)
 
 
 def to_dict(cfg: Any) -> dict:

