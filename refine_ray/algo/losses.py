@@ -66,7 +66,10 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") 
     ``token-mean``: sum over valid tokens / number of valid tokens.
     ``seq-mean-token-mean``: mean over rows of each row's masked token mean.
     ``seq-mean-token-sum``: mean over rows of each row's masked token sum.
-    Rows without valid tokens are left out of the seq-mean (verl would give NaN).
+    Rows without valid tokens are left out of the seq-mean. verl (``core_algos.agg_loss``,
+    0.5) gives NaN for such a row only in ``seq-mean-token-mean`` (its 0/0); its
+    ``seq-mean-token-sum`` counts the row as a 0 in the mean (here: left out), and its
+    ``token-mean`` over an all-zero mask is 0 as here (``masked_mean`` adds 1e-8).
     """
     m = mask.to(torch.float32)
     v = values.float()

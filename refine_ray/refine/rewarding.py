@@ -66,8 +66,9 @@ class Rewards:
 class SequenceRewarder:
     """REFINE's sequence reward (step 4) on tensors: one call per batch of samples.
 
-    ``kind`` (``refine.reward``): ``cosine`` (the paper), ``exact`` (all k tokens equal the
-    true ones) or ``hybrid`` (cosine + exact). ``source`` (``refine.reward_source``):
+    ``kind`` (``refine.reward``): ``cosine`` (the paper), ``exact`` (the fraction of the k
+    positions whose sampled token equals the true one: the reference's per-token ``binary``
+    reward, not all-or-nothing) or ``hybrid`` (cosine + exact). ``source`` (``refine.reward_source``):
     ``policy`` (the paper: the policy's hidden states at the sampled and at the true tokens),
     ``frozen`` (the same, from the frozen reference: the caller passes the reference's states)
     or ``encoder`` (a frozen sentence encoder on the decoded texts; needs ``tokenizer``).
