@@ -25,15 +25,18 @@ directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest fi
   * the corpus: readable, the text column present, every value text, not all
     empty, post-training answers (``data.answer_column``) usable and non-empty
     after tokenisation, and at least one document long enough (the rule of the
-    driver's :class:`~refine_ray.data.DataCursor`).
+    driver's :class:`~refine_ray.data.DataCursor`);
+  * the held-out documents (``train.val_path``): readable, and at least one of the first
+    ``train.val_docs`` long enough for ``train.val_cuts`` fixed cuts (:func:`check_validation`).
 
 An answer that tokenises to nothing is an error, not a skipped row: like an empty
 answer list it is a broken label (the task SFT would train on no target), while a
 short document is ordinary data that the cursor skips and counts.
 
 Weights are not loaded: only safetensors headers are read and the model is built
-on the meta device; lengths are computed with one batched tokeniser call, so the
-check costs seconds for corpora of thousands of documents.
+on the meta device; the corpus is memory-mapped and its token counts come from the
+index cached per (file contents, tokenizer) (refine_ray.data), so after the first start
+the check reads no text (docs/performance.md, "Data at corpus scale").
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ import numpy as np
 from refine_ray.system import checkpoint as ckpt
 from refine_ray.system import run_dir
 from refine_ray.config import ConfigError, ExperimentConfig, to_dict
-from refine_ray.data import Corpus, DataCursor, DataError, first_answer, load_tokenizer, locate_row, read_texts
+from refine_ray.data import Corpus, DataCursor, DataError, load_tokenizer
 from refine_ray.models import registry
 from refine_ray.refine.scoring import min_document_tokens
 
@@ -269,32 +272,15 @@ def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> 
 
 
 def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, int, np.ndarray]:
-    """(rows, usable rows, token count per row); raises DataError naming the file and what was expected."""
+    """(rows, usable rows, token count per row ``[rows]`` int64 after truncation); raises DataError
+    naming the file and what was expected. Reads no texts into memory: the corpus is memory-mapped
+    and its token counts come from the cached index (refine_ray.data; built here on the first
+    start, with a progress bar for large corpora)."""
     d = cfg.data
-    corpus = Corpus(d, tokenizer)        # reads the file(s), checks the column and that every value is text
+    corpus = Corpus(d, tokenizer, progress=True)    # opens the file(s), checks the columns
     n = len(corpus)
-    if not any(t.strip() for t in corpus.texts):
-        raise DataError(f"data.text_column: all {n} '{d.text_column}' values in '{d.path}' are empty "
-                        f"(expected document text)")
-    if d.answer_column is not None:       # post-training answers, checked as the scorer reads them
-        def where(i: int) -> tuple[int, str]:   # (row within its file, " in '<file>'")
-            row, _, file = locate_row(d.path, i).partition(" of ")
-            return int(row.split()[1]), f" in {file}"
-
-        firsts = []
-        for i, answer in enumerate(corpus.answers):
-            try:
-                firsts.append(first_answer(answer, d.answer_column, i))
-            except DataError:
-                first_answer(answer, d.answer_column, *where(i))     # raises, naming the file and its row
-        ids = tokenizer(firsts, add_special_tokens=False, verbose=False)["input_ids"]
-        empty = [i for i, x in enumerate(ids) if not x]
-        if empty:
-            row, file = where(empty[0])
-            raise DataError(f"data.answer_column: row {row} of '{d.answer_column}'{file} is "
-                            f"{firsts[empty[0]]!r:.40}, which tokenises to no tokens (expected a non-empty answer; "
-                            f"{len(empty)} of {n} rows)")
-    lengths = corpus.lengths()
+    lengths = corpus.lengths()          # every value text, not all empty
+    corpus.check_answers()              # post-training answers, checked as the scorer reads them
     usable = int((lengths >= min_tokens).sum())
     if usable == 0:
         rule = (f"data.min_length={d.min_length}" if d.min_length >= min_document_tokens(cfg.refine) else
@@ -304,6 +290,35 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
                         f"the longest of {n} has {int(lengths.max())} tokens")
     DataCursor(lengths, min_tokens, d.shuffle, d.seed, source=f"data.path '{d.path}'")   # the driver's rule
     return n, usable, lengths
+
+
+def check_validation(cfg: ExperimentConfig, tokenizer) -> None:
+    """``train.val_path``: readable with the corpus's text column, and at least one of its first
+    ``train.val_docs`` documents (as the controller reads them: truncated to ``data.max_length``)
+    long enough for the fixed-cut evaluation (``train.val_cuts`` cuts,
+    refine_ray.refine.heldout), whose ``val/nsp_*`` metrics would otherwise be missing from
+    every evaluation. Reads only those documents. Raises DataError naming ``train.val_path``."""
+    from dataclasses import replace
+
+    from refine_ray.refine.heldout import eval_config
+
+    path, t = cfg.train.val_path, cfg.train
+    try:   # read as the controller reads them: text only (validation is NTP + fixed cuts on the documents)
+        corpus = Corpus(replace(cfg.data, path=path, answer_column=None), tokenizer)
+        docs = [corpus.document(i) for i in range(min(t.val_docs, len(corpus)))]
+    except DataError as e:            # the message names the value itself, under the key that holds it
+        msg = str(e)
+        raise DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else
+                        f"train.val_path: {msg}") from None
+    need = min_document_tokens(eval_config(cfg.refine, t.val_cuts))
+    longest = max(len(doc.ids) for doc in docs)
+    if longest < need:
+        r = cfg.refine
+        cap = f" (data.max_length={cfg.data.max_length})" if longest == cfg.data.max_length else ""
+        raise DataError(f"train.val_path '{path}': 0 of the first {len(docs)} documents (train.val_docs={t.val_docs}) "
+                        f"have the {need} tokens the fixed-cut evaluation needs (refine.min_prefix={r.min_prefix} + "
+                        f"(train.val_cuts={t.val_cuts} + 1) x refine.response_length={r.response_length} - 1); "
+                        f"the longest has {longest}{cap}: val/nsp_* would never be computed")
 
 
 def preflight(cfg: ExperimentConfig) -> PreflightReport:
@@ -323,12 +338,5 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     min_tokens = max(need, cfg.data.min_length)
     rows, usable, lengths = check_data(cfg, tokenizer, min_tokens)
     if cfg.train.val_path:                # held-out documents: same column rules, errors name train.val_path
-        from dataclasses import replace
-
-        try:   # read as the driver reads them: text only (validation is NTP on the documents)
-            read_texts(replace(cfg.data, path=cfg.train.val_path, answer_column=None))
-        except DataError as e:            # the message names the value itself, under the key that holds it
-            msg = str(e)
-            raise DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else
-                            f"train.val_path: {msg}") from None
+        check_validation(cfg, tokenizer)
     return PreflightReport(tokenizer, vocab, rows, usable, min_tokens, resume_from, lengths)

@@ -1,8 +1,9 @@
 """Data + entropy scorer role: tokenises the rows it is given, scores them, picks cuts.
 
 The controller owns the data position (a :class:`~refine_ray.data.DataCursor`); a scorer
-holds the corpus and the current weights only, so a restarted scorer can redo
-any request. Cut sampling is seeded by (run seed, step, document): a redone
+holds the corpus, memory-mapped from datasets' Arrow cache (it reads only the rows it is
+given; on another node it opens its own cache), and the current weights, so a restarted
+scorer can redo any request. Cut sampling is seeded by (run seed, step, document): a redone
 request picks the same cuts.
 """
 from __future__ import annotations
@@ -37,13 +38,14 @@ class ScorerRole(VersionedWeights):
         self.model_cfg, self.vocab_size, self.reference = model, len(tok), None
 
     def lengths(self) -> np.ndarray:
-        """Token count per corpus row, ``[rows]`` int64 (after truncation to data.max_length)."""
+        """Token count per corpus row, ``[rows]`` int64 (after truncation to data.max_length), from the
+        cached index (built here if the driver did not: refine_ray.data.index)."""
         return self.corpus.lengths()
 
     def score_rows(self, rows: list[int], step: int) -> ScoredBatch:
-        """Tokenise corpus rows ``rows`` and :meth:`score` them for training step ``step``
-        (with their answer tokens when ``data.answer_column`` is set). Raises IndexError for a
-        row outside the corpus."""
+        """Read corpus rows ``rows`` (those only), tokenise them and :meth:`score` them for training
+        step ``step`` (with their answer tokens when ``data.answer_column`` is set). Raises
+        IndexError for a row outside the corpus."""
         docs = [self.corpus.document(r) for r in rows]
         scored = self.score(DocBatch.from_lists(rows, [d.ids for d in docs]), step)
         if self.data.answer_column is not None:

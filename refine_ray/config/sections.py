@@ -75,10 +75,14 @@ class DataConfig:
     batch_size: int = 2                   # documents per training step
     shuffle: bool = True
     seed: int = 0
+    num_proc: int = 0                     # processes that build the token-count index (once per corpus and
+                                          # tokenizer, then cached); 0: one per 64 documents, at most the CPUs
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "max_length", "batch_size", "answer_max_tokens")
+        if self.num_proc < 0:
+            raise ConfigError(f"{key}.num_proc: {self.num_proc} must be >= 0 (0: automatic)")
         if not self.text_column:
             raise ConfigError(f"{key}.text_column: must be a non-empty column name")
 

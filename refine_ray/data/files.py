@@ -1,25 +1,34 @@
-"""Corpus loading and tokenisation for the scorer role.
+"""Corpus files: resolving ``data.path``, the content key, and the memory-mapped Arrow dataset.
 
-Documents come from local files through HF ``datasets`` (parquet, jsonl/json,
-txt: one file, a directory, a glob or a list, as ``data_files``; or a directory
-written by ``save_to_disk``), a named text column, tokenised without special tokens (as the reference:
-raw text, no BOS), truncated on the right to ``max_length``. Documents shorter
-than ``min_length`` tokens are skipped and counted, never silently dropped.
-The stream is an epoch-wise permutation with an explicit position so a
-checkpoint can resume at the exact next document.
+:func:`open_dataset` opens ``data.path`` as a memory-mapped ``datasets.Dataset``: parquet,
+jsonl/json and txt files are converted once into datasets' Arrow cache (under
+``HF_DATASETS_CACHE``, which ``scripts/env.sh`` puts in ``.cache/hf/datasets``) by the
+packaged builders, a ``save_to_disk`` directory is mapped where it lies. Rows are read
+from the mapped files when asked for; nothing is loaded into Python lists.
+
+Cache key. datasets keys a local file by its path and ``st_mtime`` only, so a file
+replaced by one of the same path and modification time (``cp -p``, ``rsync -a``, ``tar
+x``, ``touch -r``: tools that set the mtime back) is served stale. :func:`content_key`
+adds size, ``st_mtime_ns``, ``st_ctime_ns`` and the inode: the kernel sets ctime on every
+write and on every mtime change and nothing can set it back, so any rewrite changes the
+key, without reading the file (a streamed hash would read gigabytes at every start;
+a parquet footer hash misses edits that keep its sizes and statistics). The key names
+the builder config, so it selects the cache directory. A rename, ``chmod`` or copy also
+changes it: that costs one rebuild, never a stale row.
 """
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from refine_ray.config import DataConfig
-
 SUPPORTED = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+
+log = logging.getLogger("refine_ray")
 
 
 class DataError(ValueError):
@@ -85,59 +94,100 @@ def data_files(path: str | Path | list) -> tuple[str, list[str]]:
     return kinds.pop(), [str(f) for f in files]
 
 
-def read_texts(cfg: DataConfig) -> tuple[list[str], list[object]]:
-    """Load the text column (and optional answer column) with HF datasets; checks every value."""
+def content_key(files: list[str]) -> str:
+    """A sha256 hex digest of the corpus files' identity, in order: resolved path, size, mtime_ns,
+    ctime_ns and inode of each file (of every file under a directory, sorted). Changes whenever
+    any file is rewritten (module doc: why these fields and no content hash); reads no data."""
+    entries = []
+    for f in files:
+        p = Path(f)
+        for member in sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]:
+            st = member.stat()
+            entries.append([str(member.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def open_dataset(path, text_column: str, answer_column: Optional[str] = None, progress: bool = False):
+    """``data.path`` as a memory-mapped ``datasets.Dataset`` holding the text column (``"text"`` for
+    .txt files) and ``answer_column`` if given: converted into the Arrow cache on first use (module
+    doc; ``progress``: show datasets' bar while converting), mapped from it afterwards.
+
+    Raises DataError (one line naming ``data.path`` or the column): no such file, unreadable or
+    empty files, a missing column, several splits without 'train'.
+    """
     import datasets
 
-    builder, files = data_files(cfg.path)
+    builder, files = data_files(path)
     if builder == "parquet" and _parquet_rows(files) == 0:
-        raise DataError(f"data.path: '{cfg.path}' has no rows")
+        raise DataError(f"data.path: '{path}' has no rows")
     if builder not in ("parquet", "disk") and all(Path(f).stat().st_size == 0 for f in files):
-        raise DataError(f"data.path: '{cfg.path}' has no rows (empty file)")
-    ds = _load(builder, files, cfg.path)
+        raise DataError(f"data.path: '{path}' has no rows (empty file)")
+    ds = _load(builder, files, path, progress)
     if isinstance(ds, datasets.DatasetDict):          # save_to_disk of splits: train on 'train' (or the only one)
         if "train" not in ds and len(ds) != 1:
-            raise DataError(f"data.path: '{cfg.path}' holds splits {', '.join(ds)}; expected a 'train' split "
+            raise DataError(f"data.path: '{path}' holds splits {', '.join(ds)}; expected a 'train' split "
                             f"or a single split")
         ds = ds["train" if "train" in ds else next(iter(ds))]
-    column = "text" if builder == "text" else cfg.text_column
+    column = "text" if builder == "text" else text_column
     if column not in ds.column_names:
-        raise DataError(f"data.text_column: '{column}' not in {cfg.path} (columns: {', '.join(ds.column_names)})")
-    if cfg.answer_column is not None and cfg.answer_column not in ds.column_names:
-        raise DataError(f"data.answer_column: '{cfg.answer_column}' not in {cfg.path} "
+        raise DataError(f"data.text_column: '{column}' not in {path} (columns: {', '.join(ds.column_names)})")
+    if answer_column is not None and answer_column not in ds.column_names:
+        raise DataError(f"data.answer_column: '{answer_column}' not in {path} "
                         f"(columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
-        raise DataError(f"data.path: '{cfg.path}' has no rows")
-    texts = ds[column]
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise DataError(f"data.text_column: {locate_row(cfg.path, i)} is {type(t).__name__}, expected text")
-    answers = ds[cfg.answer_column] if cfg.answer_column else [None] * len(texts)
-    return texts, answers
+        raise DataError(f"data.path: '{path}' has no rows")
+    return ds.select_columns([column] + ([answer_column] if answer_column else []))
 
 
-def _load(builder: str, files: list[str], path):
-    """One datasets load of ``files``; parse errors become one DataError line naming ``path``."""
+def _load(builder: str, files: list[str], path, progress: bool = False):
+    """One datasets load of ``files`` (memory-mapped), keyed by :func:`content_key`. Parse errors
+    become one DataError line naming ``path``; a cached conversion that no longer reads (truncated,
+    overwritten) is converted again from the files, with one warning line."""
     import datasets
 
-    datasets.disable_progress_bars()
-    verbosity = datasets.logging.get_verbosity()
+    verbosity, bars_were_off = datasets.logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()
     what = "a datasets save_to_disk directory" if builder == "disk" else builder
+    cached = False
     try:   # datasets also logs parse errors it raises; the DataError below is the one line shown
         datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+        datasets.enable_progress_bars() if progress else datasets.disable_progress_bars()
         if builder == "disk":
             return datasets.load_from_disk(files[0])
-        return datasets.load_dataset(builder, data_files=files, split="train")
+        b = datasets.load_dataset_builder(builder, name=f"refine-{content_key(files)[:16]}", data_files=files)
+        cached = Path(b.cache_dir).is_dir()            # datasets renames a finished conversion into place
+        try:
+            return _prepared(b)
+        except Exception as e:
+            if not cached:
+                raise
+            log.warning(f"data.path: the Arrow cache of '{path}' in '{b.cache_dir}' is unreadable "
+                        f"({_reason(e)}); converting the files again")
+            return _prepared(b, download_mode="force_redownload")
+    except DataError:
+        raise
     except Exception as e:  # datasets wraps parse errors in many types
         raise DataError(f"data.path: cannot read '{path}' as {what} ({_reason(e)})") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
+        datasets.disable_progress_bars() if bars_were_off else datasets.enable_progress_bars()
+
+
+def _prepared(b, download_mode=None):
+    """The builder's train split, converted if needed, checked complete (a cache file truncated at a
+    record-batch boundary reads without error, with rows missing)."""
+    b.download_and_prepare(download_mode=download_mode)
+    ds = b.as_dataset(split="train")
+    expected = b.info.splits["train"].num_examples
+    if len(ds) != expected:
+        raise OSError(f"{len(ds)} rows where the conversion wrote {expected}")
+    return ds
 
 
 def locate_row(path, row: int) -> str:
     """``"row r of '<file>'"`` for corpus row ``row`` of ``data.path``: the file that holds it and the
     row within that file (rows are numbered across files in :func:`data_files` order). For error
-    messages only: a multi-file corpus is counted again, file by file."""
+    messages only: a multi-file corpus is counted again, file by file (parquet from its footer,
+    other files through their own cached conversion)."""
     builder, files = data_files(path)
     if len(files) > 1:
         for f in files:
@@ -171,120 +221,3 @@ def _parquet_rows(files: list[str]) -> int:
         except Exception as e:
             raise DataError(f"data.path: '{f}' is not a readable parquet file ({str(e).splitlines()[0][:160]})") from None
     return total
-
-
-@dataclass
-class Document:
-    """One corpus row, tokenised: ``ids [L]`` int64 without padding (truncated to ``data.max_length``)."""
-    doc_id: int                 # row index in the corpus: stable across resumes
-    ids: np.ndarray             # int64 token ids, no padding
-    answer: object = None
-    answer_ids: Optional[np.ndarray] = None   # the first answer's tokens (post-training)
-
-
-def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
-    """Keep ``max_length`` tokens: drop the end (right), the start (left) or the middle.
-
-    QA prompts put the question last, so post-training and evaluation keep the end
-    ("left" or "middle", LongBench's convention); mid-training keeps the start.
-    """
-    if len(ids) <= max_length:
-        return ids
-    if side == "right":
-        return ids[:max_length]
-    if side == "left":
-        return ids[len(ids) - max_length:]
-    head = max_length // 2
-    return ids[:head] + ids[len(ids) - (max_length - head):]
-
-
-def first_answer(answer, column: str, row: int, where: str = "") -> str:
-    """The answer trained on: a string, or the first of a list (as the reference).
-
-    ``where``: appended after the column in the error, e.g. `` in 'file'``."""
-    if isinstance(answer, str):
-        return answer
-    if isinstance(answer, (list, tuple, np.ndarray)) and len(answer) and isinstance(answer[0], str):
-        return answer[0]
-    raise DataError(f"data.answer_column: row {row} of '{column}'{where} is {type(answer).__name__} "
-                    f"{answer!r:.60}, expected a string or a non-empty list of strings")
-
-
-class Corpus:
-    """The rows of a corpus, tokenised on demand (no special tokens, right-truncated)."""
-
-    def __init__(self, cfg: DataConfig, tokenizer):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.texts, self.answers = read_texts(cfg)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def document(self, row: int) -> Document:
-        """Row ``row`` tokenised without special tokens and truncated by ``data.truncation``; with
-        ``data.answer_column``, also its first answer's tokens. Raises IndexError for a row out of range."""
-        ids = truncate(self.tokenizer(self.texts[row], add_special_tokens=False, verbose=False)["input_ids"],
-                       self.cfg.max_length, self.cfg.truncation)
-        answer = self.answers[row]
-        answer_ids = None
-        if self.cfg.answer_column is not None:
-            first = first_answer(answer, self.cfg.answer_column, row)
-            answer_ids = np.asarray(self.tokenizer(first, add_special_tokens=False)["input_ids"]
-                                    [:self.cfg.answer_max_tokens], dtype=np.int64)
-        return Document(int(row), np.asarray(ids, dtype=np.int64), answer, answer_ids)
-
-    def lengths(self) -> np.ndarray:
-        """Token count of every row (after truncation): the index the cursor filters on.
-
-        Computed once per run by one scorer; for very large corpora pre-filter by length offline.
-        """
-        ids = self.tokenizer(list(self.texts), add_special_tokens=False, verbose=False)["input_ids"]   # one batched call
-        return np.minimum(np.asarray([len(x) for x in ids], dtype=np.int64), self.cfg.max_length)
-
-
-class DataCursor:
-    """Which rows come next: epoch-wise shuffled, too-short rows skipped and counted, resumable.
-
-    Holds only integers, so the driver can own the data position while scorers
-    (which may die and restart) only tokenise and score the rows they are given.
-    """
-
-    def __init__(self, lengths: np.ndarray, min_tokens: int, shuffle: bool = True, seed: int = 0,
-                 source: str = "data.path"):
-        self.lengths, self.min_tokens = np.asarray(lengths), int(min_tokens)
-        self.shuffle, self.seed = shuffle, seed
-        if not (self.lengths >= self.min_tokens).any():
-            raise DataError(f"{source}: no document has the {self.min_tokens} tokens needed "
-                            f"(min_prefix + (n_chunks + 1) x response_length - 1, or data.min_length)")
-        self.epoch = self.position = self.skipped = 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        n = len(self.lengths)
-        return np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
-
-    def next_rows(self, size: int) -> list[int]:
-        """The next ``size`` corpus rows in epoch order, skipping (and counting in ``skipped``) rows shorter
-        than ``min_tokens``; a new epoch reshuffles with ``seed + epoch``."""
-        rows: list[int] = []
-        while len(rows) < size:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            row = int(self._order[self.position])
-            self.position += 1
-            if self.lengths[row] < self.min_tokens:
-                self.skipped += 1
-                continue
-            rows.append(row)
-        return rows
-
-    def state_dict(self) -> dict:
-        """The position (epoch, position in it, rows skipped so far) a checkpoint keeps."""
-        return {"epoch": self.epoch, "position": self.position, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at a :meth:`state_dict` position (the epoch's order is recomputed from the seed)."""
-        self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
-        self._order = self._permutation()
