@@ -15,7 +15,9 @@ log = logging.getLogger("refine_ray")
 def run_training(cfg: ExperimentConfig) -> list[dict]:
     """Train for ``cfg.train.steps`` steps; returns the per-step metrics."""
     from refine_ray.preflight import preflight
+    from refine_ray.system.trackers import check_trackers
 
+    check_trackers(cfg.train.loggers)   # a tracker asked for but not installed: one line, nothing started
     report = preflight(cfg)   # bad inputs stop here, one line, before Ray or any file is touched
     from refine_ray.system import checkpoint as ckpt
     from refine_ray.system.controller import RefineController
@@ -31,11 +33,12 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
         partial = out / "config.json.partial"
         partial.write_text(json.dumps(to_dict(cfg), indent=2))
         partial.replace(out / "config.json")
-        logger = MetricsLogger(out, resume_step=None if resume_from is None else ckpt.step_of(resume_from))
+        logger = MetricsLogger(out, resume_step=None if resume_from is None else ckpt.step_of(resume_from),
+                               loggers=cfg.train.loggers, name=cfg.name, project=cfg.train.project, config=to_dict(cfg))
         try:
             controller = RefineController(cfg, len(report.tokenizer), lengths=report.lengths, resume_from=resume_from)
         except BaseException:
-            logger.close()
+            logger.close(finished=False)
             raise
         return _train(cfg, controller, logger)
 
@@ -44,25 +47,26 @@ def _train(cfg: ExperimentConfig, controller, logger) -> list[dict]:
     from refine_ray.system.ray_metrics import RayMetricsExporter
 
     exporter = RayMetricsExporter(cfg.name)     # headline figures on the Ray dashboard / Prometheus
-    history = []
+    history, finished = [], False
     try:
         start = controller.step_index
         if start:
-            log.warning("resuming at step %d of %d", start, cfg.train.steps)
+            log.warning("resuming after step %d of %d", start, cfg.train.steps)
         bar = tqdm(range(start, cfg.train.steps), desc=f"{cfg.name} [{cfg.system.mode}]", unit="step",
                    initial=start, total=cfg.train.steps)
-        for step in bar:
+        for _ in bar:
             metrics = controller.step()
+            step = controller.step_index      # 1-based: the state after `step` training steps (bar, logs, step_N)
             exporter.record(metrics)
             history.append(metrics)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+            if step % cfg.train.log_every == 0 or step in (1, cfg.train.steps) or "val/ntp_loss" in metrics:
                 logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics['train_cuts/reward_mean']:.3f}",
                             v=int(metrics["version"]))
-            last = step == cfg.train.steps - 1
-            if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 controller.save()
+        finished = True
     finally:
         controller.shutdown()
-        logger.close()
+        logger.close(finished)
     return history

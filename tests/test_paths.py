@@ -41,5 +41,6 @@ def _string_fields(cls, key=""):
 def test_every_string_field_is_path_typed_or_known_not_to_be_a_path(tmp_path):
     """A new string field holding a path must be marked, or submit_job and path resolution miss it."""
     marked = set(path_fields(load_config(None, _set_every_path(tmp_path))))
-    not_paths = {"name", "model.type", "data.text_column", "data.answer_column", "system.ray_address", "eval.backend"}
+    not_paths = {"name", "model.type", "data.text_column", "data.answer_column", "system.ray_address", "eval.backend",
+                 "train.project"}
     assert set(_string_fields(ExperimentConfig)) - not_paths == marked

@@ -219,6 +219,7 @@ class SystemConfig:
     ray_address: Optional[str] = None     # None: start a local cluster in-process
     num_cpus: Optional[int] = None        # local cluster only
     num_gpus: Optional[int] = None        # local cluster only; logical GPUs let placement run on CPU
+    dashboard: bool = False               # local cluster only: the Ray dashboard on 127.0.0.1 (token auth)
     weight_sync: Literal["object_store", "collective"] = "object_store"  # collective: gloo (CPU) / NCCL (GPU)
     weight_bucket_mb: float = 256.0       # collective: size of each broadcast bucket
     weight_sync_timeout_s: float = 120.0
@@ -236,7 +237,11 @@ class TrainConfig:
     steps: int = 4
     seed: int = 0
     output_dir: OutputPath = "outputs/run"
-    log_every: int = 1
+    log_every: int = 1                    # a metrics row every N steps (and the first, the last, each validation)
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+                                          # trackers beside metrics.jsonl: wandb / mlflow are the extras
+                                          # refine-ray[wandb] / refine-ray[mlflow] (refine_ray/system/trackers.py)
+    project: str = "refine-ray"           # W&B project and MLflow experiment of the run (named `name`)
     save_every: int = 0                   # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = True                   # continue from <output_dir>/checkpoints/latest if present

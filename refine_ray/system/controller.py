@@ -54,15 +54,21 @@ log = logging.getLogger("refine_ray")
 
 def init_ray(cfg: ExperimentConfig) -> None:
     """Connect to ``system.ray_address`` (or ``RAY_ADDRESS``, set by ``ray job submit``), else start
-    a new local cluster with ``system.num_cpus``/``num_gpus``; nothing if Ray is already up here."""
+    a new local cluster with ``system.num_cpus``/``num_gpus`` (and, with ``system.dashboard``, the Ray
+    dashboard on 127.0.0.1, announced in one line); nothing if Ray is already up here."""
     if ray.is_initialized():
         return
     address = cfg.system.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:   # a new local cluster, never one that happens to run on this machine
-        ray.init(address="local", num_cpus=cfg.system.num_cpus, num_gpus=cfg.system.num_gpus,
-                 include_dashboard=False)
+        ctx = ray.init(address="local", num_cpus=cfg.system.num_cpus, num_gpus=cfg.system.num_gpus,
+                       include_dashboard=cfg.system.dashboard, dashboard_host="127.0.0.1")
+        if cfg.system.dashboard:    # the token itself is never printed
+            auth = ("no auth: RAY_AUTH_MODE=disabled" if os.environ.get("RAY_AUTH_MODE") == "disabled" else
+                    "token auth: log in with the token `ray get-auth-token` prints; API clients send "
+                    "'Authorization: Bearer <token>'")
+            log.warning("Ray dashboard: http://%s (%s)", ctx.dashboard_url, auth)
 
 
 class RefineController:

@@ -166,6 +166,13 @@ def check_resources(cfg: ExperimentConfig) -> None:
                  "custom": ("", "the local cluster (no system.ray_address) has ")})
 
 
+def group_name(run: str, group: str, slots: list[Slot]) -> str:
+    """The placement group's name, ``<run>:<roles>``: e.g. ``tiny-deltanet-mid:learner+scorer+rollout+reward``
+    (colocated) or ``tiny-deltanet-mid:rollout`` (disaggregated), as the dashboard and
+    ``ray.util.placement_group_table()`` show it. Unique within the job's namespace (one run per driver)."""
+    return f"{run}:{'+'.join(dict.fromkeys(s.role for s in slots if s.group == group))}"
+
+
 def spec_str(spec: list[dict[str, float]]) -> str:
     """Bundles as one readable line, e.g. ``{GPU: 1, CPU: 1.5}, {GPU: 1, CPU: 1.5}``."""
     return ", ".join("{" + ", ".join(f"{k}: {v:g}" for k, v in b.items()) + "}" for b in spec)
@@ -185,7 +192,8 @@ class Placement:
         have = ray.cluster_resources()
         _check_fits(cfg, {**have, "CPU": have.get("CPU", 0.0), "GPU": have.get("GPU", 0.0)},
                     {r: ("system.placement", "the Ray cluster has ") for r in ("CPU", "GPU", "custom")})
-        self.groups = {group: placement_group(spec, strategy="PACK") for group, spec in specs.items()}
+        self.groups = {group: placement_group(spec, strategy="PACK", name=group_name(cfg.name, group, self.slots))
+                       for group, spec in specs.items()}
         for group, pg in self.groups.items():
             ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
             if not ready:

@@ -27,9 +27,9 @@ def test_frozen_reward_collapse_indicators_and_fixed_cut_evaluation(cluster, tmp
     logger = MetricsLogger(tmp_path)
     try:
         history = []
-        for step in range(2):
+        for _ in range(2):
             history.append(controller.step())
-            logger.log(step, history[-1])
+            logger.log(controller.step_index, history[-1])
         exp = controller.last_experience
     finally:
         controller.shutdown()

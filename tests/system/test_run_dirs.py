@@ -90,7 +90,7 @@ def test_lock_refuses_a_second_run_and_overwrite_replaces(run, capsys):
     assert ckpt.latest_checkpoint(run).name == "step_000001"
     assert [p.name for p in ckpt.completed_checkpoints(run)] == ["step_000001"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0]
+    assert [r["step"] for r in rows] == [1]                         # step N: after N training steps
     assert main(["export", "--from", str(run), "--out", str(run.parent / "hf")]) == 0
 
 
@@ -196,7 +196,7 @@ def test_overwrite_with_resume_from_another_run_replaces_the_old_run(run, old_ru
     assert train(run, "train.overwrite=true", f"train.resume_from={first}", "train.steps=2") == 0
     assert "including NOTES.md" in capsys.readouterr().out
     assert [p.name for p in ckpt.completed_checkpoints(run)] == ["step_000002"]
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
     monkeypatch.chdir(run)
     assert train(".", "train.overwrite=true") == 2
     one_line_error(capsys, "working directory")
