@@ -178,7 +178,7 @@ def open_trackers(names: Iterable[str], run_dir: Path, name: str, project: str, 
         for _, t in opened:
             t.close(finished=False)
         raise
-    state = {**saved, **{k: t.state() for k, t in opened if t.state()}}
+    state = {**saved, **{k: t.state() for k, t in opened if k != "tensorboard"}}
     partial = path.with_name(STATE_FILE + ".partial")
     partial.write_text(json.dumps(state, indent=2))
     partial.replace(path)

@@ -52,10 +52,11 @@ def _named_groups() -> set[str]:
 
 
 @pytest.fixture
-def dashboard_cluster(caplog):
+def dashboard_cluster(caplog, tmp_path):
     if ray.is_initialized():          # a cluster of another module's fixture: init_ray would join it
         ray.shutdown()
-    cfg = load_config(str(ROOT / "configs" / "tiny_deltanet_mid.yaml"), ["system.dashboard=true"])
+    cfg = load_config(str(ROOT / "configs" / "tiny_deltanet_mid.yaml"),
+                      ["system.dashboard=true", f"train.output_dir={tmp_path}"])
     with caplog.at_level(logging.WARNING, logger="refine_ray"):
         init_ray(cfg)
     try:
