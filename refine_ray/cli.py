@@ -1,10 +1,13 @@
 """``refine-ray`` command line.
 
-    refine-ray train  [--config FILE] [key.path=value ...]
+    refine-ray train  --config FILE [key.path=value ...]
     refine-ray eval   --model PATH|tiny:TYPE --data FILE [--data ...] [--niah VARIANT:LEN:N] [--limit N]
                       [--ttt none|ntp|refine] [--out results/run.json] [--name RUN] [--config FILE]
                       [key.path=value | eval.key=value ...]
     refine-ray export --from CKPT|HF_DIR|tiny:TYPE --out DIR [--run-config RUN/config.json] [--overwrite]
+
+Relative paths, in a config file as on the command line, are read from the directory the command
+runs in. Exit status: 0 done; 2 bad input (one line); 3 a learner rank failed; 130 Ctrl-C.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import sys
 
 from refine_ray.config import ConfigError, load_config
 
-DEFAULT_CONFIG = "configs/tiny_deltanet_mid.yaml"
+INTERRUPTED = 130                 # the shell's status for a process stopped by SIGINT (128 + 2)
 
 
 def _add_eval(sub) -> None:
@@ -77,6 +80,7 @@ def _eval(args) -> int:
              "eval.ttt.accumulate": args.accumulate}
     overrides = list(args.overrides) + [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                         for k, v in flags.items() if v is not None]
+    out = None
     try:
         cfg = load_config(args.config, overrides)
         ecfg = cfg.eval
@@ -93,6 +97,10 @@ def _eval(args) -> int:
     except (EvalError, DataError, EvalDataError) as e:
         print(f"refine-ray: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                 # answers are saved after every batch; the same --out resumes
+        kept = f"the answers given so far are saved for --out '{out}'" if out else "no answer yet"
+        print(f"\nrefine-ray: interrupted; {kept}; run the same command to resume", file=sys.stderr)
+        return INTERRUPTED
     print(summary_line(result, out))
     return 0
 
@@ -113,18 +121,60 @@ def _export(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from refine_ray.system import run_log
+
+    run_log.show_phases()          # phase lines on the console; everything kept for <output_dir>/run.log
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"refine-ray: config error: {e}", file=sys.stderr)
+        return 2
+    # nothing heavy (torch, Ray) is imported before preflight has checked the paths
+    from refine_ray.data import DataError
+    from refine_ray.preflight import PreflightError
+    from refine_ray.system.checkpoint import CheckpointError
+    from refine_ray.system.run_dir import RunDirError
+    from refine_ray.train import TrainingInterrupted, run_training
+
+    status, line = 0, None
+    try:
+        history = run_training(cfg)
+    except (DataError, ConfigError, PreflightError, RunDirError, CheckpointError) as e:
+        status, line = 2, f"refine-ray: {e}"
+    except RuntimeError as e:                    # a learner rank failed: one line with the way to resume
+        from refine_ray.system.actor_group import LearnerFailure
+
+        if not isinstance(e, LearnerFailure):
+            raise
+        status, line = 3, f"refine-ray: {e}"
+    except TrainingInterrupted as e:             # Ctrl-C: actors and Ray already stopped
+        status, line = INTERRUPTED, f"\nrefine-ray: {e}"
+    if line is not None:
+        print(line, file=sys.stderr)
+        run_log.note(line.strip())
+        return status
+    if not history:
+        print(f"nothing to do: the run in {cfg.train.output_dir} is already at train.steps={cfg.train.steps} "
+              f"(raise train.steps to continue, or train.overwrite=true to start over)")
+        return 0
+    last = history[-1]
+    line = (f"done: {len(history)} steps, loss {last['loss']:.4f}, reward {last['train_cuts/reward_mean']:.4f}, "
+            f"weights v{int(last['version'])}; outputs in {cfg.train.output_dir}")
+    print(line)
+    run_log.note(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``refine-ray train|eval|export``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
-    problem, one line on stderr; 3 a learner rank failed). ``argv`` defaults to ``sys.argv[1:]``."""
-    import warnings
-
-    # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path, and errors stay one line
-    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+    problem, one line on stderr; 3 a learner rank failed; 130 interrupted by Ctrl-C, one line).
+    ``argv`` defaults to ``sys.argv[1:]``."""
     parser = argparse.ArgumentParser(prog="refine-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a REFINE training job")
-    train.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
+    train.add_argument("--config", required=True, help="experiment YAML, e.g. configs/tiny_deltanet_mid.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. refine.n_chunks=4 train.steps=10")
     _add_eval(sub)
     _add_export(sub)
@@ -133,39 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "eval" or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "export":
-        return _export(args)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"refine-ray: config error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "train":
-        from refine_ray.system.checkpoint import CheckpointError
-        from refine_ray.data import DataError
-        from refine_ray.system.actor_group import LearnerFailure
-        from refine_ray.preflight import PreflightError
-        from refine_ray.system.run_dir import RunDirError
-        from refine_ray.train import run_training
+        if args.command == "train":
+            return _train(args)
+        import warnings
 
-        try:
-            history = run_training(cfg)
-        except (DataError, ConfigError, PreflightError, RunDirError, CheckpointError) as e:
-            print(f"refine-ray: {e}", file=sys.stderr)
-            return 2
-        except LearnerFailure as e:                  # a runtime failure: one line with the way to resume
-            print(f"refine-ray: {e}", file=sys.stderr)
-            return 3
-        if not history:
-            print(f"nothing to do: the run in {cfg.train.output_dir} is already at train.steps={cfg.train.steps} "
-                  f"(raise train.steps to continue, or train.overwrite=true to start over)")
-            return 0
-        last = history[-1]
-        print(f"done: {len(history)} steps, loss {last['loss']:.4f}, reward {last['train_cuts/reward_mean']:.4f}, "
-              f"weights v{int(last['version'])}; outputs in {cfg.train.output_dir}")
-    return 0
+        # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path
+        # (train keeps the warning in its run log instead: refine_ray.system.run_log)
+        warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+        return _eval(args) if args.command == "eval" else _export(args)
+    except KeyboardInterrupt:                    # before a command's own handling (imports, config)
+        print("\nrefine-ray: interrupted; nothing was started; run the same command to start", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest fi
   * the output directory can be written (:func:`check_writable`: probed with a
     temporary file, so read-only filesystems, ``/proc``, ``/sys`` and a file where a
     parent directory should be are caught also as root);
-  * the layout's CPUs/GPUs fit the declared local cluster
-    (:func:`refine_ray.system.placement.check_resources`);
+  * the files it reads exist (:func:`check_paths`);
   * the output directory: not an existing file; a resume pointer
     (``checkpoints/latest``) that names a complete, loadable checkpoint;
+  * (only now are torch, fla and Ray imported: the checks above take about a second)
+  * the layout's CPUs/GPUs fit the declared local cluster
+    (:func:`refine_ray.system.placement.check_resources`);
   * ``data.max_length`` leaves room for ``refine.n_chunks`` cuts of
     ``refine.response_length`` tokens after ``refine.min_prefix``;
   * the tokenizer loads;
@@ -50,10 +52,9 @@ import numpy as np
 
 from refine_ray.system import checkpoint as ckpt
 from refine_ray.system import run_dir
-from refine_ray.config import ConfigError, ExperimentConfig, to_dict
-from refine_ray.data import Corpus, DataCursor, DataError, load_tokenizer
+from refine_ray.config import ConfigError, ExperimentConfig, resolve_input_path, to_dict
+from refine_ray.data import Corpus, DataCursor, DataError, data_files, load_tokenizer
 from refine_ray.models import registry
-from refine_ray.refine.scoring import min_document_tokens
 
 __all__ = ["PreflightError", "PreflightReport", "check_writable", "preflight"]
 
@@ -109,13 +110,19 @@ def check_output(cfg: ExperimentConfig):
     if not (path / "learner").is_dir():
         raise PreflightError(f"{key}: checkpoint '{path}' has no learner/ directory (incomplete checkpoint)")
     saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-    then, now = saved.get("model", {}), to_dict(cfg)["model"]
+    then, now = dict(saved.get("model", {})), to_dict(cfg)["model"]
+    was_tok = saved.get("tokenizer", {}).get("path")
+    # runs written before paths were made absolute at load time stored them relative to the working directory
+    if isinstance(then.get("path"), str):
+        then["path"] = resolve_input_path(then["path"], Path.cwd())
+    if isinstance(was_tok, str):
+        was_tok = resolve_input_path(was_tok, Path.cwd())
     differ = [k for k in ARCHITECTURE_KEYS if k in then and then[k] != now[k]]
-    if saved.get("tokenizer", {}).get("path") != cfg.tokenizer.path and "tokenizer" in saved:
+    if was_tok != cfg.tokenizer.path and "tokenizer" in saved:
         differ.append("tokenizer.path")
     if differ:
         k = differ[0]
-        was = saved["tokenizer"]["path"] if k == "tokenizer.path" else then[k]
+        was = was_tok if k == "tokenizer.path" else then[k]
         is_ = cfg.tokenizer.path if k == "tokenizer.path" else now[k]
         name = k if k == "tokenizer.path" else f"model.{k}"
         raise PreflightError(f"{key}: checkpoint '{path}' was written with {name}={was!r}, this config has "
@@ -276,6 +283,8 @@ def check_data(cfg: ExperimentConfig, tokenizer, min_tokens: int) -> tuple[int, 
     naming the file and what was expected. Reads no texts into memory: the corpus is memory-mapped
     and its token counts come from the cached index (refine_ray.data; built here on the first
     start, with a progress bar for large corpora)."""
+    from refine_ray.refine.scoring import min_document_tokens
+
     d = cfg.data
     corpus = Corpus(d, tokenizer, progress=True)    # opens the file(s), checks the columns
     n = len(corpus)
@@ -301,15 +310,14 @@ def check_validation(cfg: ExperimentConfig, tokenizer) -> None:
     from dataclasses import replace
 
     from refine_ray.refine.heldout import eval_config
+    from refine_ray.refine.scoring import min_document_tokens
 
     path, t = cfg.train.val_path, cfg.train
     try:   # read as the controller reads them: text only (validation is NTP + fixed cuts on the documents)
         corpus = Corpus(replace(cfg.data, path=path, answer_column=None), tokenizer)
         docs = [corpus.document(i) for i in range(min(t.val_docs, len(corpus)))]
-    except DataError as e:            # the message names the value itself, under the key that holds it
-        msg = str(e)
-        raise DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else
-                        f"train.val_path: {msg}") from None
+    except DataError as e:
+        raise _as_val_path(e) from None
     need = min_document_tokens(eval_config(cfg.refine, t.val_cuts))
     longest = max(len(doc.ids) for doc in docs)
     if longest < need:
@@ -321,13 +329,39 @@ def check_validation(cfg: ExperimentConfig, tokenizer) -> None:
                         f"the longest has {longest}{cap}: val/nsp_* would never be computed")
 
 
-def preflight(cfg: ExperimentConfig) -> PreflightReport:
-    """Open every input of a training job in this process; raise one-line errors, start nothing."""
-    from refine_ray.system.placement import check_resources
+def _as_val_path(e: DataError) -> DataError:
+    """A corpus error about ``train.val_path``: the message names the value itself, under the key that holds it."""
+    msg = str(e)
+    return DataError(f"train.val_path{msg[len('data.path'):]}" if msg.startswith("data.path") else
+                     f"train.val_path: {msg}")
 
+
+def check_paths(cfg: ExperimentConfig) -> None:
+    """The files a run reads exist: ``data.path`` and ``train.val_path`` by the corpus's rules
+    (:func:`refine_ray.data.data_files`), ``tokenizer.path``. Imports nothing heavy, so a missing
+    file is reported in about a second. Relative paths were made absolute against the working
+    directory when the config loaded, where they named something; one that names nothing there is
+    reported as written. Raises DataError naming the key."""
+    data_files(cfg.data.path)
+    if cfg.train.val_path:
+        try:
+            data_files(cfg.train.val_path)
+        except DataError as e:
+            raise _as_val_path(e) from None
+    if cfg.tokenizer.path is not None and not Path(cfg.tokenizer.path).exists():
+        raise DataError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist (expected a local tokenizer directory)")
+
+
+def preflight(cfg: ExperimentConfig) -> PreflightReport:
+    """Open every input of a training job in this process; raise one-line errors, start nothing.
+    The checks of paths and of the output directory come first, before torch, fla or Ray is imported."""
     check_writable(cfg.train.output_dir, "train.output_dir")
-    check_resources(cfg)
+    check_paths(cfg)
     resume_from = check_output(cfg)
+    from refine_ray.refine.scoring import min_document_tokens    # torch and fla from here on
+    from refine_ray.system.placement import check_resources     # Ray
+
+    check_resources(cfg)
     need = min_document_tokens(cfg.refine)
     if cfg.data.max_length < need:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} is below the {need} tokens a document needs "

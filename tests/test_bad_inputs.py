@@ -212,6 +212,7 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
                 "lm_head.weight": "model-00002-of-00002.safetensors"}}))
         else:                                               # config.json of a narrower model beside these weights
             registry.build_model("delta_net", seed=0, vocab_size=vocab, hidden_size=32).config.save_pretrained(d)
+            return argv, [f"model.path={d}", "model.hidden_size=32"]   # the config agrees with config.json
         return argv, [f"model.path={d}"]
     if name in ("lr_nan", "lr_inf", "negative_max_retries", "negative_seed", "negative_min_length"):
         return argv, [{"lr_nan": "optim.lr=nan", "lr_inf": "optim.lr=.inf", "negative_max_retries": "train.max_retries=-1",
@@ -465,7 +466,7 @@ def test_export_bad_source_leaves_no_half_written_dir(source, needle, tmp_path, 
 def test_bad_cli_usage_is_exit_2(capsys):
     """argparse's own errors keep exit 2 (usage + one error line)."""
     with pytest.raises(SystemExit) as e:
-        main(["train", "--no-such-flag"])
+        main(["train", "--config", CONFIG, "--no-such-flag"])
     assert e.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
+import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 
-from refine_ray.config.sections import ConfigError, ExperimentConfig, PathMarker
+from refine_ray.config.sections import ConfigError, ExperimentConfig, ModelConfig, PathMarker
 
 
 # Keys that older configs may still set: one line saying what became of them.
@@ -43,12 +46,18 @@ def upgrade_stored_config(raw: dict) -> dict:
 
 # ---------------------------------------------------------------- loading
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: str | Path | None = None) -> ExperimentConfig:
     """Read a YAML file (or the defaults when None) with its ``defaults``, apply ``a.b=c`` overrides, validate.
 
     Values of overrides are parsed as YAML (``optim.lr=2e-5``, ``learner.resources.refine_learner=1``,
-    ``data.path=[a.parquet, b.parquet]``). Raises :class:`ConfigError` (one line naming the file or
-    the dotted key) for a missing or invalid file, an include cycle, an unknown key or a bad value.
+    ``data.path=[a.parquet, b.parquet]``). Relative paths in path-typed fields, from the file or an
+    override, name paths from ``base`` (default: the working directory) and are made absolute
+    (:func:`resolve_paths`); ``defaults`` includes are files of the config, relative to the file
+    that names them. With ``model.path`` set, the model's type and sizes come from its
+    ``config.json`` (:func:`model_from_checkpoint`). Raises :class:`ConfigError` (one line naming the
+    file or the dotted key) for a missing or invalid file, an include cycle, an unknown key, a bad
+    value, or a model field that contradicts the checkpoint.
     """
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     for item in overrides:
@@ -57,8 +66,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{item}': expected key.path=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     cfg = from_dict(ExperimentConfig, raw, "")
+    resolve_paths(cfg, base)
+    model_from_checkpoint(cfg.model, set(raw.get("model") or ()))
     validate_config(cfg, "")
     return cfg
+
+
+# model.<field> <- the checkpoint config.json keys holding it; num_heads as the family presets alias
+# it (refine_ray.models.registry): fla's num_heads, LaCT's num_attn_heads, Llama's num_attention_heads.
+_CHECKPOINT_KEYS = {"type": ("model_type",), "hidden_size": ("hidden_size",),
+                    "num_hidden_layers": ("num_hidden_layers",),
+                    "num_heads": ("num_heads", "num_attn_heads", "num_attention_heads")}
+
+
+def model_from_checkpoint(model: ModelConfig, given: set[str]) -> None:
+    """With ``model.path`` set, its ``config.json`` is the truth for ``model.type`` and the size fields
+    (hidden_size, num_hidden_layers, num_heads): they are set from it in place, so the run's
+    ``config.json`` records the model that trains. A field in ``given`` (the keys the config's
+    ``model`` section sets, in its files or overrides) that contradicts the checkpoint raises
+    :class:`ConfigError` naming both values; defaults never do.
+
+    Reads only that JSON file; a missing or unreadable one, or values of the wrong type or an
+    unknown ``model_type``, are left to preflight's ``check_model``, which names the problem.
+    """
+    from refine_ray.models.registry import MODEL_TYPES   # torch-free
+
+    if model.path is None:
+        return
+    file = Path(model.path) / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return
+    if not isinstance(raw, dict):
+        return
+    for name, keys in _CHECKPOINT_KEYS.items():
+        key = next((k for k in keys if k in raw), None)
+        value = raw.get(key)
+        if name == "type" and value not in MODEL_TYPES:
+            continue
+        if name != "type" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            continue
+        if name in given and getattr(model, name) != value:
+            raise ConfigError(f"model.{name}: {getattr(model, name)!r} contradicts model.path's checkpoint "
+                              f"('{file}' has {key}={value!r}); leave model.{name} unset to use the checkpoint's")
+        setattr(model, name, value)
 
 
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -209,25 +261,57 @@ def validate_config(obj: Any, key: str) -> None:
         obj.validate(key)
 
 
-def path_fields(cfg: Any, output: bool | None = None, _key: str = "") -> dict[str, str | list[str]]:
+def path_fields(cfg: Any, output: bool | None = None) -> dict[str, str | list[str]]:
     """Every set path-typed field of ``cfg`` (annotated ``InputPath``/``OutputPath`` in
     :mod:`refine_ray.config.sections`), found from the types: dotted key -> value (a string, or a list
     for fields such as ``data.path``); fields left ``None`` are omitted.
 
     ``output``: None lists all, True only the directories the run writes, False only what it reads.
     """
-    out: dict[str, str | list[str]] = {}
+    return {dotted: getattr(owner, name) for owner, name, dotted, marker in _path_slots(cfg)
+            if getattr(owner, name) is not None and (output is None or marker.output == output)}
+
+
+def resolve_paths(cfg: Any, base: str | Path | None = None) -> None:
+    """Make ``cfg``'s path-typed fields absolute against ``base`` (default: the working directory),
+    in place: the rule that a relative path on the command line or in a config file names a path
+    from the directory the user runs in, whichever process (a Ray actor, a cluster job) reads it.
+
+    Output directories are always made absolute; inputs only when they name something under
+    ``base`` (:func:`resolve_input_path`), so a Hugging Face hub id or a missing file stays as written.
+    """
+    base = Path.cwd() if base is None else Path(base)
+    for owner, name, _, marker in _path_slots(cfg):
+        value = getattr(owner, name)
+        if value is None:
+            continue
+        fix = ((lambda v: os.path.abspath(base / Path(v).expanduser())) if marker.output else
+               (lambda v: resolve_input_path(v, base)))
+        setattr(owner, name, [fix(v) for v in value] if isinstance(value, list) else fix(value))
+
+
+def resolve_input_path(value: str, base: str | Path) -> str:
+    """``value`` as an absolute path when it names an existing file or directory under ``base`` (or is
+    a glob matching one there), else ``value`` unchanged (absolute already, a hub id, or missing:
+    the error about it then names it as the user wrote it). ``~`` is expanded."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidate = Path(base) / path
+    if candidate.exists() or (any(c in value for c in "*?[") and glob.glob(str(candidate))):
+        return os.path.abspath(candidate)
+    return value
+
+
+def _path_slots(cfg: Any, key: str = "") -> Iterator[tuple[Any, str, str, PathMarker]]:
+    """(section object, field name, dotted key, marker) of every path-typed field, nested sections included."""
     hints = typing.get_type_hints(type(cfg), include_extras=True)
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        dotted = f"{_key}.{f.name}" if _key else f.name
-        if dataclasses.is_dataclass(value):
-            out.update(path_fields(value, output, dotted))
-            continue
-        marker = _path_marker(hints[f.name])
-        if value is not None and marker is not None and (output is None or marker.output == output):
-            out[dotted] = value
-    return out
+        dotted = f"{key}.{f.name}" if key else f.name
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            yield from _path_slots(getattr(cfg, f.name), dotted)
+        elif (marker := _path_marker(hints[f.name])) is not None:
+            yield cfg, f.name, dotted, marker
 
 
 def _path_marker(tp: Any) -> PathMarker | None:

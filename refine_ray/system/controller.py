@@ -40,6 +40,7 @@ from refine_ray.system.actor_group import ActorGroup, LearnerFailure, document_s
 from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.system.experience import PENDING_TYPES, Experience, ExperienceMaker, Generation
 from refine_ray.system.placement import Placement
+from refine_ray.system.run_log import worker_runtime_env
 from refine_ray.system.weight_sync import make_weight_sync
 from roles.learner import LearnerRankRole
 from roles.reference import ReferenceRole
@@ -52,23 +53,30 @@ __all__ = ["RefineController", "LearnerFailure", "init_ray"]
 log = logging.getLogger("refine_ray")
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
+def init_ray(cfg: ExperimentConfig) -> bool:
     """Connect to ``system.ray_address`` (or ``RAY_ADDRESS``, set by ``ray job submit``), else start
     a new local cluster with ``system.num_cpus``/``num_gpus`` (and, with ``system.dashboard``, the Ray
-    dashboard on 127.0.0.1, announced in one line); nothing if Ray is already up here."""
+    dashboard on 127.0.0.1, announced in one line); nothing if Ray is already up here. Every worker
+    of the job writes its output to the run's log file, known third-party noise only there
+    (:mod:`refine_ray.system.run_log`). Returns whether this call connected (the caller shuts Ray down)."""
     if ray.is_initialized():
-        return
+        return False
     address = cfg.system.ray_address or os.environ.get("RAY_ADDRESS")
+    env = worker_runtime_env(cfg.train.output_dir)
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=env)
+        log.info("Ray up: connected to %s", address)
     else:   # a new local cluster, never one that happens to run on this machine
         ctx = ray.init(address="local", num_cpus=cfg.system.num_cpus, num_gpus=cfg.system.num_gpus,
-                       include_dashboard=cfg.system.dashboard, dashboard_host="127.0.0.1")
+                       include_dashboard=cfg.system.dashboard, dashboard_host="127.0.0.1", runtime_env=env)
+        res = ray.cluster_resources()
+        log.info("Ray up: a local cluster of %g CPUs, %g GPUs", res.get("CPU", 0), res.get("GPU", 0))
         if cfg.system.dashboard:    # the token itself is never printed
             auth = ("no auth: RAY_AUTH_MODE=disabled" if os.environ.get("RAY_AUTH_MODE") == "disabled" else
                     "token auth: log in with the token `ray get-auth-token` prints; API clients send "
                     "'Authorization: Bearer <token>'")
             log.warning("Ray dashboard: http://%s (%s)", ctx.dashboard_url, auth)
+    return True
 
 
 class RefineController:
@@ -85,10 +93,18 @@ class RefineController:
         """
         self.cfg = cfg
         self.step_index, self.version, self.failures = 0, 0, 0
-        init_ray(cfg)
-        self.placement = Placement(cfg)
-        self.learners = self._learner_group(vocab_size)
-        self.groups = self._inference_groups(vocab_size)
+        self.placement, self.learners, self.groups = None, None, {}
+        self.owns_ray = init_ray(cfg)
+        try:    # a failure or Ctrl-C while starting stops what started (and Ray, if this run started it)
+            self._start_roles(vocab_size)
+            self._prepare(lengths, resume_from)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _prepare(self, lengths: Optional[np.ndarray], resume_from: Optional[Path]) -> None:
+        """The data cursor, experience maker and weight sync; then the checkpoint's or the initial weights."""
+        cfg = self.cfg
         if lengths is None:
             lengths = ray.get(self.groups["scorer"][0].lengths.remote())
         self.cursor = DataCursor(lengths, max(min_document_tokens(cfg.refine), cfg.data.min_length),
@@ -233,17 +249,30 @@ class RefineController:
         return metrics
 
     # ------------------------------------------------------------ set-up
-    def _learner_group(self, vocab_size: int) -> ActorGroup:
-        world, opts = self.cfg.learner.num_ranks, self.placement.options
-        group = ActorGroup("learner", LearnerRankRole, lambda r: (self.cfg, r, world), lambda r: opts("learner", r),
-                           world, failure_hint=self._resume_hint,
-                           timeout_setting=("learner.collective_timeout_s", self.cfg.learner.collective_timeout_s))
+    def _start_roles(self, vocab_size: int) -> None:
+        """Create every role's actors at once, so that their processes start (import, build the
+        model) concurrently, then wait: the learner ranks join their process group, the inference
+        actors answer. One phase line each."""
+        self.placement = Placement(self.cfg)
+        self.learners = self._learner_group()
+        self.groups = self._inference_groups(vocab_size)
         # Every rank's process is up before any joins the group: the rendezvous waits at most
         # learner.collective_timeout_s for the others.
-        group.ready()
-        addr, port = ray.get(group[0].address.remote())
-        group.call_all("init", addr, port, vocab_size)
-        return group
+        self.learners.ready()
+        addr, port = ray.get(self.learners[0].address.remote())
+        self.learners.call_all("init", addr, port, vocab_size)
+        log.info("%d learner rank%s ready (DeepSpeed ZeRO-%d)", len(self.learners), "s" * (len(self.learners) > 1),
+                 self.cfg.learner.zero_stage)
+        for group in self.groups.values():
+            group.ready()
+        log.info("%d inference actors ready (%s)", sum(len(g) for g in self.groups.values()),
+                 ", ".join(f"{role} {len(g)}" for role, g in self.groups.items()))
+
+    def _learner_group(self) -> ActorGroup:
+        world, opts = self.cfg.learner.num_ranks, self.placement.options
+        return ActorGroup("learner", LearnerRankRole, lambda r: (self.cfg, r, world), lambda r: opts("learner", r),
+                          world, failure_hint=self._resume_hint,
+                          timeout_setting=("learner.collective_timeout_s", self.cfg.learner.collective_timeout_s))
 
     def _inference_groups(self, vocab_size: int) -> dict[str, ActorGroup]:
         c, opts = self.cfg, self.placement.options
@@ -261,8 +290,6 @@ class RefineController:
         if c.reference.enabled:
             groups["reference"] = ActorGroup("reference", ReferenceRole, lambda i: (c.model, c.refine, vocab_size, seed, i),
                                              lambda i: opts("reference", i), c.reference.num_actors)
-        for group in groups.values():
-            group.ready()
         return groups
 
     def _resume_hint(self) -> str:
@@ -301,8 +328,14 @@ class RefineController:
         log.info("resumed from %s at step %d (weights v%d)", path, self.step_index, self.version)
 
     def shutdown(self) -> None:
-        """Kill every actor and remove the placement groups."""
-        self.learners.kill_all()
-        for group in self.groups.values():
+        """Kill every actor, remove the placement groups and, when this run started or connected
+        to Ray, disconnect (a local cluster stops; the log lines of its actors end here)."""
+        for group in ([self.learners] if self.learners is not None else []) + list(self.groups.values()):
             group.kill_all()
-        self.placement.remove()
+        self.learners, self.groups = None, {}
+        if self.placement is not None:
+            self.placement.remove()
+            self.placement = None
+        if self.owns_ray:
+            ray.shutdown()
+            self.owns_ray = False

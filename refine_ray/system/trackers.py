@@ -77,7 +77,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(name, value, step)
 
     def state(self) -> dict:
-        return {}
+        return {}                           # nothing to resume by: purge_step handles it
 
     def close(self, finished: bool) -> None:
         self.writer.close()
@@ -178,7 +178,7 @@ def open_trackers(names: Iterable[str], run_dir: Path, name: str, project: str, 
         for _, t in opened:
             t.close(finished=False)
         raise
-    state = {**saved, **{k: t.state() for k, t in opened if k != "tensorboard"}}
+    state = {**saved, **{k: s for k, s in ((k, t.state()) for k, t in opened) if s}}   # run ids (W&B, MLflow)
     partial = path.with_name(STATE_FILE + ".partial")
     partial.write_text(json.dumps(state, indent=2))
     partial.replace(path)
