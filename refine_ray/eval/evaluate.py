@@ -1,13 +1,15 @@
 """``refine-ray eval``: greedy answers (optionally after test-time training) and scores.
 
     refine-ray eval --model PATH_OR_tiny:delta_net --data ../shared/data/longbench/trec_16384.parquet \\
-        [--data MORE.parquet] [--niah multikey:4096:20] [--limit N] [--ttt none|ntp|refine] \\
+        [--data MORE.parquet] [--niah niah_multikey_1:4096:20] [--limit N] [--ttt none|ntp|refine] \\
         [--out results/run.json] [--name RUN] [--config configs/ttt_tiny_longbench.yaml] [eval.x=y key=value ...]
 
 Inputs: LongBench / LongBench-E files (``{task}_{len}.parquet``; per-task metric from
-``refine_ray.eval.metrics``), RULER QA files (``ruler_{task}_{model}_{len}_{n}_{split}.parquet``;
-two metrics, see below) and generated NIAH rows (``refine_ray.eval.niah``; recall).
-Output: ``{"run_name": RUN, "<task>": score, ..., "meta": {...}}`` (scores 0-100; RULER and
+``refine_ray.eval.metrics`` under ``eval.longbench_rule``: LongBench's own or the REFINE
+reference's), RULER QA files (``ruler_{task}_{model}_{len}_{n}_{split}.parquet``; two metrics,
+see below) and RULER's eight NIAH tasks generated as RULER does (``refine_ray.eval.niah``;
+``string_match_all``). Output: ``{"run_name": RUN, "<task>": score, ..., "meta": {...}}`` (scores
+0-100; ``meta.scorers`` names the family, metric and rule behind every key; RULER and
 NIAH keys are ``<task>_<length>``; RULER QA adds ``<task>_string_match_part_<length>``; a
 LongBench-E file with a ``length`` column adds ``<task>_e_by_length``, its 0-4k / 4-8k / 8k+
 scores), the format ``refine_ray.eval.tables`` reads, plus ``<out>.predictions.jsonl`` (per
@@ -42,12 +44,14 @@ from refine_ray.config import ConfigError, EvalConfig, ExperimentConfig, ModelCo
 from refine_ray.data import truncate
 from refine_ray.eval import metrics as M
 from refine_ray.eval.data import load_longbench, load_ruler, ruler_file_info
-from refine_ray.eval.niah import ESSAY_HAYSTACK, VARIANTS, generate_niah, niah_recall, score_niah
+from refine_ray.eval.niah import METRIC as NIAH_METRIC
+from refine_ray.eval.niah import check_task as check_niah_task
+from refine_ray.eval.niah import generate_niah, niah_recall, string_match_all
 from refine_ray.eval.progress import PredictionLog, prompt_hash, write_atomic
 from refine_ray.eval.ttt import TestTimeTrainer
 
 __all__ = ["EvalConfig", "EvalError", "EvalSet", "load_eval_sets", "build_eval_model", "stop_ids",
-           "tokenize_sets", "run_eval", "write_json_atomic"]
+           "tokenize_sets", "run_eval", "write_json_atomic", "scorer_of"]
 
 
 VLLM_BATCH = 64   # rows per vLLM generate call with eval.backend=vllm (answers saved after each)
@@ -67,10 +71,25 @@ class EvalSet:
     all_rows: list[dict[str, Any]] = field(default_factory=list)  # whole file (trec classes)
 
 
+def _niah_spec(spec: str) -> tuple[str, int, int]:
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or int(parts[2]) == 0:
+        raise EvalError(f"--niah {spec!r}: expected TASK:LENGTH:N, e.g. niah_multikey_1:4096:20")
+    try:
+        return check_niah_task(parts[0]), int(parts[1]), int(parts[2])
+    except ValueError as e:
+        raise EvalError(f"--niah {spec!r}: {e}") from None
+
+
 def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: Optional[int],
-                   niah_gen_tokens: int = 128) -> list[EvalSet]:
-    """Eval sets of the given files and NIAH specs; NIAH prompts leave ``niah_gen_tokens`` of the
-    nominal length for the answer (RULER's ``tokens_to_generate``). One-line EvalError/DataError."""
+                   ecfg: Optional[EvalConfig] = None) -> list[EvalSet]:
+    """Eval sets of the given files and ``--niah TASK:LENGTH:N`` specs (RULER's eight tasks, generated
+    with ``ecfg``'s ``niah_seed``, ``niah_essays`` and ``niah_gen_tokens``, RULER's
+    ``tokens_to_generate``; only the first ``limit`` rows are generated, the same rows as a full set's
+    first ones). Every spec and every LongBench task is checked (``ecfg.longbench_rule`` included)
+    before anything is generated. One-line EvalError/DataError."""
+    ecfg = ecfg or EvalConfig()
+    specs = [_niah_spec(spec) for spec in niah]
     sets: list[EvalSet] = []
     for p in paths:
         name = Path(p).name
@@ -83,28 +102,25 @@ def load_eval_sets(paths: Sequence[str], niah: Sequence[str], tokenizer, limit: 
         tasks = sorted({str(r["task"]) for r in rows})
         for task in tasks:
             try:
-                M.check_task(task)
+                M.check_rule(task, ecfg.longbench_rule)
             except ValueError as e:
                 raise EvalError(f"{name}: {e}") from None
         for task in tasks:
             task_rows = [r for r in rows if r["task"] == task]
             sets.append(EvalSet(task, "longbench", task_rows[:limit], str(p), task_rows))
-    for spec in niah:
-        parts = spec.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-            raise EvalError(f"--niah {spec!r}: expected VARIANT:LENGTH:N, e.g. multikey:4096:20")
+    for spec, (task, length, n) in zip(niah, specs):
         try:
-            rows = generate_niah(parts[0], ESSAY_HAYSTACK, _NoSpecial(tokenizer), int(parts[1]), int(parts[2]),
-                                 tokens_to_generate=niah_gen_tokens)
+            rows = generate_niah(task, _NoSpecial(tokenizer), length, min(n, limit or n), seed=ecfg.niah_seed,
+                                 tokens_to_generate=ecfg.niah_gen_tokens, essays=ecfg.niah_essays)
         except ValueError as e:
-            raise EvalError(f"--niah {spec!r}: {e} (variants: {', '.join(VARIANTS)})") from None
-        sets.append(EvalSet(f"{rows[0]['task']}_{parts[1]}", "niah", rows[:limit], f"niah:{spec}", rows))
+            raise EvalError(f"--niah {spec!r}: {e}") from None
+        sets.append(EvalSet(f"{task}_{length}", "niah", rows, f"niah:{spec}", rows))
     keys = [s.key for s in sets]
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
         raise EvalError(f"two inputs give the same result key {sorted(dup)[0]!r}")
     if not sets:
-        raise EvalError("nothing to evaluate: give --data FILE and/or --niah VARIANT:LENGTH:N")
+        raise EvalError("nothing to evaluate: give --data FILE and/or --niah TASK:LENGTH:N")
     return sets
 
 
@@ -132,33 +148,43 @@ def _classes(s: EvalSet) -> Optional[list[str]]:
     return M.task_classes(s.key, s.all_rows) if M.base_task(s.key) in M.CLASSIFICATION_TASKS else None
 
 
-def row_score(s: EvalSet, row: dict, pred: str, classes: Optional[list[str]]) -> float:
-    """One row's primary score, 0-1 (LongBench task metric, RULER first-line hit, NIAH recall)."""
+def row_score(s: EvalSet, row: dict, pred: str, classes: Optional[list[str]], rule: str = "thudm") -> float:
+    """One row's primary score, 0-1 (LongBench task metric under ``rule``, RULER first-line hit, NIAH recall)."""
     if s.kind == "longbench":
-        return M.score_example(s.key, pred, row["answers"], classes)
+        return M.score_example(s.key, pred, row["answers"], classes, rule)
     if s.kind == "ruler":
         return float(M.ruler_qa_hit(pred, row["answers"]))
     return niah_recall(pred, row["answers"])
 
 
-def score_set(s: EvalSet, preds: list[str]) -> dict[str, Any]:
-    """Result keys -> scores (0-100) of one set. RULER QA gives two: ``<task>_<len>`` with the
-    reference's first-line rule (the paper's tables) and ``<task>_string_match_part_<len>``.
-    A LongBench-E set (``<task>_e`` rows with a ``length`` column) adds ``<task>_e_by_length``:
-    LongBench's ``scorer_e`` buckets ``{"0-4k", "4-8k", "8k+"}`` (empty buckets left out)."""
+def score_set(s: EvalSet, preds: list[str], rule: str = "thudm") -> dict[str, Any]:
+    """Result keys -> scores (0-100) of one set (LongBench under ``rule``). RULER QA gives two:
+    ``<task>_<len>`` with the reference's first-line rule (the paper's tables) and
+    ``<task>_string_match_part_<len>``. A LongBench-E set (``<task>_e`` rows with a ``length``
+    column) adds ``<task>_e_by_length``: LongBench's ``scorer_e`` buckets ``{"0-4k", "4-8k", "8k+"}``
+    (empty buckets left out). NIAH: RULER's ``string_match_all``."""
     answers = [r["answers"] for r in s.rows]
     if s.kind == "longbench":
         classes = _classes(s)
-        out: dict[str, Any] = {s.key: M.score_longbench(s.key, preds, answers, classes)}
+        out: dict[str, Any] = {s.key: M.score_longbench(s.key, preds, answers, classes, rule)}
         if M.base_task(s.key) != s.key and all("length" in r for r in s.rows):
             lengths = [r["length"] for r in s.rows]
-            out[f"{s.key}_by_length"] = M.score_longbench_e(s.key, preds, answers, lengths, classes)
+            out[f"{s.key}_by_length"] = M.score_longbench_e(s.key, preds, answers, lengths, classes, rule)
         return out
     if s.kind == "ruler":
         task, length = s.key.rsplit("_", 1)
         return {s.key: M.score_ruler_qa(preds, answers, "first_line"),
                 f"{task}_string_match_part_{length}": M.score_ruler_qa(preds, answers, "string_match_part")}
-    return {s.key: round(score_niah(preds, answers), 2)}
+    return {s.key: string_match_all(preds, answers)}
+
+
+def scorer_of(s: EvalSet, key: str, rule: str) -> dict[str, str]:
+    """What produced result ``key`` of set ``s``: its family, metric and (LongBench) rule, for ``meta.scorers``."""
+    if s.kind == "longbench":
+        return {"family": "longbench", "metric": M.TASK_METRIC[M.base_task(s.key)].__name__, "rule": rule}
+    if s.kind == "ruler":
+        return {"family": "ruler_qa", "metric": "string_match_part" if "_string_match_part_" in key else "first_line"}
+    return {"family": "niah", "metric": NIAH_METRIC}
 
 
 def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[str] = None):
@@ -291,7 +317,7 @@ def _answer_sets(model, tokenizer, ecfg: EvalConfig, sets, name, out, show_progr
 
     answer = engine.answer if engine is not None else trainer.answer
     result: dict[str, Any] = {"run_name": name}
-    per_set, resumed = {}, 0
+    per_set, scorers, resumed = {}, {}, 0
     total = sum(len(s.rows) for s in sets)
     with tqdm(total=total, desc=f"eval {name}", unit="row", disable=not show_progress) as bar:
         for s, (toks, truncated) in zip(sets, prompts):
@@ -316,38 +342,22 @@ def _answer_sets(model, tokenizer, ecfg: EvalConfig, sets, name, out, show_progr
                     row = s.rows[i]
                     pred = tokenizer.decode(o.tolist(), skip_special_tokens=True)
                     recs[i] = {"set": s.key, "row": i, "prediction": pred, "answers": list(row["answers"]),
-                               "score": row_score(s, row, pred, classes), "prompt_sha1": prompt_hash(row["prompt"])}
+                               "score": row_score(s, row, pred, classes, ecfg.longbench_rule),
+                               "prompt_sha1": prompt_hash(row["prompt"])}
                     if log:
                         log.add(recs[i])
                 if log:
                     log.save()
-            result.update(score_set(s, [recs[i]["prediction"] for i in range(len(s.rows))]))
+            scores = score_set(s, [recs[i]["prediction"] for i in range(len(s.rows))], ecfg.longbench_rule)
+            result.update(scores)
+            scorers.update({k: scorer_of(s, k, ecfg.longbench_rule) for k in scores})
             per_set[s.key] = {"rows": len(s.rows), "source": s.source, "truncated_prompts": truncated,
                               "stop_token_ids": stop, "min_new_tokens": min_new}
     result["meta"] = {"model": getattr(model.config, "model_type", "?"), "ttt": asdict(ecfg.ttt),
                       "eval": {k: v for k, v in asdict(ecfg).items() if k != "ttt"},
-                      "sets": per_set, "resumed_rows": resumed,
-                      "ruler_qa_metrics": {"<task>_<len>": "first_line (REFINE reference ruler.py; the paper's)",
-                                           "<task>_string_match_part_<len>": "RULER string_match_part"},
+                      "sets": per_set, "resumed_rows": resumed, "longbench_rule": ecfg.longbench_rule,
+                      "scorers": scorers,
                       "ttt_metrics": trainer.summary(), "seconds": round(time.time() - t0, 2)}
     if out is not None:
         write_json_atomic(out, result)
     return result
-
-
-def summary_line(result: dict[str, Any], out: Optional[Path]) -> str:
-    """The one line ``eval`` prints: every numeric score of ``result`` (0-100), the mean, and where it was written."""
-    scores = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    meta = result["meta"]
-    parts = [f"{k}={v:.2f}" for k, v in scores.items()]
-    primary = [v for k, v in scores.items() if "_string_match_part_" not in k]  # one score per set
-    avg = sum(primary) / len(primary)
-    tm = meta["ttt_metrics"]
-    ttt = meta["ttt"]["mode"]
-    if ttt != "none":
-        ttt += (f" x{meta['ttt']['steps']} {'accumulate' if meta['ttt']['accumulate'] else 'reset'}"
-                f" fallback={int(tm.get('ttt/ntp_fallback_prompts', 0))}")
-    rows = sum(s["rows"] for s in meta["sets"].values())
-    where = f" -> {out}" if out else ""
-    return (f"{result['run_name']}: {' '.join(parts)} (avg {avg:.2f}; {rows} rows; ttt {ttt}; "
-            f"{meta['seconds']:.1f}s){where}")

@@ -1,10 +1,22 @@
 """LongBench and RULER-QA scoring, following the upstream scorers' definitions.
 
-LongBench (``LongBench/metrics.py`` and ``eval.py`` of THUDM/LongBench): per example, the
-max of the task metric over the gold answers, the prediction first cut to its first line
-for trec/triviaqa/samsum/lsht; a task reports ``round(100 * mean, 2)``. Every task of
-LongBench and LongBench-E (``<task>_e``) is supported with ``dataset2metric``'s metric;
-the Chinese tasks tokenise with jieba (imported only when one is scored).
+LongBench, two rules (``LONGBENCH_RULES``, ``eval.longbench_rule``; docs/evaluation.md):
+
+* ``thudm`` (``LongBench/metrics.py`` and ``eval.py`` of THUDM/LongBench): per example, the
+  max of the task metric over the gold answers, the prediction first cut to its first line
+  for trec/triviaqa/samsum/lsht; a task reports ``round(100 * mean, 2)``. Every task of
+  LongBench and LongBench-E (``<task>_e``) is supported with ``dataset2metric``'s metric;
+  the Chinese tasks tokenise with jieba (imported only when one is scored).
+* ``refine``: the REFINE reference's scorer (``verl/utils/reward_score/longbench.py``), which
+  produced the paper's LongBench numbers; its 14 tasks only (``REFINE_TASKS``). Same metrics
+  and first-line cut, plus: the single/multi-doc QA tasks keep only the RAW first line
+  (``split('\n')[0]``, nothing stripped before, so a leading newline leaves ''); QA F1, ROUGE
+  and classification score the stripped prediction; ``code_sim`` scores the whole answer when
+  no line qualifies (THUDM: ''). The strip changes no QA F1 or classification number
+  (normalisation squeezes whitespace; no class name has edge whitespace) but does change ROUGE
+  (``rouge`` counts the '' word of a whitespace-only piece after a '.'). The reference's
+  hard-coded trec class list is the 50 classes ``task_classes`` gives on the release's file, and
+  no class is inside another, so their order (which matters to LongBench's removal loop) cannot.
 
 RULER QA: two named metrics (see ``RULER_QA_METRICS`` and docs/evaluation.md):
 ``first_line`` is the REFINE reference's rule (``verl/utils/reward_score/ruler.py``),
@@ -28,6 +40,7 @@ __all__ = [
     "classification_score", "code_sim", "count_score", "retrieval_score", "retrieval_zh_score",
     "first_line", "TASK_METRIC", "FIRST_LINE_TASKS", "LONGBENCH_TASKS", "LONGBENCH_E_TASKS",
     "ZH_TASKS", "PAPER_TASKS", "PAPER_ABBREV", "base_task", "check_task", "max_gen_tokens",
+    "LONGBENCH_RULES", "REFINE_TASKS", "check_rule", "prepare_prediction",
     "score_example", "score_longbench", "score_longbench_e", "task_classes",
     "ruler_postprocess", "ruler_qa_hit", "string_match_part",
     "RULER_QA_METRICS", "score_ruler_qa",
@@ -113,11 +126,12 @@ def classification_score(prediction: str, gold: str, *, all_classes: Sequence[st
     return 1.0 / len(matches) if gold in matches else 0.0
 
 
-def code_sim(prediction: str, gold: str, **_: Any) -> float:
+def code_sim(prediction: str, gold: str, *, whole_if_no_line: bool = False, **_: Any) -> float:
     """LongBench ``code_sim_score``: fuzzy ratio of the first code line against the gold, 0-1.
 
     The first line (after stripping leading newlines) containing none of '`', '#', '//'
-    is compared with the gold; if none qualifies the prediction is ''. The ratio matches
+    is compared with the gold; if none qualifies the prediction is '' (THUDM), or the whole
+    unstripped prediction with ``whole_if_no_line`` (the REFINE reference). The ratio matches
     fuzzywuzzy's ``fuzz.ratio`` with the python-Levenshtein backend, which LongBench's
     numbers assume: ``int(round(100 * (|a| + |b| - indel(a, b)) / (|a| + |b|)))`` (Python's
     round-half-even), the indel distance counting a substitution as 2. fuzzywuzzy's
@@ -126,7 +140,7 @@ def code_sim(prediction: str, gold: str, **_: Any) -> float:
     score 100 before the empty-string check, so an empty code line against an empty gold
     scores 1.0, and an empty line against a non-empty gold (or the reverse) scores 0.
     """
-    line = ""
+    line = prediction if whole_if_no_line else ""
     for cand in prediction.lstrip("\n").split("\n"):
         if "`" not in cand and "#" not in cand and "//" not in cand:
             line = cand
@@ -216,18 +230,52 @@ def max_gen_tokens(row: Mapping[str, Any]) -> int:
     return int(row["max_gen_tokens"])
 
 
-def score_example(task: str, prediction: str, answers: Iterable[str],
-                  all_classes: Sequence[str] | None = None) -> float:
-    """One example's score (0-1): max of the task metric over the gold answers.
+LONGBENCH_RULES: tuple[str, ...] = ("thudm", "refine")
+# The REFINE reference's compute_score: its dataset2metric tasks, and those cut to the raw first line.
+REFINE_TASKS: frozenset[str] = frozenset({
+    "narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "samsum",
+    "qmsum", "multi_news", "trec", "triviaqa", "lcc", "repobench-p"})
+_RAW_FIRST_LINE_TASKS = frozenset({"narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique"})
+_CODE_TASKS = frozenset({"lcc", "repobench-p"})
 
-    Raises ValueError (one line) for an unknown task or a missing class list."""
+
+def check_rule(task: str, rule: str) -> str:
+    """``check_task(task)``, and a one-line ValueError for an unknown ``rule`` or a task the rule does not score."""
     base = check_task(task)
+    if rule not in LONGBENCH_RULES:
+        raise ValueError(f"unknown LongBench rule {rule!r}; use one of {', '.join(LONGBENCH_RULES)}")
+    if rule == "refine" and base not in REFINE_TASKS:
+        raise ValueError(f"eval.longbench_rule=refine: the REFINE reference's scorer has no rule for {task!r} "
+                         f"(it scores {', '.join(sorted(REFINE_TASKS))}); use eval.longbench_rule=thudm")
+    return base
+
+
+def prepare_prediction(task: str, prediction: str, rule: str = "thudm") -> str:
+    """The text a rule hands to the task metric: LongBench's first-line cut for trec/triviaqa/samsum/lsht;
+    with ``rule='refine'`` also the raw first line for the QA tasks and a strip for every non-code task."""
+    base = check_rule(task, rule)
     if base in FIRST_LINE_TASKS:
         prediction = first_line(prediction)
+    elif rule == "refine" and base in _RAW_FIRST_LINE_TASKS:
+        prediction = prediction.split("\n")[0]
+    if rule == "refine" and base not in _CODE_TASKS:
+        prediction = prediction.strip()
+    return prediction
+
+
+def score_example(task: str, prediction: str, answers: Iterable[str],
+                  all_classes: Sequence[str] | None = None, rule: str = "thudm") -> float:
+    """One example's score (0-1) under ``rule``: max of the task metric over the gold answers.
+
+    Raises ValueError (one line) for an unknown task or rule, a task the rule does not score,
+    or a missing class list."""
+    base = check_rule(task, rule)
+    prediction = prepare_prediction(task, prediction, rule)
     metric = TASK_METRIC[base]
+    extra = {"whole_if_no_line": True} if rule == "refine" and base in _CODE_TASKS else {}
     best = 0.0
     for gold in answers:
-        best = max(best, metric(prediction, gold, all_classes=all_classes))
+        best = max(best, metric(prediction, gold, all_classes=all_classes, **extra))
     return best
 
 
@@ -245,24 +293,25 @@ def _check_classes(task: str, all_classes: Sequence[str] | None) -> None:
 
 
 def score_longbench(task: str, predictions: Sequence[str], answers_list: Sequence[Iterable[str]],
-                    all_classes: Sequence[str] | None = None) -> float:
-    """Task score in 0-100, rounded to 2 decimals as LongBench's ``scorer`` does."""
-    check_task(task)
+                    all_classes: Sequence[str] | None = None, rule: str = "thudm") -> float:
+    """Task score in 0-100 under ``rule``, rounded to 2 decimals as LongBench's ``scorer`` does."""
+    check_rule(task, rule)
     check_predictions(task, predictions, answers_list)
     _check_classes(task, all_classes)
-    total = sum(score_example(task, p, a, all_classes) for p, a in zip(predictions, answers_list))
+    total = sum(score_example(task, p, a, all_classes, rule) for p, a in zip(predictions, answers_list))
     return round(100 * total / len(predictions), 2)
 
 
 def score_longbench_e(task: str, predictions: Sequence[str], answers_list: Sequence[Iterable[str]],
-                      lengths: Sequence[int], all_classes: Sequence[str] | None = None) -> dict[str, float]:
+                      lengths: Sequence[int], all_classes: Sequence[str] | None = None,
+                      rule: str = "thudm") -> dict[str, float]:
     """LongBench-E's ``scorer_e`` (LongBench ``eval.py``): scores (0-100, 2 decimals) by the
     rows' context ``lengths`` (words; characters for Chinese), bucket '0-4k' (< 4000), '4-8k'
     (< 8000), '8k+'. A bucket without rows is left out (upstream reports numpy's NaN mean
     there). Raises ValueError (one line) on an unknown task, mismatched list lengths or a
     classification task without ``all_classes``. Called by ``refine-ray eval`` for ``<task>_e``
-    files with a ``length`` column."""
-    check_task(task)
+    files with a ``length`` column; ``rule`` as ``score_example``."""
+    check_rule(task, rule)
     check_predictions(task, predictions, answers_list)
     if len(lengths) != len(predictions):
         raise ValueError(f"{task}: {len(lengths)} lengths vs {len(predictions)} predictions")
@@ -270,7 +319,7 @@ def score_longbench_e(task: str, predictions: Sequence[str], answers_list: Seque
     buckets: dict[str, list[float]] = {"0-4k": [], "4-8k": [], "8k+": []}
     for p, a, n in zip(predictions, answers_list, lengths):
         key = "0-4k" if n < 4000 else "4-8k" if n < 8000 else "8k+"
-        buckets[key].append(score_example(task, p, a, all_classes))
+        buckets[key].append(score_example(task, p, a, all_classes, rule))
     return {k: round(100 * sum(v) / len(v), 2) for k, v in buckets.items() if v}
 
 

@@ -7,7 +7,12 @@ names; RULER / NIAH scores use ``<task>_<length>`` keys, e.g. ``ruler_squadqa_40
 reference's first-line rule, the paper's) and ``ruler_squadqa_string_match_part_4096``
 (RULER's official); both get columns, and the table says which is which. A LongBench-E
 task's ``"<task>_e_by_length": {"0-4k": .., "4-8k": .., "8k+": ..}`` object gets its own
-table beside the task's overall ``<task>_e`` score.
+table beside the task's overall ``<task>_e`` score. The LongBench rule that scored a run
+(``meta.longbench_rule``: ``thudm`` or ``refine``, see docs/evaluation.md) is a column of the
+LongBench table; every table is followed by a legend of its column codes. Missing scores are
+``–`` in tables and marked ``n/a`` (no bar) in the plot. ``eval``'s resume sidecars
+(``<run>.settings.json`` beside ``<run>.predictions.jsonl``) are skipped, so ``results/*.json``
+works; the files written are named on stderr (stdout is the markdown).
 
     python -m refine_ray.eval.tables results/*.json --out table.md --plot plot.png
 """
@@ -23,20 +28,20 @@ from pathlib import Path
 
 from refine_ray.eval.metrics import PAPER_ABBREV, PAPER_TASKS
 
-__all__ = ["Result", "load_result", "longbench_table", "ruler_table", "longbench_e_table", "render", "plot",
-           "main"]
+__all__ = ["Result", "load_result", "is_eval_sidecar", "longbench_table", "ruler_table", "longbench_e_table",
+           "render", "figure", "plot", "main"]
 
 _LENGTH_KEY = re.compile(r"^(?P<task>(?:ruler|niah)_[A-Za-z0-9_\-]+?)_(?P<length>\d+)$")
 E_BUCKETS = ("0-4k", "4-8k", "8k+")   # LongBench-E's scorer_e context-length buckets
 
 
 class Result:
-    """One run's scores: ``name``, ``scores`` (task -> 0-100) and ``by_length``
-    (LongBench-E task -> bucket -> 0-100)."""
+    """One run's scores: ``name``, ``scores`` (task -> 0-100), ``by_length`` (LongBench-E task ->
+    bucket -> 0-100) and ``rule``, the LongBench rule that scored it (None: not recorded)."""
 
     def __init__(self, name: str, scores: dict[str, float],
-                 by_length: dict[str, dict[str, float]] | None = None) -> None:
-        self.name, self.scores, self.by_length = name, scores, by_length or {}
+                 by_length: dict[str, dict[str, float]] | None = None, rule: str | None = None) -> None:
+        self.name, self.scores, self.by_length, self.rule = name, scores, by_length or {}, rule
 
     def ruler(self) -> dict[tuple[str, int], float]:
         """(task, length) -> score for the ``<task>_<length>`` keys."""
@@ -68,7 +73,16 @@ def load_result(path: str | Path) -> Result:
             by_length[key.removesuffix("_by_length")] = {b: float(val[b]) for b in E_BUCKETS if b in val}
     if not scores:
         raise ValueError(f"{path.name}: no numeric task scores")
-    return Result(name, scores, by_length)
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    rule = meta.get("longbench_rule")
+    return Result(name, scores, by_length, rule if isinstance(rule, str) else None)
+
+
+def is_eval_sidecar(path: str | Path) -> bool:
+    """``<run>.settings.json`` written by ``refine-ray eval`` beside ``<run>.predictions.jsonl`` (not a result)."""
+    path = Path(path)
+    return path.name.endswith(".settings.json") and \
+        path.with_name(path.name.removesuffix(".settings.json") + ".predictions.jsonl").is_file()
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -86,15 +100,16 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def longbench_table(results: Sequence[Result], digits: int = 1) -> str:
-    """Paper's 12 LongBench tasks + their average; '*' marks an average over fewer tasks."""
-    header = ["Run", *(PAPER_ABBREV[t] for t in PAPER_TASKS), "Avg"]
+    """Paper's 12 LongBench tasks + their average and the rule that scored them; '*' marks an average
+    over fewer tasks, '?' a rule the result file does not record."""
+    header = ["Run", "Rule", *(PAPER_ABBREV[t] for t in PAPER_TASKS), "Avg"]
     rows = []
     for r in results:
         vals = [r.scores.get(t) for t in PAPER_TASKS]
         have = [v for v in vals if v is not None]
         avg = _fmt(_mean(have), digits) + ("" if len(have) == len(PAPER_TASKS) or not have
                                            else f"* ({len(have)}/{len(PAPER_TASKS)})")
-        rows.append([r.name, *(_fmt(v, digits) for v in vals), avg])
+        rows.append([r.name, r.rule or "?", *(_fmt(v, digits) for v in vals), avg])
     return _md(header, rows)
 
 
@@ -150,31 +165,39 @@ def longbench_e_table(results: Sequence[Result], digits: int = 1) -> str:
     return _md(header, rows)
 
 
+_LB_LEGEND = ("Columns: " + ", ".join(f"{PAPER_ABBREV[t]} = {t}" for t in PAPER_TASKS) + " (each with "
+              "LongBench's metric for it); Avg = their mean. Rule = the LongBench scorer: `thudm` (LongBench's "
+              "eval.py) or `refine` (the REFINE reference's, which gave the paper's numbers); `?` = not recorded. "
+              "`–` = missing; `*` = average over the tasks present only. Scores 0-100; see docs/evaluation.md.")
+_RULER_LEGEND = ("Columns: `<task> <length>` = the score at that context length in tokens (K = 1024); "
+                 "`<task> avg` = its mean over the lengths shown (`*`: over fewer lengths). `squadqa` / "
+                 "`hotpotqa` = RULER QA with the REFINE reference's first-line rule (the paper's tables), "
+                 "`<task>_string_match_part` = the same answers under RULER's own QA metric over the whole "
+                 "response; `niah_*` = RULER's NIAH tasks under RULER's `string_match_all`. `–` = missing.")
+
+
 def render(results: Sequence[Result], digits: int = 1) -> str:
-    """Full markdown document: LongBench table and (if any) RULER and LongBench-E tables."""
-    parts = ["## LongBench (paper's 12 tasks)", "", longbench_table(results, digits)]
-    if any(r.scores.get(t) is None for r in results for t in PAPER_TASKS):
-        parts += ["", "`–` = missing; `*` = average over the tasks present only."]
+    """Full markdown document: LongBench table and (if any) RULER and LongBench-E tables, each with a legend."""
+    parts = ["## LongBench (paper's 12 tasks)", "", longbench_table(results, digits), "", _LB_LEGEND]
+    rules = {r.rule for r in results if any(t in r.scores for t in PAPER_TASKS)}
+    if len(rules) > 1:
+        parts += ["", "**The runs were scored under different rules: compare rows with the same Rule only.**"]
     rt = ruler_table(results, digits)
     if rt:
-        parts += ["", "## RULER by length", "", rt]
-        if "string_match_part" in rt or any(k.startswith("ruler_") for r in results for k in r.scores):
-            parts += ["", "RULER QA: `<task>` columns use the REFINE reference's first-line rule (the paper's "
-                      "tables); `<task>_string_match_part` columns use RULER's official metric over the whole "
-                      "response. See docs/evaluation.md."]
+        parts += ["", "## RULER by length", "", rt, "", _RULER_LEGEND]
     et = longbench_e_table(results, digits)
     if et:
         parts += ["", "## LongBench-E by context length", "", et, "",
-                  "Buckets as LongBench's `scorer_e` (row `length` < 4000, < 8000, else); `–` = no rows."]
+                  "Columns: `<task> <bucket>` = the task's score over rows whose context `length` (words; characters "
+                  "for Chinese) is < 4000 (0-4k), < 8000 (4-8k) or more (8k+), LongBench's `scorer_e`; `all` = every "
+                  "row. `–` = no rows."]
     return "\n".join(parts) + "\n"
 
 
-def plot(results: Sequence[Result], path: str | Path) -> None:
-    """Grouped bar plot (one bar per run) of LongBench tasks + Avg and RULER cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(results: Sequence[Result]):
+    """Grouped bar plot (one bar per run, labelled with its LongBench rule) of LongBench tasks + Avg and
+    RULER cells, as a matplotlib Figure; a missing score has no bar and an ``n/a`` mark."""
+    from matplotlib.figure import Figure
 
     panels: list[tuple[str, list[str], list[list[float]]]] = []
     labels = [PAPER_ABBREV[t] for t in PAPER_TASKS] + ["Avg"]
@@ -189,22 +212,32 @@ def plot(results: Sequence[Result], path: str | Path) -> None:
         keys = [(t, n) for t, ls in cols.items() for n in ls]
         panels.append(("RULER", [f"{_short(t)}\n{_klen(n)}" for t, n in keys],
                        [[r.ruler().get(k, math.nan) for k in keys] for r in results]))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.9 * len(labels) + 2), 4 * len(panels)),
-                             squeeze=False)
+    fig = Figure(figsize=(max(8, 0.9 * len(labels) + 2), 4 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     width = 0.8 / max(1, len(results))
     for ax, (title, xl, data) in zip(axes[:, 0], panels):
         for i, (r, vals) in enumerate(zip(results, data)):
-            ax.bar([x + (i - (len(results) - 1) / 2) * width for x in range(len(xl))], vals,
-                   width=width, label=r.name)
+            xs = [x + (i - (len(results) - 1) / 2) * width for x in range(len(xl))]
+            bars = ax.bar(xs, [0.0 if math.isnan(v) else v for v in vals], width=width,
+                          label=f"{r.name} [{r.rule or '?'}]" if title == "LongBench" else r.name)
+            for x, v, b in zip(xs, vals, bars):
+                if math.isnan(v):   # missing: no bar, an explicit mark (a 0 score is a real 0)
+                    b.set_visible(False)
+                    ax.text(x, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
         ax.set_xticks(range(len(xl)))
         ax.set_xticklabels(xl, fontsize=8)
-        ax.set_ylabel("score")
-        ax.set_title(title)
+        ax.set_ylabel("score (0-100)")
+        ax.set_ylim(0, 100)
+        ax.set_title(title + ("; n/a = not evaluated" if any(math.isnan(v) for d in data for v in d) else ""))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(results: Sequence[Result], path: str | Path) -> None:
+    """Write ``figure(results)`` as a PNG."""
+    figure(results).savefig(path, dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,8 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot", help="write a bar plot PNG here")
     ap.add_argument("--digits", type=int, default=1)
     args = ap.parse_args(argv)
+    paths = [p for p in args.results if not is_eval_sidecar(p)]
+    for p in args.results:
+        if is_eval_sidecar(p):
+            print(f"skipped {p} (refine-ray eval's resume settings, not a result)", file=sys.stderr)
     try:
-        results = [load_result(p) for p in args.results]
+        if not paths:
+            raise ValueError("no result files (give eval's --out JSON files)")
+        results = [load_result(p) for p in paths]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -224,8 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
+        print(f"wrote {args.out} (markdown tables)", file=sys.stderr)
     if args.plot:
         plot(results, args.plot)
+        print(f"wrote {args.plot} (bar plot)", file=sys.stderr)
     return 0
 
 

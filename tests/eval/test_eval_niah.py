@@ -1,189 +1,203 @@
-"""RULER-style NIAH generator and its scoring."""
+"""RULER's eight NIAH tasks against RULER's rules (scripts/synthetic.yaml, data/synthetic/niah.py and
+constants.py, eval/synthetic/constants.py), with the real MiniLM tokenizer and the Paul Graham essays.
+Row-for-row identity with RULER's own generator: test_niah_ruler_parity.py (needs a RULER checkout)."""
 from __future__ import annotations
 
+import json
+import random
 import re
-from pathlib import Path
 
 import pytest
 
-from refine_ray.eval.niah import (
-    DEPTHS, ESSAY_HAYSTACK, NOISE_HAYSTACK, generate_niah, make_niah, niah_recall, score_niah,
-    split_sentences,
-)
+from refine_ray.data import load_tokenizer
+from refine_ray.eval.niah import (ANSWER_PREFIX, DEPTHS, NOISE, TASKS, TEMPLATE, check_task, generate_niah,
+                                  niah_recall, string_match_all)
+from refine_ray.eval.niah_sources import KeyWords, essay_text, essay_words, key_words, sent_tokenize
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-NEEDLE_RE = re.compile(r"One of the special magic numbers for (\S+) is: (\d{7})\.")
-QUERY_RE = re.compile(r"What (?:are all|is) the special magic numbers? for (.+?) mentioned")
-
-
-class WordTokenizer:
-    """Whitespace tokenizer: one token per space-separated word."""
-
-    def encode(self, text: str) -> list[int]:
-        return [hash(w) & 0xFFFF for w in text.split()]
+VALUE = {"numbers": r"\d{7}", "uuids": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+         "words": r"[A-Za-z][A-Za-z' -]*?-[A-Za-z][A-Za-z' -]*?"}
+LENGTH = 2048
 
 
-class CharTokenizer:
-    """One token per character."""
+class _Tok:
+    """Token counts as ``refine-ray eval`` takes them: the MiniLM tokenizer, no special tokens."""
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+    def __init__(self):
+        self.tok = load_tokenizer(None)
+        self.tok.model_max_length = 1 << 30
 
-
-WORDS = WordTokenizer()
-MAX_SENT_WORDS = max(len(s.split()) for s in split_sentences(ESSAY_HAYSTACK))
-
-
-def _context(prompt: str) -> str:
-    return prompt.split("afterwards.\n", 1)[1].rsplit("\nWhat ", 1)[0]
+    def encode(self, text):
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _recover(prompt: str) -> list[str]:
-    """Answers a perfect reader would give: the values of the queried keys."""
-    kv: dict[str, list[str]] = {}
-    for k, v in NEEDLE_RE.findall(prompt):
-        kv.setdefault(k, []).append(v)
-    keys = re.split(r", and |, ", QUERY_RE.search(prompt).group(1))
-    return [v for k in keys for v in kv[k]]
+@pytest.fixture(scope="module")
+def tok():
+    return _Tok()
 
 
-@pytest.mark.parametrize("variant,n_needles,n_answers", [
-    ("single", 1, 1), ("multikey", 4, 1), ("multiquery", 4, 4), ("multivalue", 4, 4)])
-@pytest.mark.parametrize("length", [300, 2000])
-def test_length_needles_answers(variant: str, n_needles: int, n_answers: int, length: int) -> None:
-    row = make_niah(variant, ESSAY_HAYSTACK, WORDS, length, seed=3)
-    n = len(WORDS.encode(row["prompt"]))
-    assert row["length"] == n and row["max_seq_length"] == length
-    # RULER's fit: prompt + 128 generated tokens <= length, as long as possible (one sentence short)
-    assert row["tokens_to_generate"] == 128
-    assert length - 128 - MAX_SENT_WORDS <= n <= length - 128
-    assert row["task"] == f"niah_{variant}"
-    assert len(NEEDLE_RE.findall(row["prompt"])) == n_needles
-    assert len(row["answers"]) == n_answers
-    assert sorted(_recover(row["prompt"])) == sorted(row["answers"])
-    verb = "is" if variant in ("single", "multikey") else "are"   # RULER's singular wording
-    assert row["prompt"].endswith(f"mentioned in the provided text {verb}")
-    assert score_niah([" ".join(row["answers"])], [row["answers"]]) == 100.0
+@pytest.fixture(scope="module")
+def rows(tok):
+    return {name: generate_niah(name, tok, LENGTH, 4) for name in TASKS}
 
 
-def test_multikey_distractors_and_multivalue_same_key() -> None:
-    mk = make_niah("mk", ESSAY_HAYSTACK, WORDS, 800, seed=1)
-    assert len(set(mk["needle_keys"])) == 4 and mk["query_keys"][0] in mk["needle_keys"]
-    mv = make_niah("mv", ESSAY_HAYSTACK, WORDS, 800, seed=1)
-    assert len(set(mv["needle_keys"])) == 1 and len(set(mv["needle_values"])) == 4
+def _needle_re(task):
+    t = TASKS[task]
+    return re.compile(rf"One of the special magic {t.value_type} for ({VALUE[t.key_type]}) is: ({VALUE[t.value_type]})\.")
 
 
-@pytest.mark.parametrize("depths", [[0], [50], [100]])
-def test_single_depth(depths: list[int]) -> None:
-    row = make_niah("single", NOISE_HAYSTACK, WORDS, 1500, seed=0, depths=depths)
-    ctx = _context(row["prompt"])
-    words = ctx.split()
-    pos = words.index("One") / len(words)
-    # 1500 words of 3-4-word sentences: one sentence is < 1% of the context
-    assert abs(pos - depths[0] / 100) < 0.02
-    if depths[0] == 0:
-        assert ctx.startswith("One of the special magic numbers")
-    if depths[0] == 100:
-        assert ctx.endswith(f"is: {row['answers'][0]}.")
+def _context(row):
+    return row["prompt"].split("afterwards.\n", 1)[1].rsplit("\nWhat ", 1)[0]
 
 
-def test_multi_needle_depths() -> None:
-    depths = [10, 35, 60, 90]
-    row = make_niah("mq", ESSAY_HAYSTACK, WORDS, 3000, seed=5, depths=depths)
-    words = _context(row["prompt"]).split()
-    for key, value, depth in zip(row["needle_keys"], row["needle_values"], row["needle_depths"]):
-        i = words.index(value + ".")
-        assert words[i - 2] == key
-        assert abs(i / len(words) - depth / 100) < 0.03
+@pytest.mark.parametrize("task", list(TASKS))
+def test_template_needles_answers_and_length(rows, tok, task):
+    t = TASKS[task]
+    singular = t.num_queries * t.num_values == 1   # RULER: 'Some'->'A', 'are all'->'is', 'are'->'is', type[:-1]
+    word = t.value_type[:-1] if singular else t.value_type
+    for row in rows[task]:
+        p = row["prompt"]
+        head = (f"A special magic {word} is hidden" if singular else f"Some special magic {word} are hidden")
+        assert p.startswith(head + f" within the following text. Make sure to memorize it. I will quiz you about "
+                                   f"the {word} afterwards.\n")
+        ask = "is" if singular else "are all"
+        m = re.search(rf"\nWhat {ask} the special magic {word} for (.+) mentioned in the provided text\? The special "
+                      rf"magic {word} for (.+) mentioned in the provided text {'is' if singular else 'are'}$", p)
+        assert m and m[1] == m[2], p[-300:]
+        # RULER's input / answer_prefix split at the answer prefix's first 10 characters
+        assert row["input"] + row["answer_prefix"] == p and row["answer_prefix"].startswith(ANSWER_PREFIX[:10])
+        # the needles: keys and values of the task's types; a reader who finds them all answers exactly
+        found = _needle_re(task).findall(_context(row))
+        queried = re.split(r", and |, ", m[1])
+        assert len(queried) == t.num_queries and len(row["answers"]) == t.num_queries * t.num_values
+        values = {}
+        for k, v in found:
+            values.setdefault(k, []).append(v)
+        assert sorted(v for k in queried for v in values[k]) == sorted(row["answers"])   # needles are shuffled
+        needles = max(t.num_keys, t.num_queries) * t.num_values
+        assert len(found) == (needles + row["num_haystack"] if t.haystack == "needle" else needles)
+        # RULER's length: prompt tokens + tokens_to_generate, within max_seq_length
+        assert row["length"] == len(tok.encode(p)) + 128 <= LENGTH and row["tokens_to_generate"] == 128
 
 
-def test_deterministic_and_seeded() -> None:
-    a = generate_niah("mv", ESSAY_HAYSTACK, WORDS, 500, 3, seed=7)
-    b = generate_niah("mv", ESSAY_HAYSTACK, WORDS, 500, 3, seed=7)
-    c = generate_niah("mv", ESSAY_HAYSTACK, WORDS, 500, 3, seed=8)
-    assert a == b and [r["index"] for r in a] == [0, 1, 2]
-    assert a[0]["prompt"] != a[1]["prompt"] and a[0]["answers"] != c[0]["answers"]
+@pytest.mark.parametrize("task", [n for n, t in TASKS.items() if t.haystack != "essay"])
+def test_noise_and_needle_haystacks_are_lines(rows, task):
+    """Noise / needle haystacks: RULER's lines joined by '\\n', needles inserted as lines of their own."""
+    t = TASKS[task]
+    for row in rows[task]:
+        lines = _context(row).split("\n")
+        needles = max(t.num_keys, t.num_queries) * t.num_values
+        assert len(lines) == row["num_haystack"] + needles
+        if t.haystack == "noise":
+            assert sum(line == NOISE for line in lines) == row["num_haystack"]
+        else:
+            assert all(_needle_re(task).fullmatch(line) for line in lines)
 
 
-def test_char_tokenizer_and_real_haystack() -> None:
-    tok = CharTokenizer()
-    row = make_niah("single", ESSAY_HAYSTACK, tok, 4000, seed=2, answer_prefix=False)
-    longest = max(len(s) for s in split_sentences(ESSAY_HAYSTACK))
-    assert 4000 - 128 - longest - 1 <= len(tok.encode(row["prompt"])) <= 4000 - 128
-    assert row["prompt"].endswith("mentioned in the provided text?")
-    path = DATA / "longbench" / "qasper_16384.parquet"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    import pyarrow.parquet as pq
-    texts = pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()[:3]
-    row = make_niah("mk", texts, WORDS, 3000, seed=0)
-    assert row["length"] <= 3000 and sorted(_recover(row["prompt"])) == sorted(row["answers"])
+def _segments(task, context):
+    """The essay pieces between needles, checking RULER's separators: seg0 ' ' n1 ' ' seg1 ... nK ' ' segK."""
+    pieces = _needle_re(task).split(context)[::3]   # split keeps the two groups: text, key, value, text, ...
+    assert pieces[0].endswith(" ") and pieces[-1].startswith(" ")
+    assert all(p.startswith(" ") and p.endswith(" ") for p in pieces[1:-1])
+    return [pieces[0][:-1]] + [p[1:-1] for p in pieces[1:-1]] + [pieces[-1][1:]]
 
 
-def test_errors() -> None:
-    with pytest.raises(ValueError, match="too short"):
-        make_niah("mq", ESSAY_HAYSTACK, WORDS, 50)
-    with pytest.raises(ValueError, match="unknown NIAH variant"):
-        make_niah("triple", ESSAY_HAYSTACK, WORDS, 500)
-    with pytest.raises(ValueError, match="need 4 integer depths"):
-        make_niah("mk", ESSAY_HAYSTACK, WORDS, 500, depths=[10])
-    with pytest.raises(ValueError, match="need 1 integer depths"):
-        make_niah("single", ESSAY_HAYSTACK, WORDS, 500, depths=[12.5])
-    with pytest.raises(ValueError, match="no text"):
-        make_niah("single", "   ", WORDS, 500)
-
-
-def test_recall_scoring() -> None:
-    # 2 of 3 gold values present -> 2/3
-    assert niah_recall("The numbers are 1234567 and 7654321.",
-                       ["1234567", "7654321", "1111111"]) == pytest.approx(2 / 3)
-    # (2/3 + 1) / 2 * 100 = 83.33...
-    got = score_niah(["1234567 7654321", "ABC"], [["1234567", "7654321", "1111111"], ["abc"]])
-    assert got == pytest.approx(250 / 3)
-    assert score_niah([""], [["1234567"]]) == 0.0
-
-
-# ---------------------------------------------------------------- RULER's definitions (issue 11.6)
-def test_singular_wording_for_one_asked_value() -> None:
-    # RULER niah.py: num_needle_q * num_needle_v == 1 -> 'Some'->'A', 'are all'->'is', 'are'->'is',
-    # 'numbers'->'number' in template + answer prefix (the needles keep 'numbers')
-    for variant in ("single", "multikey"):
-        row = make_niah(variant, ESSAY_HAYSTACK, WORDS, 600, seed=1)
-        key = row["query_keys"][0]
-        assert row["prompt"].startswith("A special magic number is hidden within the following text. Make sure "
-                                        "to memorize it. I will quiz you about the number afterwards.\n")
-        assert row["prompt"].endswith(f"\nWhat is the special magic number for {key} mentioned in the provided "
-                                      f"text? The special magic number for {key} mentioned in the provided text is")
-        assert "One of the special magic numbers for" in row["prompt"]
-    for variant in ("multiquery", "multivalue"):
-        row = make_niah(variant, ESSAY_HAYSTACK, WORDS, 600, seed=1)
-        assert row["prompt"].startswith("Some special magic numbers are hidden")
-        assert "\nWhat are all the special magic numbers for " in row["prompt"]
-
-
-def test_generation_budget_fits_the_nominal_length() -> None:
-    for budget in (128, 0, 37):
-        row = make_niah("mk", NOISE_HAYSTACK, WORDS, 1000, seed=4, tokens_to_generate=budget)
-        n = len(WORDS.encode(row["prompt"]))
-        # noise sentences are 3-4 words: the longest prompt with n + budget <= 1000
-        assert 1000 - budget - 4 < n <= 1000 - budget and row["tokens_to_generate"] == budget
-    with pytest.raises(ValueError, match="plus 128 to generate"):
-        make_niah("mq", ESSAY_HAYSTACK, WORDS, 200)
-
-
-def test_integer_depths_and_placement_rule() -> None:
-    # np.round(np.linspace(0, 100, 40)): 100*i/39 -> 0, 2.56->3, 5.13->5, 7.69->8, ..., 51.28->51, ..., 100
-    assert DEPTHS[:5] == (0, 3, 5, 8, 10) and DEPTHS[20] == 51 and DEPTHS[-1] == 100 and len(set(DEPTHS)) == 40
-    rows = [make_niah("mv", ESSAY_HAYSTACK, WORDS, 900, seed=s) for s in range(5)]
+@pytest.mark.parametrize("task", [n for n, t in TASKS.items() if t.haystack == "essay"])
+def test_essay_whitespace_and_depths_are_rulers(tok, task):
+    """Essay: the first N words of the essays split into sentences by Punkt; needle i before sentence
+    int(n * depth_i / 100) of RULER's depths; segments joined by ' ' keeping empty ones (a needle at depth 0
+    leaves a leading space, at 100 a trailing one, two at one position a double space): RULER's joining."""
+    t = TASKS[task]
+    rows = generate_niah(task, tok, 1200, 12, seed=3)
+    empty = 0
     for row in rows:
-        assert all(type(d) is int and d in DEPTHS for d in row["needle_depths"])
-        assert row["needle_depths"] == sorted(row["needle_depths"]) and len(set(row["needle_depths"])) == 4
-    # placement: needle i comes after int(k * (d_i / 100)) haystack sentences (k = haystack sentences,
-    # RULER's float expression: e.g. int(100 * (29 / 100)) = 28, not 29)
-    hay = [f"Filler number {i} is here." for i in range(100)]
-    row = make_niah("mk", hay, WORDS, 10_000, seed=0, depths=[0, 29, 50, 100], tokens_to_generate=0)
-    sents = split_sentences(_context(row["prompt"]))
-    needle_at = [i for i, t in enumerate(sents) if t.startswith("One of the special magic")]
-    k = len(sents) - 4
-    expected = [int(k * (d / 100)) for d in (0, 29, 50, 100)]
-    assert [pos - j for j, pos in enumerate(needle_at)] == expected
+        ctx = _context(row)
+        segs = _segments(task, ctx)
+        sents = sent_tokenize(" ".join(essay_words()[:row["num_haystack"]]).strip())
+        cuts, i = [0], 0
+        for seg in segs:   # each segment is the next run of whole sentences joined by ' '
+            j = i
+            while j < len(sents) and len(" ".join(sents[i:j])) < len(seg):
+                j += 1
+            assert seg == " ".join(sents[i:j])
+            cuts.append(i := j)
+        assert i == len(sents)
+        assert set(cuts[1:-1]) <= {int(len(sents) * (d / 100)) for d in DEPTHS}
+        empty += segs.count("")
+        assert ctx.startswith(" ") == (segs[0] == "") and ctx.endswith(" ") == (segs[-1] == "")
+    if max(t.num_keys, t.num_queries) * t.num_values > 1:   # four needles: some rows show RULER's spaces
+        assert empty > 0
+
+
+def test_seeded_prefix_and_limit(tok):
+    a = generate_niah("niah_multivalue", tok, 1500, 3, seed=7)
+    assert a == generate_niah("niah_multivalue", tok, 1500, 3, seed=7)
+    assert a[:2] == generate_niah("niah_multivalue", tok, 1500, 2, seed=7)   # --limit: a prefix of the rows
+    assert a[0]["answers"] != generate_niah("niah_multivalue", tok, 1500, 1, seed=8)[0]["answers"]
+    assert [r["index"] for r in a] == [0, 1, 2] and len({r["prompt"] for r in a}) == 3
+
+
+def test_bad_names_and_lengths(tok):
+    with pytest.raises(ValueError, match="'multikey' is now niah_multikey_1; RULER's tasks: niah_single_1"):
+        check_task("multikey")
+    with pytest.raises(ValueError, match="unknown NIAH task 'triple'"):
+        check_task("triple")
+    with pytest.raises(ValueError, match=r"niah_single_2: length 700 is too short: RULER's smallest haystack "
+                                         r"\(500 words\) gives \d+ prompt tokens \+ 128 to generate"):
+        generate_niah("niah_single_2", tok, 700, 1)
+    with pytest.raises(ValueError, match="need max_seq_length > 0"):
+        generate_niah("niah_single_1", tok, 2048, 0)
+
+
+def test_string_match_all_is_rulers():
+    # RULER: sum(sum(r.lower() in pred.lower()) / len(ref)) / len(preds) * 100, round(., 2), on
+    # postprocess_pred output (strip, control characters -> '\n')
+    assert niah_recall("The numbers are 1234567 and 7654321.", ["1234567", "7654321", "1111111"]) == 2 / 3
+    assert string_match_all(["1234567 7654321", "ABC-def"], [["1234567", "7654321", "1111111"], ["abc-DEF"]]) == 83.33
+    assert string_match_all(["\t 1234567\x00"], [["1234567"]]) == 100.0
+    assert string_match_all([""], [["1234567"]]) == 0.0
+    with pytest.raises(ValueError, match="1 predictions vs 2 answer lists"):
+        string_match_all(["x"], [["a"], ["b"]])
+
+
+def test_key_words_match_rulers_sorted_set():
+    """KeyWords indexes sorted(set(f'{adj}-{noun}')) exactly, also where hyphens, spaces, case and prefixes
+    make adjectives interleave or collide; random.choice draws what it draws from the built list."""
+    adjs = ["high", "high-pitched", "highfalutin", "teeny", "teeny-tiny", "Early", "ad hoc", "ad", "red", "red",
+            "x-rated", "old", "old-fashioned"]
+    nouns = ["tiny-cat", "cat", "back-up", "TV", "contact lens", "fashioned-x", "pitched-a"]
+    built = sorted({f"{a}-{n}" for a in adjs for n in nouns})
+    kw = KeyWords(adjs, nouns)
+    assert len(kw) == len(built) and list(kw) == built and kw[-1] == built[-1] and kw[2:5] == built[2:5]
+    assert random.Random(5).choice(kw) == random.Random(5).choice(built)
+    real = key_words()
+    assert len(real) == 6_171_620 and real[0] == "Early-ATM"   # wonderwords 3.0.1: 910 adjectives x 6782 nouns
+
+
+@pytest.mark.slow
+def test_key_words_equal_the_built_list_on_wonderwords():
+    from wonderwords.random_word import _get_words_from_text_file as words
+
+    built = sorted(set(f"{a}-{n}" for a in words("adjectivelist.txt") for n in words("nounlist.txt")))
+    assert list(key_words()) == built
+
+
+def test_essays_are_rulers_and_other_sources(tmp_path):
+    words = essay_words()
+    assert len(words) == 111_877 and words[:3] == ("July", "2010What", "hard")   # essays glued as RULER's text +=
+    (tmp_path / "PaulGrahamEssays.json").write_text(json.dumps({"text": essay_text()}))
+    assert essay_words(str(tmp_path / "PaulGrahamEssays.json")) == words
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "b.txt").write_text("second. ")
+    (tmp_path / "essays" / "a.txt").write_text("First one.\n")
+    assert essay_text(str(tmp_path / "essays")) == "First one.\nsecond. "   # sorted by name, nothing between
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match="is not RULER's PaulGrahamEssays.json"):
+        essay_text(str(tmp_path / "bad.json"))
+
+
+def test_template_is_rulers_constants():
+    # RULER constants.py TASKS['niah'] (template + answer prefix), needle and depths
+    assert TEMPLATE.endswith("What are all the special magic {type_needle_v} for {query} mentioned in the "
+                             "provided text?") and "\n{context}\n" in TEMPLATE
+    assert ANSWER_PREFIX == " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+    assert DEPTHS[:5] == (0, 3, 5, 8, 10) and DEPTHS[20] == 51 and DEPTHS[-1] == 100 and len(set(DEPTHS)) == 40

@@ -12,6 +12,7 @@ from refine_ray.eval.tables import load_result, render
 from refine_ray.data import truncate
 from refine_ray.eval.evaluate import EvalConfig, EvalSet, build_eval_model, gen_budget, score_set, stop_ids
 from refine_ray.eval.metrics import normalize_answer
+from refine_ray.eval.summary import default_run_name
 from refine_ray.eval.ttt import TestTimeTrainer
 
 TINY = ["--config", "configs/ttt_tiny_longbench.yaml", "--model", "tiny:delta_net", "--no-progress",
@@ -47,11 +48,46 @@ def test_eval_longbench_and_ruler_with_ttt_writes_a_table_json(shared_data, tmp_
 
 
 def test_eval_niah_without_ttt(tokenizer, tmp_path, capsys):
+    """RULER NIAH tasks by name; the summary reports NIAH apart from the other families; an old variant
+    name is one line naming the RULER task, before anything is generated or answered."""
     out = tmp_path / "niah.json"
-    assert main(["eval", *TINY, "--niah", "multikey:256:2", "--out", str(out)]) == 0
+    assert main(["eval", *TINY, "--niah", "niah_single_1:512:2", "--niah", "niah_multikey_3:1024:2",
+                 "--out", str(out)]) == 0
     obj = json.loads(out.read_text())
-    assert obj["run_name"] == "tiny_delta_net-none" and "niah_multikey_256" in obj
-    assert load_result(out).ruler() == {("niah_multikey", 256): obj["niah_multikey_256"]}
+    assert obj["run_name"] == "tiny_delta_net-ttt_none"
+    assert load_result(out).ruler() == {("niah_single_1", 512): obj["niah_single_1_512"],
+                                        ("niah_multikey_3", 1024): obj["niah_multikey_3_1024"]}
+    assert obj["meta"]["scorers"]["niah_multikey_3_1024"] == {"family": "niah", "metric": "string_match_all"}
+    line = capsys.readouterr().out.strip()
+    assert f"| means: niah/string_match_all={(obj['niah_single_1_512'] + obj['niah_multikey_3_1024']) / 2:.2f} " \
+           f"(2 sets) | 4 rows; ttt none;" in line
+    assert main(["eval", *TINY, "--niah", "multikey:4096:20", "--out", str(tmp_path / "old.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'multikey' is now niah_multikey_1" in err, err
+
+
+def test_summary_reports_each_family_apart(shared_data, tmp_path, capsys):
+    """LongBench, RULER QA (both metrics) and NIAH means are separate; nothing averages across families."""
+    out = tmp_path / "mix.json"
+    assert main(["eval", *TINY, "--data", str(shared_data / "longbench" / "qasper_16384.parquet"), "--data",
+                 str(shared_data / "ruler" / "ruler_squadqa_delta_net_4096_200_test.parquet"),
+                 "--niah", "niah_single_1:512:1", "--limit", "1", "--out", str(out)]) == 0
+    obj = json.loads(out.read_text())
+    line = capsys.readouterr().out.strip()
+    means = line.split(" | ")[1]
+    assert means == (f"means: longbench[thudm]={obj['qasper']:.2f} (1 task), "
+                     f"ruler_qa/first_line={obj['ruler_squadqa_4096']:.2f} (1 set), "
+                     f"ruler_qa/string_match_part={obj['ruler_squadqa_string_match_part_4096']:.2f} (1 set), "
+                     f"niah/string_match_all={obj['niah_single_1_512']:.2f} (1 set)")
+    assert "avg" not in line
+
+
+@pytest.mark.parametrize("model, name", [
+    ("tiny:lact", "tiny_lact-ttt_ntp"), ("outputs/my-run/export", "my-run-ttt_ntp"),
+    ("outputs/my-run/hf/", "my-run-ttt_ntp"), ("runs/exp3/checkpoints/step_40/hf", "exp3-ttt_ntp"),
+    ("models/deltanet-1.3b", "deltanet-1.3b-ttt_ntp")])
+def test_default_run_name_is_the_model_dirs_meaningful_name(model, name):
+    assert default_run_name(model, "ntp") == name
 
 
 def test_truncate_middle_and_generation_budgets():
@@ -72,7 +108,7 @@ def _parquet(path, **cols):
 @pytest.mark.parametrize("case,needle", [
     ("missing_column", "missing column 'answers'"),
     ("unknown_task", "unknown LongBench task 'poetry'"),
-    ("bad_niah", "expected VARIANT:LENGTH:N"),
+    ("bad_niah", "expected TASK:LENGTH:N"),
     ("bad_override", "unknown config key 'eval.ttt.stepz'"),
     ("no_file", "no such file"),
 ])
@@ -85,9 +121,9 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, case, needle):
         args += ["--data", _parquet(tmp_path / "poetry_16384.parquet", prompt=["p"], answers=[["a"]],
                                     task=["poetry"], max_gen_tokens=[8])]
     elif case == "bad_niah":
-        args += ["--niah", "multikey:4k"]
+        args += ["--niah", "niah_multikey_1:4k"]
     elif case == "bad_override":
-        args += ["--niah", "single:128:1", "eval.ttt.stepz=2"]
+        args += ["--niah", "niah_single_1:128:1", "eval.ttt.stepz=2"]
     else:
         args += ["--data", str(tmp_path / "missing_16384.parquet")]
     assert main(args) == 2
@@ -119,7 +155,8 @@ def test_longbench_e_file_reports_length_buckets_beside_the_overall_score(tmp_pa
     # 0-4k: rows 0 (hit), 1 (miss) -> 50; 4-8k: row 2 (hit) -> 100; 8k+: rows 3 (hit), 4 (miss) -> 50; all: 3/5
     assert obj["qasper_e"] == 60.0
     assert obj["qasper_e_by_length"] == {"0-4k": 50.0, "4-8k": 100.0, "8k+": 50.0}
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("lbe: qasper_e=60.00 (avg 60.00;")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "lbe: qasper_e=60.00 | means: longbench[thudm]=60.00 (1 task) | 5 rows;")
     result = load_result(out)
     assert result.by_length == {"qasper_e": {"0-4k": 50.0, "4-8k": 100.0, "8k+": 50.0}}
     table = render([result])
