@@ -17,7 +17,7 @@ import pytest
 
 from refine_ray.config import DataConfig, load_config
 from refine_ray.data import Corpus, DataCursor, DataError, load_tokenizer
-from refine_ray.preflight import preflight
+from refine_ray.preflight import check_validation, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_deltanet_mid.yaml")
@@ -184,7 +184,7 @@ def _val_config(tmp_path, val_docs: list[str], overrides=()):
                                 "refine.n_chunks=2", *overrides])
 
 
-def test_validation_documents_too_short_for_the_fixed_cuts_stop_preflight(tmp_path):
+def test_validation_documents_too_short_for_the_fixed_cuts_stop_preflight(tmp_path, tokenizer):
     """Issue 24 point 11: 20 + (8 + 1) x 5 - 1 = 64 tokens needed; the first 2 documents have fewer
     (the long third is not among the val_docs=2 the evaluation reads): one line before the run."""
     cfg = _val_config(tmp_path, [_words(40, 0), _words(50, 1), _words(500, 2)])
@@ -198,5 +198,5 @@ def test_validation_documents_too_short_for_the_fixed_cuts_stop_preflight(tmp_pa
         assert needle in msg, (needle, msg)
     capped = _val_config(tmp_path, [_words(500, 2)], ["data.max_length=60"])
     with pytest.raises(DataError, match=r"the longest has 60 \(data.max_length=60\)"):
-        preflight(capped)
-    assert preflight(_val_config(tmp_path, [_words(40, 0), _words(70, 1)])).usable == 4   # one qualifies: runs
+        check_validation(capped, tokenizer)
+    check_validation(_val_config(tmp_path, [_words(40, 0), _words(70, 1)]), tokenizer)   # one qualifies: runs

@@ -10,7 +10,7 @@ datasets' Arrow cache and memory-mapped (:mod:`.files`), the token count of ever
 computed once per (file contents, tokenizer) by ``Dataset.map(num_proc=...)`` and cached
 beside it (:mod:`.index`), the driver keeps only that ``[rows]`` integer index (the
 :class:`DataCursor`), and each scorer reads only the rows it is given (:class:`Corpus`).
-Cache location and clearing: docs/operations.md ("The corpus cache").
+Cache location and clearing: README.md and docs/performance.md ("Data at corpus scale").
 """
 from refine_ray.data.corpus import Corpus, DataCursor, Document, truncate
 from refine_ray.data.files import DataError, content_key, data_files, load_tokenizer, locate_row, open_dataset

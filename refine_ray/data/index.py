@@ -3,11 +3,13 @@
 :func:`corpus_index` runs ``Dataset.map(num_proc=...)`` over the memory-mapped corpus
 (:func:`~refine_ray.data.files.open_dataset`) with :class:`TokenCounter` and keeps the result
 in datasets' own cache format: Arrow files ``<HF_DATASETS_CACHE>/refine_ray_index/tokens-<key>*.arrow``
-that the next start maps instead of tokenising again. The key (the map's fingerprint, which
-we give instead of letting datasets hash the function: its dill hash of a tokenizer changes
-when a call sets the tokenizer's truncation state, so a fresh process would miss) is a
-sha256 of :data:`INDEX_VERSION`, the files' :func:`~refine_ray.data.files.content_key`,
-:func:`tokenizer_key` and the columns. Counts are stored untruncated, so changing
+that the next start maps instead of tokenising again. The key is a sha256 of
+:data:`INDEX_VERSION`, the files' :func:`~refine_ray.data.files.content_key`,
+:func:`tokenizer_key` and the columns, given to ``map`` as its fingerprint: datasets' own
+(the previous fingerprint hashed with the dill-pickled :class:`TokenCounter`) is also
+stable across processes, but ours names exactly what decides the counts, and follows the
+files also for a ``save_to_disk`` directory, whose fingerprint is whatever its
+``state.json`` says. Counts are stored untruncated, so changing
 ``data.max_length`` or ``data.truncation`` reuses the index (the truncated length is
 ``min(count, max_length)`` whichever side is dropped).
 
@@ -135,24 +137,28 @@ def corpus_index(dataset, files: list[str], tokenizer, answer_column: Optional[s
     column is the text), read from its cache or built with ``num_proc`` processes
     (:func:`resolve_num_proc`) and cached (module doc; ``progress``: datasets' progress bar).
 
-    Raises the map's own error when a fresh build fails; a cached index that fails to read is
-    rebuilt once (warning line)."""
+    Raises DataError when the index directory cannot be created, the map's own error when a
+    fresh build fails; a cached index that fails to read is rebuilt once (warning line)."""
     import datasets
 
     columns = dataset.column_names
     key = hashlib.sha256(json.dumps([INDEX_VERSION, content_key(files), tokenizer_key(tokenizer), columns,
                                      answer_column]).encode()).hexdigest()[:32]
     cache_file = index_dir() / f"tokens-{key}.arrow"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data: cannot create the token index directory '{cache_file.parent}' ({e.strerror}); "
+                        f"set HF_DATASETS_CACHE to a writable directory") from None
     features = {"tokens": datasets.Value("int64")}
     if answer_column is not None:
         features["answer_tokens"] = datasets.Value("int64")
+    procs = resolve_num_proc(num_proc, len(dataset))
     bars_were_off = datasets.utils.are_progress_bars_disabled()
     datasets.enable_progress_bars() if progress else datasets.disable_progress_bars()
     try:
         for attempt in (0, 1):
-            existing = sorted(glob.glob(f"{cache_file.with_suffix('')}*.arrow"))
-            procs = resolve_num_proc(num_proc, len(dataset))
+            existing = sorted(glob.glob(f"{cache_file.with_suffix('')}*.arrow"))   # this key's shards, if any
             try:
                 out = dataset.map(TokenCounter(tokenizer, answer_column), batched=True, batch_size=MAP_BATCH,
                                   input_columns=columns, remove_columns=columns, features=datasets.Features(features),
@@ -165,8 +171,8 @@ def corpus_index(dataset, files: list[str], tokenizer, answer_column: Optional[s
             except Exception as e:
                 if attempt or not existing:
                     raise
-                log.warning(f"data: the cached token index '{existing[0]}' is unreadable ({str(e)[:160]}); "
-                            f"rebuilding it")
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                log.warning(f"data: the cached token index '{existing[0]}' is unreadable ({reason}); rebuilding it")
                 for f in existing:
                     Path(f).unlink(missing_ok=True)
     finally:
