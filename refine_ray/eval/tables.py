@@ -196,8 +196,10 @@ def render(results: Sequence[Result], digits: int = 1) -> str:
 
 def figure(results: Sequence[Result]):
     """Grouped bar plot (one bar per run, labelled with its LongBench rule) of LongBench tasks + Avg and
-    RULER cells, as a matplotlib Figure; a missing score has no bar and an ``n/a`` mark."""
+    RULER cells, as a matplotlib Figure; every cell is labelled with its value, a missing one has no bar
+    and the label ``n/a`` (so it never reads as a 0)."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     panels: list[tuple[str, list[str], list[list[float]]]] = []
     labels = [PAPER_ABBREV[t] for t in PAPER_TASKS] + ["Avg"]
@@ -216,21 +218,24 @@ def figure(results: Sequence[Result]):
     axes = fig.subplots(len(panels), 1, squeeze=False)
     width = 0.8 / max(1, len(results))
     for ax, (title, xl, data) in zip(axes[:, 0], panels):
+        handles = []
         for i, (r, vals) in enumerate(zip(results, data)):
             xs = [x + (i - (len(results) - 1) / 2) * width for x in range(len(xl))]
-            bars = ax.bar(xs, [0.0 if math.isnan(v) else v for v in vals], width=width,
-                          label=f"{r.name} [{r.rule or '?'}]" if title == "LongBench" else r.name)
-            for x, v, b in zip(xs, vals, bars):
-                if math.isnan(v):   # missing: no bar, an explicit mark (a 0 score is a real 0)
-                    b.set_visible(False)
-                    ax.text(x, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
+            have = [(x, v) for x, v in zip(xs, vals) if not math.isnan(v)]
+            ax.bar([x for x, _ in have], [v for _, v in have], width=width, color=f"C{i}")
+            for x, v in zip(xs, vals):   # every cell says its value; a missing one says n/a and has no bar
+                ax.text(x, (0 if math.isnan(v) else v) + 1, "n/a" if math.isnan(v) else f"{v:.1f}", rotation=90,
+                        ha="center", va="bottom", fontsize=7, color="0.45" if math.isnan(v) else "0.1")
+            handles.append(Patch(color=f"C{i}", label=f"{r.name} [{r.rule or '?'}]" if title == "LongBench"
+                                 else r.name))
         ax.set_xticks(range(len(xl)))
         ax.set_xticklabels(xl, fontsize=8)
+        ax.set_xlim(-0.6, len(xl) - 0.4)   # whole groups, bars or not
         ax.set_ylabel("score (0-100)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 110)
         ax.set_title(title + ("; n/a = not evaluated" if any(math.isnan(v) for d in data for v in d) else ""))
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -49,16 +49,13 @@ def test_main_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_plot_marks_missing_scores_as_missing(tmp_path: Path) -> None:
-    """A score that is not there gets no bar and an n/a mark; a real 0 gets its (empty) bar, no mark."""
+    """A score that is not there gets no bar and an n/a label; a real 0 gets its bar and the label 0.0."""
     a = load_result(_write(tmp_path / "a.json", {"run_name": "a", "narrativeqa": 0.0, "qasper": 50.0}))
-    fig = figure([a])
-    ax = fig.axes[0]
-    bars = ax.patches
-    assert [b.get_height() for b in bars[:2]] == [0.0, 50.0] and bars[0].get_visible() and bars[1].get_visible()
-    missing = [b for b in bars if not b.get_visible()]
-    assert len(missing) == 10                                 # the other 10 paper tasks; Avg is over the 2 present
-    marks = [t for t in ax.texts if t.get_text() == "n/a"]
-    assert sorted(round(t.get_position()[0]) for t in marks) == list(range(2, 12))
+    ax = figure([a]).axes[0]
+    assert [round(b.get_x() + b.get_width() / 2) for b in ax.patches] == [0, 1, 12]     # NQ, QR, Avg
+    assert [b.get_height() for b in ax.patches] == [0.0, 50.0, 25.0]
+    labels = {round(t.get_position()[0]): t.get_text() for t in ax.texts}
+    assert labels == {0: "0.0", 1: "50.0", **{x: "n/a" for x in range(2, 12)}, 12: "25.0"}
     assert "n/a = not evaluated" in ax.get_title() and ax.get_legend().get_texts()[0].get_text() == "a [?]"
 
 
