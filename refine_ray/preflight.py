@@ -12,7 +12,8 @@ directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest fi
     parent directory should be are caught also as root);
   * the files it reads exist (:func:`check_paths`);
   * the output directory: not an existing file; a resume pointer
-    (``checkpoints/latest``) that names a complete, loadable checkpoint;
+    (``checkpoints/latest``) that names a complete, loadable checkpoint written with this
+    ``learner.zero_stage`` (and, from ZeRO 1-3, ``learner.num_ranks``);
   * (only now are torch, fla and Ray imported: the checks above take about a second)
   * the layout's CPUs/GPUs fit the declared local cluster
     (:func:`refine_ray.system.placement.check_resources`);
@@ -22,8 +23,8 @@ directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest fi
   * the model: ``model.path`` holds a ``config.json`` with a supported
     ``model_type``, weights, and a vocabulary that covers the tokenizer; its
     safetensors files are complete and hold the shapes its config builds
-    (:func:`check_weights`); a random ``model.type`` has its classes importable
-    and its config builds;
+    (:func:`check_weights`), every weight finite (:func:`check_finite_weights`); a random
+    ``model.type`` has its classes importable and its config builds;
   * the corpus: readable, the text column present, every value text, not all
     empty, post-training answers (``data.answer_column``) usable and non-empty
     after tokenisation, and at least one document long enough (the rule of the
@@ -35,8 +36,9 @@ An answer that tokenises to nothing is an error, not a skipped row: like an empt
 answer list it is a broken label (the task SFT would train on no target), while a
 short document is ordinary data that the cursor skips and counts.
 
-Weights are not loaded: only safetensors headers are read and the model is built
-on the meta device; the corpus is memory-mapped and its token counts come from the
+Weights are not loaded into a model: safetensors headers give the shapes, the model is
+built on the meta device, and the tensors are streamed once, one at a time, for NaN/inf;
+the corpus is memory-mapped and its token counts come from the
 index cached per (file contents, tokenizer) (refine_ray.data), so after the first start
 the check reads no text (docs/performance.md, "Data at corpus scale").
 """
@@ -47,6 +49,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -127,7 +130,27 @@ def check_output(cfg: ExperimentConfig):
         name = k if k == "tokenizer.path" else f"model.{k}"
         raise PreflightError(f"{key}: checkpoint '{path}' was written with {name}={was!r}, this config has "
                              f"{is_!r}; resume with the run's settings or pick another train.output_dir")
+    check_learner_layout(saved.get("learner"), cfg, key, path)
     return path
+
+
+def check_learner_layout(then, cfg: ExperimentConfig, key: str, path: Path) -> None:
+    """A DeepSpeed checkpoint loads only into the ZeRO stage, and (ZeRO 1-3: its optimizer state is
+    sharded per rank) the number of ranks, that wrote it. ``then``: the checkpoint's stored
+    ``learner`` section (None for a checkpoint that stored none). Converting across the change
+    (DeepSpeed's universal checkpoint) is not supported. Raises PreflightError naming the field."""
+    if not isinstance(then, dict):
+        return
+    now = cfg.learner
+    for field in ("zero_stage", "num_ranks"):
+        was, is_ = then.get(field), getattr(now, field)
+        if was is None or was == is_ or (field == "num_ranks" and then.get("zero_stage") == now.zero_stage == 0):
+            continue
+        raise PreflightError(
+            f"{key}: checkpoint '{path}' was written with learner.{field}={was!r}, this config has {is_!r}; its "
+            f"DeepSpeed state cannot be loaded across that change (converting it is not supported). Resume with "
+            f"learner.{field}={was!r}, or export its weights (`refine-ray export --from {path} --out DIR`) and start "
+            f"a new run with model.path=DIR (a fresh optimizer)")
 
 
 def check_writable(path: str | Path, what: str, is_dir: bool = True) -> None:
@@ -202,6 +225,7 @@ def check_weights(d: Path, model_type: str) -> None:
         names = ["model.safetensors"]
     else:
         _check_pickled_weights(d)
+        check_finite_weights(d, sorted(f.name for f in d.glob("pytorch_model*.bin")))
         return
     classes = registry.family(model_type).classes()
     try:
@@ -231,6 +255,51 @@ def check_weights(d: Path, model_type: str) -> None:
     if not seen:
         raise ConfigError(f"model.path: '{d}': none of its tensors is a parameter of the {model_type} model "
                           f"that config.json builds")
+    check_finite_weights(d, names)
+
+
+def check_finite_weights(d: Path, files: list[str]) -> None:
+    """Every floating tensor in ``model.path``'s weight ``files`` is finite.
+
+    A NaN or inf weight passes the header and shape checks, then surfaces deep inside an actor
+    (cut sampling from NaN entropies). Tensors are read one at a time: safetensors memory-mapped,
+    ``pytorch_model*.bin`` (already scanned for pickled code) with torch's weights-only
+    unpickler; the cost is one memory-bound pass over the weights (the roles' own load then finds
+    them in the page cache on this node). Raises ConfigError naming the file,
+    the tensor and the count.
+    """
+    import torch
+    from safetensors import safe_open
+
+    for name in files:
+        path = d / name
+        if name.endswith(".safetensors"):
+            with safe_open(str(path), "pt") as f:
+                bad = _non_finite_tensor((k, f.get_tensor(k)) for k in f.keys())
+        else:
+            bad = _non_finite_tensor(torch.load(path, map_location="cpu", weights_only=True, mmap=True).items())
+        if bad:
+            key, count, total = bad
+            raise ConfigError(f"model.path: '{path}': tensor '{key}' holds {count} non-finite value"
+                              f"{'s' if count > 1 else ''} (NaN or inf) of {total}; the weights are broken, "
+                              f"use another checkpoint")
+
+
+def _non_finite_tensor(items) -> Optional[tuple[str, int, int]]:
+    """(name, non-finite count, size) of the first floating tensor of ``(name, tensor)`` items that
+    holds a NaN or inf, else None.
+
+    A NaN or inf element makes the sum non-finite, so a finite sum clears the tensor in one
+    memory-bound pass (on this CPU ~20x faster than ``isfinite``); elements are counted only
+    when the sum is not finite (so a float16 sum that merely overflowed is cleared too)."""
+    import torch
+
+    for key, t in items:
+        if torch.is_tensor(t) and t.is_floating_point():
+            bad = 0 if torch.isfinite(t.sum()) else int((~torch.isfinite(t)).sum())
+            if bad:
+                return key, bad, t.numel()
+    return None
 
 
 def check_model(cfg: ExperimentConfig, vocab_size: int, tokenizer_name: str) -> None:

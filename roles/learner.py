@@ -41,7 +41,9 @@ class LearnerRankRole:
         return True
 
     def train_step(self, batch: LearnBatch) -> dict:
-        """One optimizer step on this rank's own documents (the controller shards by document)."""
+        """One training step (an optimizer step per ``refine.ppo_mini_batch_size`` documents) on this
+        rank's own documents (the controller shards by document). Raises FloatingPointError, the
+        step not applied, for a non-finite gradient norm."""
         return self.learner.train_step(batch)
 
     def validation_nll(self, docs: DocBatch) -> tuple[float, int]:

@@ -19,6 +19,7 @@ from refine_ray.algo.losses import (
     head_calls,
     kl_penalty,
     logprobs_from_logits,
+    micro_batch_token_mean_weights,
     ntp_loss,
     ntp_loss_from_hidden,
     ppo_clip_loss,
@@ -30,6 +31,6 @@ __all__ = [
     "AGG_MODES", "CUT_STRATEGIES", "DocumentTooShort",
     "agg_loss", "cosine_reward", "cut_range", "exact_match_reward", "gather_targets",
     "grpo_advantages", "head_calls", "kl_penalty", "logprobs_from_logits",
-    "make_group_ids", "ntp_loss", "ntp_loss_from_hidden", "ppo_clip_loss", "refine_loss",
+    "make_group_ids", "micro_batch_token_mean_weights", "ntp_loss", "ntp_loss_from_hidden", "ppo_clip_loss", "refine_loss",
     "sample_cuts", "smooth_entropy", "token_entropy", "token_entropy_from_hidden",
 ]

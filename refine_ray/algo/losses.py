@@ -21,6 +21,7 @@ __all__ = [
     "ntp_loss",
     "ntp_loss_from_hidden",
     "head_calls",
+    "micro_batch_token_mean_weights",
     "kl_penalty",
     "refine_loss",
 ]
@@ -210,6 +211,36 @@ def ntp_loss_from_hidden(
 def head_calls(targets: int, chunk_size: int = 1024) -> int:
     """LM-head calls :func:`ntp_loss_from_hidden` makes for ``targets`` counted positions."""
     return -(-targets // chunk_size)
+
+
+def micro_batch_token_mean_weights(token_counts, micro_batch_size: int) -> torch.Tensor:
+    """Per-document weights that turn per-document mean losses into a token-mean per micro-batch.
+
+    ``token_counts``: ``[D]`` the tokens each document's loss counts (NTP targets, answer tokens),
+    documents in micro-batch order: micro-batch j holds documents ``j*m .. j*m+m-1`` (the last one
+    may be shorter). Returns float64 ``[D]`` weights ``w`` with, for per-document means ``L``,
+
+        mean_d(w_d * L_d) == mean_j(sum_{d in j} T_d * L_d / sum_{d in j} T_d)
+
+    i.e. the cross-entropy pooled over each micro-batch's tokens, then averaged over
+    micro-batches: verl's ``token-mean`` of one micro-batch (the reference's HF loss over
+    ``ttt_ppo_micro_batch_size_per_gpu`` documents) divided by the gradient-accumulation count.
+    ``w_d = (D / n_micro) * T_d / T_j``; 0 for a micro-batch without tokens. With
+    ``micro_batch_size`` 1 every document with tokens weighs 1 (seq-mean-token-mean).
+    Raises ValueError for ``micro_batch_size <= 0`` or a negative count.
+    """
+    counts = torch.as_tensor(token_counts, dtype=torch.float64).reshape(-1)
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
+    if (counts < 0).any():
+        raise ValueError(f"token counts must be >= 0, got {counts.tolist()}")
+    n = counts.numel()
+    if n == 0:
+        return counts
+    micro = torch.arange(n) // micro_batch_size
+    n_micro = int(micro[-1]) + 1
+    pooled = torch.zeros(n_micro, dtype=torch.float64).index_add_(0, micro, counts)[micro]
+    return torch.where(pooled > 0, (n / n_micro) * counts / pooled.clamp(min=1.0), torch.zeros_like(counts))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:

@@ -118,10 +118,27 @@ class RefineConfig:
                                           # false: re-encode every prefix, the reference's method
     state_stride: int = 0                 # scoring keeps the state every this many tokens (prefix sharing);
                                           # 0: 64 for the DeltaNet family on CPU kernels, else 512
+    # How losses become optimizer steps (verl's names). Defaults are ours; the reference (and the
+    # paper presets): token-mean, micro-batches of 2, PPO mini-batches of 32 of 128 documents.
+    ntp_loss_agg_mode: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
+                                          # the NTP (and task SFT) cross-entropy over documents:
+                                          # seq-mean-token-mean = the mean of per-document means (ours: every
+                                          # document weighs the same); token-mean = tokens pooled within each
+                                          # micro-batch, micro-batches averaged (the reference's HF loss)
+    ppo_mini_batch_size: Optional[int] = None  # documents per optimizer step over all learner ranks; None:
+                                          # the whole batch, one step per training step (ours); the reference
+                                          # takes one per ttt_ppo_mini_batch_size documents (4 per mid-training step)
+    ppo_micro_batch_size_per_gpu: int = 1  # documents per micro-batch on one learner rank: the unit that
+                                          # token-mean pools over (the reference: 2); documents still run one
+                                          # at a time, so this sets the loss, not the memory
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
-        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature")
+        _positive(self, key, "n_chunks", "response_length", "samples_per_prefix", "temperature",
+                  "ppo_micro_batch_size_per_gpu")
+        if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size <= 0:
+            raise ConfigError(f"{key}.ppo_mini_batch_size: {self.ppo_mini_batch_size} must be > 0 "
+                              f"(null: the whole batch)")
         if self.state_stride < 0:
             raise ConfigError(f"{key}.state_stride: {self.state_stride} must be >= 0 (0: the model's default)")
         if not 0.0 < self.top_p <= 1.0:
@@ -243,7 +260,8 @@ class TrainConfig:
                                           # refine-ray[wandb] / refine-ray[mlflow] (refine_ray/system/trackers.py)
     project: str = "refine-ray"           # W&B project and MLflow experiment of the run (named `name`)
     save_every: int = 0                   # 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: Optional[int] = 2   # the newest N checkpoints stay (never the one `latest` names);
+                                          # null keeps all (HF's save_total_limit / verl's max_*_ckpt_to_keep)
     resume: bool = True                   # continue from <output_dir>/checkpoints/latest if present
     resume_from: Optional[InputPath] = None  # a checkpoint dir (step_N) to resume from instead of latest
     overwrite: bool = False               # replace an existing run in output_dir instead of refusing
@@ -259,6 +277,9 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
         _positive(self, key, "steps", "log_every", "val_docs", "val_cuts")
+        if self.keep_checkpoints == 0:
+            raise ConfigError(f"{key}.keep_checkpoints: 0 would keep no checkpoint to resume from; "
+                              f"use a count >= 1, or null to keep every checkpoint")
         if self.val_every < 0:
             raise ConfigError(f"{key}.val_every: {self.val_every} must be >= 0")
         if self.val_every and not self.val_path:
@@ -331,6 +352,10 @@ class ExperimentConfig:
         if self.data.batch_size % self.learner.num_ranks:
             raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
                               f"learner.num_ranks={self.learner.num_ranks}")
+        mini = self.refine.ppo_mini_batch_size
+        if mini is not None and (self.data.batch_size % mini or mini % self.learner.num_ranks):
+            raise ConfigError(f"refine.ppo_mini_batch_size: {mini} must divide data.batch_size={self.data.batch_size} "
+                              f"and be divisible by learner.num_ranks={self.learner.num_ranks}")
         if self.refine.kl_coef > 0 and not self.reference.enabled:
             raise ConfigError("refine.kl_coef: > 0 needs reference.enabled=true")
         if self.train.task_update == "sft" and not self.data.answer_column:

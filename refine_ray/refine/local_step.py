@@ -8,11 +8,15 @@ debugging, small CPU runs):
     -> SequenceRewarder (cosine on policy hidden / exact / hybrid; or a frozen encoder)
     -> grpo_advantages over make_group_ids groups            (:meth:`LocalRefineStep.collect`)
     -> document_loss (the DeepSpeed learner's own loss) -> backward
-    -> grad clip -> one optimizer step                         (:meth:`LocalRefineStep.update`)
+    -> grad clip -> an optimizer step per mini-batch           (:meth:`LocalRefineStep.update`)
 
 Decisions: every document is scored and sampled with the weights *before* the step,
-then all documents' losses are accumulated (each divided by the number of documents)
-into **one** optimizer step, as the learner does per batch. Documents too short for
+then the documents' losses are accumulated (each divided by the documents of its
+mini-batch) into one optimizer step per ``refine.ppo_mini_batch_size`` documents (None:
+**one** step for all), as the learner does per batch; the NTP term is pooled as
+``refine.ntp_loss_agg_mode`` says (:func:`refine_ray.refine.loss.cross_entropy_weights`).
+The reference's test-time training: batches of 8 prompts in mini-batches of 4, token-mean
+over micro-batches of 2. Documents too short for
 ``n_chunks`` cuts of ``response_length`` tokens (or when ``mode='ntp'``) contribute
 the NTP loss only, with coefficient 1 when ``refine.ntp_coef`` is 0, and are counted
 in ``ntp_only_docs``; documents under 2 tokens have no NTP target and are skipped
@@ -39,7 +43,7 @@ from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ConfigError, RefineConfig
 from refine_ray.refine.collapse import step_collapse_metrics
 from refine_ray.refine.frozen_reference import reference_hidden
-from refine_ray.refine.loss import document_loss
+from refine_ray.refine.loss import cross_entropy_weights, document_loss
 from refine_ray.refine.rewarding import SequenceRewarder, reward_metrics
 from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
 from refine_ray.refine.scoring import min_document_tokens, score_document
@@ -100,7 +104,8 @@ class LocalRefineStep:
 
     def step(self, docs: Sequence[torch.Tensor], mode: Mode = "refine",
              ntp_targets: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
-        """Collect rollouts for ``docs`` (1-D long token ids) and make one optimizer step.
+        """Collect rollouts for ``docs`` (1-D long token ids) and make the optimizer steps (one per
+        mini-batch).
 
         ``ntp_targets``: per document an ``[L]`` bool mask of the tokens its NTP loss counts
         (e.g. answers only); None: every token but the first. Raises ValueError when a mask's
@@ -108,8 +113,9 @@ class LocalRefineStep:
 
         Returns ``loss``, ``ntp_loss`` (means over usable documents), ``pg_loss``,
         ``clipfrac``, ``clipfrac_lower``, ``approx_kl`` (means over REFINE documents),
-        ``grad_norm`` (before clipping), the reward metrics, ``refine_docs``,
-        ``ntp_only_docs``, ``skipped_docs`` and ``stepped`` (0 when no document was usable).
+        ``grad_norm`` (before clipping; mean over the optimizer steps), ``optimizer_steps``, the
+        reward metrics, ``refine_docs``, ``ntp_only_docs``, ``skipped_docs`` and ``stepped`` (0
+        when no document was usable).
         Raises ValueError for an unknown ``mode``.
         """
         if mode not in ("refine", "ntp"):
@@ -124,7 +130,7 @@ class LocalRefineStep:
         if not usable:
             self.step_index += 1
             return {"skipped_docs": float(len(docs)), "loss": 0.0, "grad_norm": 0.0, "refine_docs": 0.0,
-                    "ntp_only_docs": 0.0, "stepped": 0.0}
+                    "ntp_only_docs": 0.0, "stepped": 0.0, "optimizer_steps": 0.0}
         refine_docs = [i for i, d in enumerate(usable) if mode == "refine" and d.numel() >= self.min_tokens]
         experience = self.collect(usable, refine_docs)
         metrics = self.update(usable, experience, targets)
@@ -170,35 +176,47 @@ class LocalRefineStep:
 
     def update(self, docs: Sequence[torch.Tensor], experience: Experience,
                ntp_targets: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
-        """One optimizer step: every document's loss / len(docs), accumulated, clipped, stepped.
+        """The optimizer steps: ``docs`` in consecutive mini-batches of ``refine.ppo_mini_batch_size``
+        (None: one of all; the last may be shorter, as verl splits), each document's loss / the
+        documents of its mini-batch, accumulated, clipped, one step per mini-batch.
 
         REFINE documents (``experience.refine_docs``) take :func:`document_loss`; the others
-        the NTP loss alone (coefficient ``refine.ntp_coef``, or 1 when it is 0).
-        Returns the metrics described in :meth:`step` (without ``skipped_docs``).
+        the NTP loss alone (coefficient ``refine.ntp_coef``, or 1 when it is 0); both weighted by
+        :func:`cross_entropy_weights`. Returns the metrics described in :meth:`step` (without
+        ``skipped_docs``).
         """
         cfg = self.cfg
         rows_per_doc = cfg.n_chunks * cfg.samples_per_prefix
         position = {d: r for r, d in enumerate(experience.refine_docs)}
-        self.optimizer.zero_grad(set_to_none=True)
+        size = min(cfg.ppo_mini_batch_size or len(docs), len(docs))
+        counts = [int(ids.numel() - 1) if ntp_targets is None else int(ntp_targets[i][1:].sum())
+                  for i, ids in enumerate(docs)]
+        weights = cross_entropy_weights(counts, cfg, size)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         sums: dict[str, float] = defaultdict(float)
-        for i, ids in enumerate(docs):
-            targets = None if ntp_targets is None else ntp_targets[i]
-            if i in position:
-                rows = slice(position[i] * rows_per_doc, (position[i] + 1) * rows_per_doc)
-                loss, doc_metrics = document_loss(self.model, ids, experience.cuts[position[i]],
-                                                  experience.responses[rows], experience.old_logprobs[rows],
-                                                  experience.advantages[rows], cfg, ntp_targets=targets)
-                for name, value in doc_metrics.items():
-                    sums[name] += value
-            else:
-                ntp = document_ntp_loss(self.model, ids, targets=targets)
-                loss = (cfg.ntp_coef or 1.0) * ntp
-                sums["loss"] += float(loss.detach())
-                sums["ntp_loss"] += float(ntp.detach())
-            (loss / len(docs)).backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if params else torch.zeros(())
-        self.optimizer.step()
+        norms = []
+        for start in range(0, len(docs), size):
+            mini = range(start, min(start + size, len(docs)))
+            self.optimizer.zero_grad(set_to_none=True)
+            for i in mini:
+                targets = None if ntp_targets is None else ntp_targets[i]
+                if i in position:
+                    rows = slice(position[i] * rows_per_doc, (position[i] + 1) * rows_per_doc)
+                    loss, doc_metrics = document_loss(self.model, docs[i], experience.cuts[position[i]],
+                                                      experience.responses[rows], experience.old_logprobs[rows],
+                                                      experience.advantages[rows], cfg, ntp_targets=targets,
+                                                      ntp_weight=weights[i])
+                    for name, value in doc_metrics.items():
+                        sums[name] += value
+                else:
+                    ntp = weights[i] * document_ntp_loss(self.model, docs[i], targets=targets)
+                    loss = (cfg.ntp_coef or 1.0) * ntp
+                    sums["loss"] += float(loss.detach())
+                    sums["ntp_loss"] += float(ntp.detach())
+                (loss / len(mini)).backward()
+            with_grad = [p for p in params if p.grad is not None]
+            norms.append(float(torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip)) if with_grad else 0.0)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         n_refine = len(experience.refine_docs)
         metrics = dict(experience.metrics)
@@ -206,6 +224,6 @@ class LocalRefineStep:
         for name in ("pg_loss", "clipfrac", "approx_kl", "clipfrac_lower"):
             if n_refine:
                 metrics[name] = sums[name] / n_refine
-        metrics.update(grad_norm=float(grad_norm), refine_docs=float(n_refine),
-                       ntp_only_docs=float(len(docs) - n_refine), stepped=1.0)
+        metrics.update(grad_norm=sum(norms) / len(norms), optimizer_steps=float(len(norms)),
+                       refine_docs=float(n_refine), ntp_only_docs=float(len(docs) - n_refine), stepped=1.0)
         return metrics

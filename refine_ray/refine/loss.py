@@ -7,11 +7,11 @@ call it, so the three paths give the same loss and gradients on the same inputs 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from refine_ray.algo import agg_loss, kl_penalty, ppo_clip_loss, refine_loss
+from refine_ray.algo import agg_loss, kl_penalty, micro_batch_token_mean_weights, ppo_clip_loss, refine_loss
 from refine_ray.config import RefineConfig
 from refine_ray.refine.sequence_logprobs import document_logprobs
 
@@ -20,7 +20,8 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
                   old_logprobs: torch.Tensor, advantages: torch.Tensor, cfg: RefineConfig,
                   ref_logprobs: Optional[torch.Tensor] = None,
                   ntp_head_calls: int = 0,
-                  ntp_targets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  ntp_targets: Optional[torch.Tensor] = None,
+                  ntp_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """``c_ntp * NTP + c_pg * PPO-clip + c_kl * KL`` of one document, differentiable in ``model``.
 
     Args:
@@ -36,10 +37,13 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
         ntp_head_calls: the NTP loss calls the LM head at least this often (ZeRO-3 lockstep).
         ntp_targets: ``[L]`` bool, the tokens the NTP loss counts (None: all but the first;
             e.g. answer tokens only for a recall task).
+        ntp_weight: multiplies the document's mean NTP loss: 1 for ``seq-mean-token-mean``, the
+            document's :func:`refine_ray.algo.micro_batch_token_mean_weights` for ``token-mean``.
 
     Returns:
         ``(loss, metrics)``: the scalar float32 loss and float metrics ``loss``, ``ntp_loss``
-        (0 when ``ntp_coef`` is 0: not computed), ``pg_loss``, ``clipfrac``,
+        (weighted by ``ntp_weight``, so averaged over documents it is the batch's NTP term; 0
+        when ``ntp_coef`` is 0: not computed), ``pg_loss``, ``clipfrac``,
         ``clipfrac_lower``, ``approx_kl`` and, with KL, ``kl``.
 
     Sources: REFINE (the NTP + c_pg·GRPO mix, paper coefficients 1 and 0.2), PPO-clip with
@@ -66,10 +70,27 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
     kl = None
     if cfg.kl_coef > 0:
         kl = agg_loss(kl_penalty(out.logprobs, ref_logprobs.to(device), cfg.kl_type), mask)
-    ntp = out.ntp_loss if out.ntp_loss is not None else torch.zeros((), device=device)
+    ntp = out.ntp_loss * ntp_weight if out.ntp_loss is not None else torch.zeros((), device=device)
     loss = refine_loss(ntp, pg, kl, cfg.ntp_coef, cfg.pg_coef, cfg.kl_coef)
     metrics = {"loss": float(loss.detach()), "ntp_loss": float(ntp.detach()), "pg_loss": float(pg.detach())}
     metrics.update({name: float(value) for name, value in pg_metrics.items()})
     if kl is not None:
         metrics["kl"] = float(kl.detach())
     return loss, metrics
+
+
+def cross_entropy_weights(token_counts: Sequence[int], cfg: RefineConfig, step: int) -> list[float]:
+    """Per-document weights (``ntp_weight``) of the cross-entropy terms, NTP and task SFT, under
+    ``refine.ntp_loss_agg_mode``, for documents accumulated ``step`` per optimizer step.
+
+    ``token_counts``: the tokens each document's loss counts, in the order the documents are
+    accumulated. ``seq-mean-token-mean`` (ours): 1 each, every document weighs the same.
+    ``token-mean`` (the reference): within each optimizer step's documents, micro-batches of
+    ``ppo_micro_batch_size_per_gpu`` consecutive documents pool their tokens, as the HF loss of
+    the reference's micro-batch does (:func:`refine_ray.algo.micro_batch_token_mean_weights`).
+    """
+    if cfg.ntp_loss_agg_mode == "seq-mean-token-mean":
+        return [1.0] * len(token_counts)
+    return [float(w) for s in range(0, len(token_counts), step)
+            for w in micro_batch_token_mean_weights(list(token_counts[s:s + step]), cfg.ppo_micro_batch_size_per_gpu)]
+

@@ -9,11 +9,17 @@ Layout under ``<output_dir>/checkpoints/``::
         manifest.json       sha256 and size of every other file, written last
     latest                  text file naming the newest complete checkpoint
 
-A checkpoint is written into ``step_N.tmp-<pid>`` and renamed into place only once complete
-(manifest included); ``latest`` is replaced atomically afterwards. A crash mid-save leaves the
-previous checkpoint and ``latest`` untouched; stale ``*.tmp-*`` folders are removed at the next
-save. Pruning (``train.keep_checkpoints``) never removes the checkpoint ``latest`` names, nor
-checkpoints of later steps (an abandoned branch after ``train.resume_from``).
+A checkpoint is written into ``step_N.tmp-<random>`` and renamed into place only once complete
+(manifest included); ``latest`` is replaced atomically afterwards. ``latest`` names a complete
+checkpoint at every instant of a save (:func:`commit_operations`), so a crash anywhere leaves
+a loadable run. Re-saving a step that exists (a run resumed from an earlier checkpoint of its
+own directory) first points ``latest`` at the new folder under its temporary name, with the
+final name on a second line: ``latest`` lists folders and the first that exists is the
+checkpoint. The old folder is then moved aside (``step_N.replaced-<pid>``), the new one renamed
+into place, ``latest`` rewritten to its one line and the old folder deleted. Stale ``*.tmp-*``
+and ``*.replaced-*`` folders are removed at the next save (never one ``latest`` names).
+Pruning (``train.keep_checkpoints``; None keeps every checkpoint) never removes the checkpoint
+``latest`` names, nor checkpoints of later steps (an abandoned branch after ``train.resume_from``).
 
 Trust: nothing here is unpickled. The trainer state is JSON plus safetensors; DeepSpeed's own
 ``.pt`` files are read only under :func:`weights_only_loading`, which forces ``torch.load``'s
@@ -29,14 +35,16 @@ import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.json"
 PENDING_ARRAYS = "pending.safetensors"
-STEP_DIR = re.compile(r"step_(\d+)$")
+STEP_DIR = re.compile(r"step_(\d+)$")                     # a committed checkpoint
+POINTER_NAME = re.compile(r"step_(\d+)(?:\.tmp-\w+)?$")    # what ``latest`` may name (see the module doc)
 
 
 class CheckpointError(ValueError):
@@ -49,30 +57,34 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def step_of(path: Path) -> int:
-    """The step N of a ``step_N`` folder; -1 for any other name."""
-    m = STEP_DIR.match(path.name)
+    """The step N of a ``step_N`` folder (or of ``step_N.tmp-<random>``, a re-save in progress); -1 for
+    any other name."""
+    m = POINTER_NAME.match(path.name)
     return int(m.group(1)) if m else -1
 
 
 def completed_checkpoints(output_dir: str | Path) -> list[Path]:
     """Committed ``step_N`` folders of a run, oldest step first."""
     root = checkpoint_root(output_dir)
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and step_of(p) >= 0), key=step_of) \
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and STEP_DIR.match(p.name)), key=step_of) \
         if root.is_dir() else []
 
 
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The checkpoint ``checkpoints/latest`` names, or None; raises CheckpointError if it names none."""
+    """The checkpoint ``checkpoints/latest`` names (the first of its lines that exists: two only
+    while a step is re-saved), or None; raises CheckpointError if it names none."""
     root = checkpoint_root(output_dir)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
-    path = root / name
-    if not STEP_DIR.match(name) or not path.is_dir():
-        raise CheckpointError(f"checkpoint pointer '{pointer}' names {name!r}, which is not a checkpoint "
-                              f"directory in '{root}' (expected step_N)")
-    return path
+    names = pointer.read_text().split()
+    for name in names:
+        if not POINTER_NAME.match(name):
+            break
+        if (root / name).is_dir():
+            return root / name
+    raise CheckpointError(f"checkpoint pointer '{pointer}' names {' or '.join(map(repr, names)) or 'nothing'}, "
+                          f"which is not a checkpoint directory in '{root}' (expected step_N)")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -101,38 +113,70 @@ def find_checkpoint(path: str | Path) -> Path:
 
 # ------------------------------------------------------------------ writing
 def begin_save(output_dir: str | Path, step: int) -> tuple[Path, Path]:
-    """(temporary folder to write into, final folder) for step ``step``."""
+    """(temporary folder to write into, final folder) for step ``step``; removes the folders an
+    interrupted save left, except one ``latest`` names."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        keep = latest_checkpoint(output_dir)
+    except CheckpointError:
+        keep = None
+    for stale in [*root.glob("*.tmp-*"), *root.glob("*.replaced-*")]:
+        if stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"     # unique even where pids repeat (containers)
     tmp.mkdir()
     return tmp, final
 
 
 def commit_save(tmp: Path, final: Path, trainer_state: dict, pending_arrays: Optional[dict] = None,
-                keep: int = 2) -> Path:
-    """Write the trainer state and the manifest, move the folder into place, then point ``latest`` at it.
+                keep: Optional[int] = 2) -> Path:
+    """Write the trainer state and the manifest, move the folder into place, then point ``latest`` at it
+    (:func:`commit_operations`, in order). ``keep``: checkpoints kept by pruning (None: all).
 
     ``trainer_state`` must be JSON-serialisable; ``pending_arrays`` maps names to numpy arrays.
     """
-    _write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1).encode())
+    for _, operation in commit_operations(tmp, final, trainer_state, pending_arrays, keep):
+        operation()
+    return final
+
+
+def commit_operations(tmp: Path, final: Path, trainer_state: dict, pending_arrays: Optional[dict] = None,
+                      keep: Optional[int] = 2) -> list[tuple[str, Callable[[], None]]]:
+    """The filesystem operations that commit the checkpoint written into ``tmp`` as ``final``, as
+    ``(what, operation)`` in order. Before and after each one, ``latest`` names a complete,
+    verifiable checkpoint (the previous one, then this one), also when ``final`` already exists;
+    a crash between any two loses at most this save. (A list, so a test can stop between them.)"""
+    root = final.parent
+    ops = [("write the trainer state", lambda: _write_atomic(tmp / TRAINER_STATE,
+                                                            json.dumps(trainer_state, indent=1).encode()))]
     if pending_arrays:
         from safetensors.numpy import save_file
 
-        save_file(pending_arrays, str(tmp / PENDING_ARRAYS))
-    files = sorted(f for f in tmp.rglob("*") if f.is_file())
-    manifest = {"format": 1, "files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        ops.append(("write the pending experience", lambda: save_file(pending_arrays, str(tmp / PENDING_ARRAYS))))
+    ops.append(("write the manifest", lambda: _write_manifest(tmp)))
+    if final.exists():                # re-saving a step: the old folder stays loadable until the new one is
+        aside = root / f"{final.name}.replaced-{os.getpid()}"
+        ops += [("point latest at the new folder", lambda: _write_atomic(root / LATEST,
+                                                                           f"{tmp.name}\n{final.name}".encode())),
+                ("move the old folder aside", lambda: os.replace(final, aside)),
+                ("move the new folder into place", lambda: os.replace(tmp, final)),
+                ("point latest at its final name", lambda: _write_atomic(root / LATEST, final.name.encode())),
+                ("delete the old folder", lambda: shutil.rmtree(aside))]
+    else:
+        ops += [("move the new folder into place", lambda: os.replace(tmp, final)),
+                ("point latest at it", lambda: _write_atomic(root / LATEST, final.name.encode()))]
+    ops.append(("prune old checkpoints", lambda: _prune(root.parent, final, keep)))
+    return ops
+
+
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: size and sha256 of every other file in ``folder``, written last."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    manifest = {"format": 1, "files": {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
                                        for f in files}}
-    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(final.parent / LATEST, final.name.encode())
-    _prune(final.parent.parent, final, keep)
-    return final
+    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -152,10 +196,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _prune(output_dir: Path, current: Path, keep: int) -> None:
-    """Keep ``current`` and the ``keep - 1`` newest earlier checkpoints; later steps are left alone."""
+def _prune(output_dir: Path, current: Path, keep: Optional[int]) -> None:
+    """Keep ``current`` and the ``keep - 1`` newest earlier checkpoints (None: keep all); later steps
+    are left alone. Raises ValueError for ``keep < 1`` (``train.keep_checkpoints`` refuses it first)."""
+    if keep is None:
+        return
+    if keep < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1 or None (keep all), got {keep}")
     earlier = [p for p in completed_checkpoints(output_dir) if step_of(p) < step_of(current)]
-    for old in earlier[:max(len(earlier) - (keep - 1), 0)] if keep > 0 else []:
+    for old in earlier[:max(len(earlier) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

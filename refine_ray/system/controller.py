@@ -48,7 +48,7 @@ from roles.reward import RewardRole
 from roles.rollout import RolloutRole
 from roles.scorer import ScorerRole
 
-__all__ = ["RefineController", "LearnerFailure", "init_ray"]
+__all__ = ["RefineController", "LearnerFailure", "NonFiniteReward", "init_ray"]
 
 log = logging.getLogger("refine_ray")
 
@@ -77,6 +77,11 @@ def init_ray(cfg: ExperimentConfig) -> bool:
                     "'Authorization: Bearer <token>'")
             log.warning("Ray dashboard: http://%s (%s)", ctx.dashboard_url, auth)
     return True
+
+
+class NonFiniteReward(LearnerFailure):
+    """A NaN or inf reward: the step stops before its advantages (one line; exit status as a
+    learner failure, resumable from the last checkpoint)."""
 
 
 class RefineController:
@@ -148,15 +153,26 @@ class RefineController:
 
     def advantages(self, exp: Experience) -> np.ndarray:
         """GRPO advantages ``[B*n*G]`` float32: each sample's reward against the other G - 1 of its
-        prefix group (mean-centred; divided by the group std when ``refine.normalize_adv_std``)."""
+        prefix group (mean-centred; divided by the group std when ``refine.normalize_adv_std``).
+        Raises NonFiniteReward (one line: document, cut, sample, the way to resume) for a NaN or
+        inf reward, which would make its whole group's advantages and the gradients non-finite."""
+        rewards = exp.rewards.rewards
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        if bad.size:
+            i, G = int(bad[0]), exp.rollout.samples_per_prefix
+            doc, cut = divmod(i // G, exp.scored.n_chunks)
+            raise NonFiniteReward(f"the reward of document {int(exp.scored.docs.doc_ids[doc])} of the corpus, "
+                                  f"cut {cut}, sample {i % G} is {rewards[i]} ({bad.size} of {rewards.size} rewards "
+                                  f"not finite); the step was not applied and nothing was saved; {self._resume_hint()}")
         groups = make_group_ids(len(exp.scored.docs), exp.scored.n_chunks, self.cfg.refine.samples_per_prefix)
         adv = grpo_advantages(torch.from_numpy(exp.rewards.rewards).double(), groups,
                               normalize_std=self.cfg.refine.normalize_adv_std)
         return adv.float().numpy()
 
     def learn(self, exp: Experience, advantages: np.ndarray) -> list[dict[str, float]]:
-        """One optimizer step on the learner; each rank gets its own whole documents. Returns the
-        per-rank metrics. Raises LearnerFailure."""
+        """The learner's optimizer steps of one training step (one per ``refine.ppo_mini_batch_size``
+        documents); each rank gets its own whole documents. Returns the per-rank metrics. Raises
+        LearnerFailure (also for a non-finite gradient norm: that step is not applied)."""
         batch = LearnBatch(docs=exp.scored.docs, cuts=exp.scored.cuts, responses=exp.rollout.tokens,
                            old_logprobs=exp.rollout.logprobs, advantages=advantages,
                            samples_per_prefix=exp.rollout.samples_per_prefix, ref_logprobs=exp.ref_logprobs,

@@ -1,10 +1,21 @@
-"""One DeepSpeed rank of the learner: NTP + GRPO/PPO losses and the optimizer step.
+"""One DeepSpeed rank of the learner: NTP + GRPO/PPO losses and the optimizer steps.
 
 Each rank owns whole documents (a document's trunk pass is never split across
 ranks). Every document is one DeepSpeed micro-batch, so gradient accumulation
 over a rank's documents is DeepSpeed's own and ZeRO 0-3 work unchanged. Per
-document the loss is ``c_ntp * NTP + c_pg * PPO(token-mean over its n·G·k
-tokens) + c_kl * KL``.
+document the loss is ``c_ntp * w * NTP + c_pg * PPO(token-mean over its n·G·k
+tokens) + c_kl * KL`` (``w`` = 1, or the token-mean weight of ``refine.ntp_loss_agg_mode``).
+
+Optimizer steps: one per ``refine.ppo_mini_batch_size`` documents (default: the whole
+batch). A rank's documents split into consecutive mini-batches of ``ppo_mini_batch_size /
+num_ranks``, as verl splits each GPU's share (the reference: 4 steps per 128-document step).
+Post-training's task SFT then takes one step over the whole batch, as the reference's.
+The learning-rate schedule counts training steps, whatever the number of optimizer steps.
+
+Every optimizer step checks the gradient norm before it is applied: a non-finite norm
+(a NaN/inf loss or gradient on any rank) raises FloatingPointError naming the document,
+with the step not applied (DeepSpeed's ZeRO 1-3 and bf16 optimizers skip it themselves;
+at ZeRO-0 fp32, which records no norm, the norm is taken here and the step not called).
 
 ZeRO-3 gathers a partitioned module's weights with a collective at every call, so all
 ranks must make the same module calls in the same order whatever their documents
@@ -15,6 +26,7 @@ collective that still waits longer than ``learner.collective_timeout_s`` raises.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import defaultdict
@@ -29,13 +41,18 @@ from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.models.dtypes import compute_dtype
 from refine_ray.refine.policy import build_policy
-from refine_ray.refine.loss import document_loss
+from refine_ray.refine.loss import cross_entropy_weights, document_loss
 from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
 
 
+# The loss terms checked for finiteness, in the order a failure names them.
+CHECKED_TERMS = ("ntp_loss", "pg_loss", "kl", "task_sft_loss")
+
+
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
-    """The DeepSpeed config: one document per micro-batch, ``docs_per_rank`` accumulation steps,
-    ``learner.zero_stage``, ``optim.grad_clip``, bf16 only on a GPU with ``model.dtype=bfloat16``."""
+    """The DeepSpeed config: one document per micro-batch, ``docs_per_rank`` accumulation steps
+    (a rank's share of one mini-batch), ``learner.zero_stage``, ``optim.grad_clip``, bf16 only on
+    a GPU with ``model.dtype=bfloat16`` (with DeepSpeed's overflow check: a non-finite step is skipped)."""
     zero: dict = {"stage": cfg.learner.zero_stage}
     if cfg.learner.zero_stage == 3:
         # Gather the full weights on save/publish rather than keeping fp16 shards only.
@@ -45,7 +62,8 @@ def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) ->
         "gradient_accumulation_steps": docs_per_rank,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": compute_dtype(cfg.model.dtype, "cuda" if on_gpu else "cpu") == torch.bfloat16},
+        "bf16": {"enabled": compute_dtype(cfg.model.dtype, "cuda" if on_gpu else "cpu") == torch.bfloat16,
+                 "check_grad_overflow": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -59,6 +77,7 @@ class RefineLearner:
         NCCL on GPU, gloo on CPU; ``learner.collective_timeout_s``), build the policy, AdamW and
         the linear warm-up schedule, and wrap them in a DeepSpeed engine."""
         import deepspeed
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
         self.cfg = cfg
         self.rank = int(os.environ.get("RANK", 0))
@@ -72,16 +91,21 @@ class RefineLearner:
         optim = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
         warmup = cfg.optim.warmup_steps
-        # DeepSpeed steps the scheduler at every optimizer step; post-training makes two
-        # updates per training step (REFINE, then task SFT). Counting training steps keeps
-        # the schedule per step (the reference stepped it twice per post-training step).
-        updates = 2 if cfg.train.task_update == "sft" else 1
+        self.docs_per_rank = cfg.data.batch_size // self.world
+        self.mini_per_rank = (cfg.refine.ppo_mini_batch_size or cfg.data.batch_size) // self.world
+        # DeepSpeed steps the scheduler at every optimizer step: one per mini-batch, plus
+        # post-training's task SFT step. Counting training steps keeps the schedule per step
+        # (the reference stepped it once per update call: twice per post-training step).
+        updates = self.docs_per_rank // self.mini_per_rank + (cfg.train.task_update == "sft")
         sched = torch.optim.lr_scheduler.LambdaLR(
             optim, lambda n: min(1.0, (n // updates + 1) / warmup) if warmup > 0 else 1.0)
-        self.docs_per_rank = cfg.data.batch_size // self.world
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optim, lr_scheduler=sched,
-            config=deepspeed_config(cfg, self.docs_per_rank, on_gpu))
+            config=deepspeed_config(cfg, self.mini_per_rank, on_gpu))
+        # DeepSpeed records the norm (and skips a non-finite step) in its ZeRO and bf16 optimizers;
+        # at ZeRO-0 fp32 it clips with the bare torch optimizer and records neither.
+        self.records_norm = hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.zero_optimizer = isinstance(self.engine.optimizer, ZeROOptimizer)
 
     @property
     def module(self):
@@ -103,18 +127,30 @@ class RefineLearner:
         """Per document slot, the most LM-head calls any rank's NTP loss makes there."""
         return self._max_over_ranks([head_calls(len(docs.doc(d)) - 1) for d in range(len(docs))])
 
+    def _begin_micro_batch(self) -> None:
+        """What ``engine.forward()`` does first, for losses that call the module's own methods
+        (``forward_segment``, ``lm_head``) instead: a ZeRO optimizer starts a new micro-batch
+        (``clear_backward_seen_flag``). ZeRO-3 advances its micro-step counter there; without it
+        every backward overwrote the gradient partitions instead of accumulating, and a step
+        trained on each rank's last document only (DeepSpeed 0.19)."""
+        if self.zero_optimizer:
+            self.engine.optimizer.clear_backward_seen_flag()
+
     def train_step(self, batch: LearnBatch) -> dict[str, float]:
-        """One optimizer step over this rank's documents (every rank, in lockstep).
+        """The optimizer steps of one training step over this rank's documents (every rank, in lockstep).
 
         ``batch``: this rank's ``data.batch_size / learner.num_ranks`` whole documents, rows
         ``(doc * n + cut) * G + sample``. Each document is one DeepSpeed micro-batch whose loss is
         :func:`refine_ray.refine.loss.document_loss` (the same function as the local step's);
-        DeepSpeed divides it by the accumulation steps (= documents) and steps once at the end.
+        DeepSpeed divides it by the accumulation steps (= documents per mini-batch on this rank)
+        and steps at the end of each mini-batch.
         Returns rank-local means over the documents (``loss``, ``ntp_loss``, ``pg_loss``,
-        ``clipfrac``, ``clipfrac_lower``, ``approx_kl``, ``kl`` with KL) plus ``grad_norm``,
-        ``lr`` (the rate this step used), ``time/learner_compute_s`` (seconds) and, with
-        ``train.task_update=sft``, the task update's metrics.
-        Raises ValueError for a wrong number of documents.
+        ``clipfrac``, ``clipfrac_lower``, ``approx_kl``, ``kl`` with KL) plus ``grad_norm`` (the
+        global norm before clipping, mean over this step's optimizer steps), ``optimizer_steps``
+        (DeepSpeed's count so far), ``lr`` (the rate this step used), ``time/learner_compute_s``
+        (seconds) and, with ``train.task_update=sft``, the task update's metrics.
+        Raises ValueError for a wrong number of documents, FloatingPointError (step not applied)
+        for a non-finite gradient norm.
         """
         if len(batch.docs) != self.docs_per_rank:
             raise ValueError(f"learner rank {self.rank}: got {len(batch.docs)} documents, "
@@ -124,41 +160,96 @@ class RefineLearner:
         # The rate this step's updates use (the scheduler moves on at each update).
         lr = float(self.scheduler.get_last_lr()[0])
         ntp_calls = self._ntp_head_calls(batch.docs) if r.ntp_coef > 0 else [0] * len(batch.docs)
+        weights = cross_entropy_weights([len(batch.docs.doc(d)) - 1 for d in range(len(batch.docs))], r,
+                                        self.mini_per_rank)
         self.engine.train()
         sums: dict[str, float] = defaultdict(float)
+        norms, bad = [], None
         for d in range(len(batch.docs)):
             rows = slice(d * per_doc, (d + 1) * per_doc)
             resp, old, adv, ref = (None if a is None else torch.from_numpy(a[rows]).to(self.device) for a in
                                    (batch.responses, batch.old_logprobs, batch.advantages, batch.ref_logprobs))
+            self._begin_micro_batch()
             loss, doc_metrics = document_loss(self.engine.module, torch.from_numpy(batch.docs.doc(d)).to(self.device),
                                               torch.from_numpy(batch.cuts[d]), resp, old, adv, r, ref,
-                                              ntp_head_calls=ntp_calls[d])
+                                              ntp_head_calls=ntp_calls[d], ntp_weight=weights[d])
+            bad = bad or _first_non_finite(doc_metrics, int(batch.docs.doc_ids[d]))
             self.engine.backward(loss)
-            self.engine.step()
+            norms += self._step(bad)
             for name, value in doc_metrics.items():
                 sums[name] += value
         metrics = {name: value / len(batch.docs) for name, value in sums.items()}
-        metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        metrics["grad_norm"] = float(np.mean(norms))
         if self.cfg.train.task_update == "sft":
             metrics.update(self._task_sft(batch))
+        metrics["optimizer_steps"] = float(self.engine.global_steps)
         metrics["lr"] = lr
         metrics["time/learner_compute_s"] = time.perf_counter() - t0
         return metrics
 
+    def _step(self, bad: Optional[tuple]) -> list[float]:
+        """``engine.step()`` after a document's backward: at the end of a mini-batch (DeepSpeed's
+        gradient-accumulation boundary) it applies the update and returns ``[grad norm]``, else
+        ``[]``. ``bad``: this rank's first non-finite loss so far, for the error.
+
+        Raises FloatingPointError, the update not applied, when the norm is not finite."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return []
+        if self.records_norm:
+            self.engine.step()
+            norm, applied = self.engine.get_global_grad_norm(), self.engine.was_step_applied()
+        else:   # ZeRO-0 fp32: the gradients are all-reduced in the boundary's backward; DeepSpeed's
+            # clip takes this same norm (deepspeed.runtime.utils.clip_grad_norm_) but keeps it to itself
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            applied = math.isfinite(norm)
+            if applied:
+                self.engine.step()
+        if not applied or not math.isfinite(norm):
+            raise self._non_finite(float(norm), bad)
+        return [float(norm)]
+
+    def _non_finite(self, norm: float, bad: Optional[tuple]) -> FloatingPointError:
+        """The one-line error for a step whose gradient norm is not finite, naming the first rank's
+        first non-finite loss. Every rank is here (the norm is global), so it may gather."""
+        mine = torch.tensor(bad[:2] + (CHECKED_TERMS.index(bad[2]),) if bad else (-1.0, 0.0, -1.0),
+                            dtype=torch.float64, device=self.device)
+        parts = [mine]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(parts, mine)
+        found = next(((rank, p.tolist()) for rank, p in enumerate(parts) if p[2] >= 0), None)
+        what = (f"{CHECKED_TERMS[int(found[1][2])]} is {found[1][1]} on document {int(found[1][0])} of the corpus "
+                f"(learner rank {found[0]}), so the gradient norm is {norm}" if found else
+                f"the gradient norm is {norm} with finite losses on every rank (a non-finite gradient)")
+        return FloatingPointError(f"non-finite training step: {what}; the optimizer step was not applied and "
+                                  f"nothing was saved")
+
     def _task_sft(self, batch: LearnBatch) -> dict[str, float]:
-        """Post-training's outer update: CE on the answer after the prompt, one optimizer step."""
+        """Post-training's outer update: CE on the answer after the prompt, one optimizer step over
+        the whole batch (the reference's task SFT), pooled as ``refine.ntp_loss_agg_mode`` says."""
         if batch.answers is None:
             raise ValueError("train.task_update=sft but the batch carries no answers (data.answer_column)")
-        total = 0.0
-        for d in range(len(batch.docs)):
-            prompt = torch.from_numpy(batch.docs.doc(d)).to(self.device)
-            answer = torch.from_numpy(batch.answers.doc(d)).to(self.device)
-            loss = self.cfg.train.task_coef * answer_nll(self.engine.module, prompt, answer)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += float(loss.detach())
-        return {"task_sft_loss": total / len(batch.docs),
-                "task_grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+        weights = cross_entropy_weights([len(batch.answers.doc(d)) for d in range(len(batch.docs))],
+                                        self.cfg.refine, self.docs_per_rank)
+        self.engine.set_train_batch_size(self.docs_per_rank * self.world)   # every document, one step
+        try:
+            total, norms, bad = 0.0, [], None
+            for d in range(len(batch.docs)):
+                prompt = torch.from_numpy(batch.docs.doc(d)).to(self.device)
+                answer = torch.from_numpy(batch.answers.doc(d)).to(self.device)
+                self._begin_micro_batch()
+                loss = self.cfg.train.task_coef * weights[d] * answer_nll(self.engine.module, prompt, answer)
+                bad = bad or _first_non_finite({"task_sft_loss": float(loss.detach())}, int(batch.docs.doc_ids[d]))
+                self.engine.backward(loss)
+                norms += self._step(bad)
+                total += float(loss.detach())
+        finally:
+            self.engine.set_train_batch_size(self.mini_per_rank * self.world)
+        return {"task_sft_loss": total / len(batch.docs), "task_grad_norm": norms[0]}
 
     @torch.no_grad()
     def validation_nll(self, docs: DocBatch) -> tuple[float, int]:
@@ -216,3 +307,11 @@ class RefineLearner:
         with weights_only_loading():        # a checkpoint from elsewhere must not run code here
             _, client_state = self.engine.load_checkpoint(path, tag="ds")
         return client_state or {}
+
+
+def _first_non_finite(metrics: dict[str, float], doc_id: int) -> Optional[tuple]:
+    """``(doc_id, value, term)`` of the first loss term in ``CHECKED_TERMS`` that is not finite, else None."""
+    for term in CHECKED_TERMS:
+        if term in metrics and not math.isfinite(metrics[term]):
+            return (float(doc_id), metrics[term], term)
+    return None

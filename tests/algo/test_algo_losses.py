@@ -9,6 +9,7 @@ from refine_ray.algo import (
     head_calls,
     kl_penalty,
     logprobs_from_logits,
+    micro_batch_token_mean_weights,
     ntp_loss,
     ntp_loss_from_hidden,
     ppo_clip_loss,
@@ -268,3 +269,17 @@ def test_logprobs_from_logits_is_float64_close_on_a_large_vocabulary():
         ours = logprobs_from_logits(z, ids, temperature)
         assert ours.dtype == torch.float32
         assert float((ours.double() - exact).abs().max()) <= 2.5e-6
+
+
+def test_token_mean_weights_pool_each_micro_batch():
+    """Issue 24 point 3: per-document means weighted by these give verl's token-mean per micro-batch."""
+    counts = torch.tensor([39.0, 159.0, 10.0, 0.0, 5.0])      # micro-batches of 2: {0,1} {2,3} {4}
+    means = torch.tensor([4.0, 5.0, 2.0, 0.0, 7.0])
+    w = micro_batch_token_mean_weights(counts, 2)
+    pooled = [(39 * 4.0 + 159 * 5.0) / 198, 2.0, 7.0]            # a document without tokens adds nothing
+    assert float((w * means.double()).mean()) == pytest.approx(sum(pooled) / 3, rel=1e-12)
+    assert micro_batch_token_mean_weights(counts, 1).tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert micro_batch_token_mean_weights([0, 0], 2).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        micro_batch_token_mean_weights(counts, 0)
+

@@ -216,3 +216,83 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(run, capsys):
     one_line_error(capsys, "already holds a run")
     assert train(run, *argv) == 0
     assert ckpt.latest_checkpoint(run).name == "step_000001"
+
+
+def _save(run, step: int, payload: bytes, state: dict, keep=None):
+    """A checkpoint of ``step`` written into its temporary folder; returns (tmp, final, commit operations)."""
+    state = {"version": step, "cursor": {"epoch": 0, "position": step, "skipped": 0}, "failures": 0,
+             "pending": None, **state}
+    tmp, final = ckpt.begin_save(run, step)
+    (tmp / "learner").mkdir()
+    (tmp / "learner" / "weights.bin").write_bytes(payload)
+    return tmp, final, ckpt.commit_operations(tmp, final, state, None, keep)
+
+
+def _loadable(run) -> str:
+    """The branch of the checkpoint `latest` resolves to, after verifying it against its manifest."""
+    found = ckpt.latest_checkpoint(run)
+    ckpt.verify_checkpoint(found)
+    return ckpt.load_trainer_state(found)["branch"]
+
+
+def test_resaving_a_step_keeps_a_loadable_checkpoint_at_every_instant(tmp_path):
+    """Issue 24 point 9: a run resumed from step 2 of its own directory re-saves step 4, which
+    `latest` names. A crash after any operation of the save leaves `latest` naming a complete,
+    verifiable checkpoint (the old step 4 or the new one), and the next save cleans up."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        *_, ops = _save(run, step, b"old %d" % step, {"step": step, "branch": "old"})
+        for _, op in ops:
+            op()
+    tmp, final, ops = _save(run, 4, b"new 4", {"step": 4, "branch": "new"})
+    branches = []
+    for i, (what, op) in enumerate(ops):
+        op()
+        crashed = tmp_path / f"crash-{i}"                    # the filesystem as a crash here leaves it
+        shutil.copytree(run, crashed, symlinks=True)
+        branches.append(_loadable(crashed))
+        tmp5, final5, ops5 = _save(crashed, 5, b"next", {"step": 5, "branch": "after"})   # the run goes on
+        for _, op5 in ops5:
+            op5()
+        assert _loadable(crashed) == "after", what
+        leftovers = [p.name for p in ckpt.checkpoint_root(crashed).iterdir()
+                     if ".tmp-" in p.name or ".replaced-" in p.name]
+        assert len(leftovers) <= 1, (what, leftovers)        # at most the folder `latest` named at the crash
+    # writing the state and the manifest leaves the old step 4 in place; from `latest` naming the new one on
+    assert [w for w, _ in ops][:3] == ["write the trainer state", "write the manifest",
+                                       "point latest at the new folder"]
+    assert branches == ["old", "old"] + ["new"] * (len(ops) - 2)
+    assert sorted(p.name for p in ckpt.checkpoint_root(run).iterdir()) == ["latest", "step_000002", "step_000004"]
+    assert (final / "learner" / "weights.bin").read_bytes() == b"new 4" and not tmp.exists()
+
+
+def test_keep_checkpoints_zero_is_refused_and_null_keeps_all(tmp_path):
+    """Also in issue 24: train.keep_checkpoints=0 used to keep every checkpoint silently."""
+    from refine_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^train.keep_checkpoints: 0 would keep no checkpoint.*null to keep every"):
+        load_config(TINY[1], ["train.keep_checkpoints=0"])
+    assert load_config(TINY[1], ["train.keep_checkpoints=null"]).train.keep_checkpoints is None
+    for step in range(1, 5):
+        *_, ops = _save(tmp_path, step, b"w", {"step": step, "branch": "x"}, keep=None)
+        for _, op in ops:
+            op()
+    assert [ckpt.step_of(p) for p in ckpt.completed_checkpoints(tmp_path)] == [1, 2, 3, 4]
+    *_, ops = _save(tmp_path, 5, b"w", {"step": 5, "branch": "x"}, keep=2)
+    for _, op in ops:
+        op()
+    assert [ckpt.step_of(p) for p in ckpt.completed_checkpoints(tmp_path)] == [4, 5]
+
+
+@pytest.mark.parametrize("change", ["learner.zero_stage=2", "learner.num_ranks=2"])
+def test_resume_with_another_zero_stage_or_rank_count_is_refused_before_writing(run, capsys, change):
+    """Issue 24 point 12: a DeepSpeed checkpoint of ZeRO-1 on one rank loads neither into ZeRO-2 nor
+    into two ranks; preflight says so, naming the field, before config.json or anything is written."""
+    before = tree(run)
+    extra = ["learner.gpus_per_rank=0.2"] if "num_ranks" in change else []
+    assert train(run, "train.steps=3", change, *extra) == 2
+    field, value = change.split("=")
+    err = one_line_error(capsys, f"was written with {field}=1, this config has {value}", "not supported",
+                         f"Resume with {field}=1", "refine-ray export --from")
+    assert "step_000002" in err
+    assert tree(run) == before
