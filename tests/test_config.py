@@ -174,12 +174,14 @@ def test_defaults_errors_name_the_file(tmp_path):
 
 
 # The six paper presets after moving their shared lines to configs/base/: the values that define
-# each run, written out (they equal the presets before the move; post-training now sets task_update).
+# each run, written out (they equal the presets before the move; post-training now sets task_update;
+# issue 24 point 3: the reference's batch, PPO mini-batches and token-mean micro-batches).
 PAPER_ALL = {"model.dtype": "bfloat16", "refine.n_chunks": 8, "refine.response_length": 5,
              "refine.samples_per_prefix": 1, "refine.cut_strategy": "entropy", "refine.min_prefix": 20,
              "refine.temperature": 1.0, "refine.top_p": 1.0, "refine.reward_source": "policy",
              "refine.ntp_coef": 1.0, "refine.kl_coef": 0.0, "refine.clip_low": 0.2, "refine.clip_high": 0.2,
-             "refine.dual_clip": 3.0, "refine.prefix_sharing": True, "optim.lr": 1e-6, "optim.weight_decay": 0.01,
+             "refine.dual_clip": 3.0, "refine.prefix_sharing": True, "refine.ntp_loss_agg_mode": "token-mean",
+             "optim.lr": 1e-6, "optim.weight_decay": 0.01,
              "optim.betas": [0.9, 0.999], "optim.grad_clip": 1.0, "optim.warmup_steps": 0,
              "reference.enabled": False}
 PAPER_TRAIN = {"learner.num_ranks": 8, "learner.zero_stage": 1, "learner.gpus_per_rank": 0.5,
@@ -191,13 +193,16 @@ PAPER_TRAIN = {"learner.num_ranks": 8, "learner.zero_stage": 1, "learner.gpus_pe
                "refine.pg_coef": 0.2}
 PAPER_PHASE = {
     "mid": {**PAPER_TRAIN, "data.path": "data/slimpajama_16k", "data.text_column": "text", "data.answer_column": None,
-            "data.max_length": 16384, "data.batch_size": 32, "data.shuffle": True, "refine.reward": "cosine",
-            "train.steps": 2000, "train.save_every": 80, "train.task_update": "none"},
+            "data.max_length": 16384, "data.batch_size": 128, "data.shuffle": True, "refine.reward": "cosine",
+            "refine.ppo_mini_batch_size": 32, "refine.ppo_micro_batch_size_per_gpu": 2,
+            "train.steps": 500, "train.save_every": 20, "train.task_update": "none"},
     "post": {**PAPER_TRAIN, "data.text_column": "prompt", "data.answer_column": "answer", "data.max_length": 8160,
-             "data.batch_size": 16, "refine.reward": "hybrid", "train.steps": 100, "train.save_every": 96,
+             "data.batch_size": 64, "refine.reward": "hybrid", "refine.ppo_mini_batch_size": 16,
+             "refine.ppo_micro_batch_size_per_gpu": 2, "train.steps": 25, "train.save_every": 24,
              "train.task_update": "sft"},
     "ttt": {"data.path": "data/longbench", "data.text_column": "prompt", "data.max_length": 16352,
-            "data.batch_size": 8, "refine.reward": "exact", "refine.pg_coef": 0.4, "learner.num_ranks": 4,
+            "data.batch_size": 8, "refine.reward": "exact", "refine.pg_coef": 0.4, "refine.ppo_mini_batch_size": 4,
+            "refine.ppo_micro_batch_size_per_gpu": 1, "learner.num_ranks": 4,
             "learner.gpus_per_rank": 1.0, "scorer.num_actors": 1, "system.ray_address": None, "train.steps": 4},
 }
 PAPER_PRESETS = {

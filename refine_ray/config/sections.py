@@ -125,9 +125,10 @@ class RefineConfig:
                                           # seq-mean-token-mean = the mean of per-document means (ours: every
                                           # document weighs the same); token-mean = tokens pooled within each
                                           # micro-batch, micro-batches averaged (the reference's HF loss)
-    ppo_mini_batch_size: Optional[int] = None  # documents per optimizer step over all learner ranks; None:
-                                          # the whole batch, one step per training step (ours); the reference
-                                          # takes one per ttt_ppo_mini_batch_size documents (4 per mid-training step)
+    ppo_mini_batch_size: Optional[int] = None  # documents per optimizer step over all learner ranks (or of a
+                                          # test-time-training batch); None: the whole batch, one step per
+                                          # training step (ours); the reference takes one per
+                                          # ttt_ppo_mini_batch_size documents (4 per mid-training step)
     ppo_micro_batch_size_per_gpu: int = 1  # documents per micro-batch on one learner rank: the unit that
                                           # token-mean pools over (the reference: 2); documents still run one
                                           # at a time, so this sets the loss, not the memory
@@ -290,7 +291,8 @@ class TrainConfig:
 class TTTConfig:
     """Test-time training during evaluation: adapt on each batch of prompts, answer, restore."""
     mode: Literal["none", "ntp", "refine"] = "none"
-    steps: int = 1                        # optimizer steps per batch of prompts
+    steps: int = 1                        # updates per batch of prompts (each: an optimizer step per
+                                          # refine.ppo_mini_batch_size prompts, one when that is null)
     batch_size: int = 1                   # prompts adapted on together (the reference: 8 per val batch)
     accumulate: bool = False              # true: never restore (the reference's behaviour)
     seed: int = 0
