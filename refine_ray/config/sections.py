@@ -39,7 +39,8 @@ class ModelConfig:
     num_hidden_layers: int = 2
     num_heads: int = 2
     seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"   # bfloat16 needs CUDA GPUs (models/dtypes.py)
+    gradient_checkpointing: bool = False  # learners re-run each block in backward: activations O(blocks' inputs)
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""

@@ -165,6 +165,24 @@ def offset_free_state(model) -> bool:
     return family(model.config.model_type).offset_free_state
 
 
+def enable_checkpointing(model) -> None:
+    """Turn on per-block activation checkpointing in ``model`` (any registry family), non-reentrant.
+
+    transformers' own switch (``activation_checkpointing_enable``; ``gradient_checkpointing_enable``
+    before 5.25) with ``use_reentrant=False`` (torch's recommended mode; it composes with
+    DeepSpeed ZeRO 0-3 and lets gradients flow through the dict-valued layer states a block
+    returns, which the reentrant mode would silently drop). Blocks then keep only their inputs
+    and re-run in backward when called in training mode with gradients enabled; inference
+    (``torch.no_grad``, eval mode) runs unchanged. Raises ValueError (transformers' one line)
+    for a class without ``supports_gradient_checkpointing``.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:                                    # transformers < 5.25
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """HF's causal-LM loss over right-padded rows: mean next-token cross-entropy.

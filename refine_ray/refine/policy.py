@@ -6,14 +6,19 @@ import torch
 
 from refine_ray.config import ModelConfig
 from refine_ray.models import registry
+from refine_ray.models.base import enable_checkpointing
 from refine_ray.models.dtypes import compute_dtype
 
 
 def build_policy(cfg: ModelConfig, vocab_size: int, device: torch.device | str | None = None):
     """The policy: a local HF checkpoint (``cfg.path``) or a random model shaped by ``cfg`` (seeded by
     ``cfg.seed``, so every role and learner rank builds the same weights), in the compute dtype
-    (bfloat16 only when asked for and on CUDA, else float32) on ``device`` (default: CUDA if any).
-    Raises ValueError when the checkpoint's vocabulary is smaller than the tokenizer's."""
+    (``models.dtypes.compute_dtype``) on ``device`` (default: CUDA if any), with per-block activation
+    checkpointing when ``cfg.gradient_checkpointing`` (it acts only in training mode under grad, so the
+    inference roles that build the same policy run it as is).
+    Raises ValueError when the checkpoint's vocabulary is smaller than the tokenizer's, or for
+    ``bfloat16`` without CUDA (one line, from ``compute_dtype``)."""
+    dtype = compute_dtype(cfg.dtype)          # first: a bf16 request on CPU stops before any loading
     if cfg.path is not None:
         model = registry.load_model(cfg.path)
         if model.config.vocab_size < vocab_size:
@@ -22,7 +27,8 @@ def build_policy(cfg: ModelConfig, vocab_size: int, device: torch.device | str |
     else:
         model = registry.build_model(cfg.type, seed=cfg.seed, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
                                      num_hidden_layers=cfg.num_hidden_layers, num_heads=cfg.num_heads)
-    dtype = compute_dtype(cfg.dtype)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device=device, dtype=dtype)

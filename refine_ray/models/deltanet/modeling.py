@@ -63,7 +63,7 @@ class _PreTrained(PreTrainedModel):
     _input_embed_layer = "embeddings"
     _no_split_modules = ["PreNormBlock"]
     _is_stateful = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True       # per block: PreNormBlock (base.enable_checkpointing)
 
     def _init_weights(self, module: nn.Module):
         """fla's init: N(0, initializer_range) for Linear/Conv1d/Embedding, ones for norms,

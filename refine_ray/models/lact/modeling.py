@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -54,7 +53,7 @@ class LaCTPreTrainedModel(PreTrainedModel):
     # transformers derives every embedding accessor from this name (backbone: .embeddings,
     # causal LM: .model.embeddings and .lm_head), so no class writes its own.
     _input_embed_layer = "embeddings"
-    supports_gradient_checkpointing = True
+    supports_gradient_checkpointing = True       # per block: PreNormBlock (base.enable_checkpointing)
     _no_split_modules = ["PreNormBlock"]
 
     def _init_weights(self, module):
@@ -88,7 +87,6 @@ class LaCTModel(LaCTPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([lact_block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def run(self, input_ids: torch.Tensor, state: Optional[ModelState], need_state: bool = True,
@@ -103,11 +101,8 @@ class LaCTModel(LaCTPreTrainedModel):
         for i, block in enumerate(self.layers):
             if all_hidden is not None:
                 all_hidden.append(x)
-            layer_state = None if state is None else state.layers[i]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, st = checkpoint(block, x, layer_state, offset, need_state, rope, use_reentrant=False)
-            else:
-                x, st = block(x, layer_state, offset, need_state, rope)
+            # a PreNormBlock: checkpointed there when enabled (base.enable_checkpointing)
+            x, st = block(x, None if state is None else state.layers[i], offset, need_state, rope)
             new_layers.append(st)
         x = self.norm(x)
         if all_hidden is not None:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..ops import dispatch as K
 
@@ -111,13 +112,20 @@ class GatedMLP(nn.Module):
         return self.down_proj(K.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-class PreNormBlock(nn.Module):
+class PreNormBlock(GradientCheckpointingLayer):
     """fla's block: ``h = x + attn(attn_norm(x))``, then ``h + mlp(mlp_norm(h))``.
 
     ``attn`` is the token mixer (DeltaNet, GatedDeltaNet, LaCT layer); it returns
     ``(out [B,T,D], *extras)`` (its new layer state, kept states, ...), and the block returns
     ``(hidden [B,T,D], *extras)``; extra positional/keyword arguments go to the mixer.
     Parameter names: ``attn_norm``, ``attn``, ``mlp_norm``, ``mlp`` (fla's and LaCT's).
+
+    Activation checkpointing, per block as fla's blocks (transformers'
+    ``GradientCheckpointingLayer``): after the model's ``activation_checkpointing_enable``
+    (``gradient_checkpointing_enable`` before transformers 5.25; :func:`..base.enable_checkpointing`),
+    a call in training mode with gradients enabled keeps only the block's inputs and re-runs
+    ``forward`` in backward. Layer states and kept states are outputs like ``hidden``, so
+    gradients flow through them unchanged; without gradients (inference) the block runs as is.
     """
 
     def __init__(self, hidden_size: int, norm_eps: float, attn: nn.Module, mlp: nn.Module, layer_idx: int = 0):

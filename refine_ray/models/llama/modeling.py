@@ -15,6 +15,9 @@ Deliberate decisions:
     is the KV cache: per layer ``{"k": [B, H_kv, T, D], "v": [B, H_kv, T, D]}``
     (post-RoPE keys, batch first, differentiable), ``offset = T``; positions continue
     from ``offset``. Tested equal to HF's forward.
+  * Activation checkpointing: transformers' switch (``activation_checkpointing_enable``) marks
+    the decoder layers; ``forward_segment`` checkpoints its own per-layer block under the same
+    condition (training mode, gradients enabled), so both entry points honour it.
   * Not offset-free (the registry entry says so): a state is tied to its length, so
     states of different lengths never share a batch (prefill / branching handle that).
 """
@@ -61,6 +64,14 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
+def _decoder_block(layer, h: torch.Tensor, cos, sin, past: Optional[dict]):
+    """One ``LlamaDecoderLayer``'s computation on ``h [B,T,C]`` continuing the KV cache ``past``:
+    (hidden [B,T,C], new KV), as transformers' layer but with our explicit KV state."""
+    a, kv = kv_cache_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, past)
+    h = h + a
+    return h + layer.mlp(layer.post_attention_layernorm(h)), kv
+
+
 class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
     """transformers' Llama with ``forward_segment`` (KV-cache state); model_type 'llama'."""
 
@@ -88,9 +99,11 @@ class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
         new_layers = []
         for i, layer in enumerate(backbone.layers):
             past = None if state is None else state.layers[i]
-            a, kv = kv_cache_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, past)
-            h = h + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            # transformers' checkpointing switch of the decoder layer, applied to our block
+            if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+                h, kv = layer._gradient_checkpointing_func(_decoder_block, layer, h, cos, sin, past)
+            else:
+                h, kv = _decoder_block(layer, h, cos, sin, past)
             new_layers.append(kv)
         hidden = backbone.norm(h)
         logits = self.lm_head(hidden) if return_logits else None
