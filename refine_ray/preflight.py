@@ -17,6 +17,8 @@ directory, its ``config.json`` or a checkpoint is touched). Checked, cheapest fi
   * (only now are torch, fla and Ray imported: the checks above take about a second)
   * the layout's CPUs/GPUs fit the declared local cluster
     (:func:`refine_ray.system.placement.check_resources`);
+  * ``model.dtype=bfloat16`` only where every role running the model gets a CUDA GPU
+    (:func:`check_dtype`; never a silent float32 run on CPU);
   * ``data.max_length`` leaves room for ``refine.n_chunks`` cuts of
     ``refine.response_length`` tokens after ``refine.min_prefix``;
   * the tokenizer loads;
@@ -398,6 +400,24 @@ def check_validation(cfg: ExperimentConfig, tokenizer) -> None:
                         f"the longest has {longest}{cap}: val/nsp_* would never be computed")
 
 
+def check_dtype(cfg: ExperimentConfig) -> None:
+    """``model.dtype=bfloat16`` only where every role that runs the model gets a CUDA GPU
+    (:func:`refine_ray.models.dtypes.check_roles_dtype`); raises ConfigError with one line."""
+    from refine_ray.models.dtypes import check_roles_dtype
+
+    r = cfg.refine
+    shares = {"learner.gpus_per_rank": cfg.learner.gpus_per_rank, "scorer.gpus_per_actor": cfg.scorer.gpus_per_actor,
+              "rollout.gpus_per_actor": cfg.rollout.gpus_per_actor}
+    if cfg.reference.enabled:
+        shares["reference.gpus_per_actor"] = cfg.reference.gpus_per_actor
+    if r.reward_source == "frozen" and r.reward != "exact":       # the reward role runs the frozen policy
+        shares["reward.gpus_per_actor"] = cfg.reward.gpus_per_actor
+    try:
+        check_roles_dtype(cfg.model.dtype, shares, not (cfg.system.ray_address or os.environ.get("RAY_ADDRESS")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _as_val_path(e: DataError) -> DataError:
     """A corpus error about ``train.val_path``: the message names the value itself, under the key that holds it."""
     msg = str(e)
@@ -431,6 +451,7 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     from refine_ray.system.placement import check_resources     # Ray
 
     check_resources(cfg)
+    check_dtype(cfg)
     need = min_document_tokens(cfg.refine)
     if cfg.data.max_length < need:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} is below the {need} tokens a document needs "

@@ -188,14 +188,21 @@ def scorer_of(s: EvalSet, key: str, rule: str) -> dict[str, str]:
 
 
 def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[str] = None):
-    """``tiny:TYPE`` (random model shaped by ``cfg.model``) or a local HF dir; returns (model, tokenizer)."""
+    """``tiny:TYPE`` (random model shaped by ``cfg.model``) or a local HF dir; returns (model, tokenizer).
+    Raises ConfigError for ``model.dtype=bfloat16`` without CUDA, EvalError for a bad ``spec``."""
     from refine_ray.data import load_tokenizer
+    from refine_ray.models.dtypes import compute_dtype
     from refine_ray.refine.policy import build_policy
 
+    try:
+        compute_dtype(cfg.model.dtype)   # bfloat16 (TTT autocast) needs CUDA: one line before anything loads
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if spec.startswith("tiny:"):
         m = cfg.model
         raw = dict(type=spec.split(":", 1)[1], hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
-                   num_heads=m.num_heads, seed=m.seed, dtype="float32")
+                   num_heads=m.num_heads, seed=m.seed, dtype="float32",
+                   gradient_checkpointing=m.gradient_checkpointing)
         try:
             mcfg = from_dict(ModelConfig, raw, "model")
             validate_config(mcfg, "model")
@@ -205,7 +212,8 @@ def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[
     else:
         if not Path(spec, "config.json").is_file():
             raise EvalError(f"--model {spec!r}: not a local HF model directory (no config.json) nor tiny:TYPE")
-        mcfg = ModelConfig(path=spec, dtype="float32")   # fp32 weights; bf16 only as autocast
+        mcfg = ModelConfig(path=spec, dtype="float32",   # fp32 weights; bf16 only as autocast
+                           gradient_checkpointing=cfg.model.gradient_checkpointing)
         has_tok = any(Path(spec, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         tok = load_tokenizer(tokenizer_path or cfg.tokenizer.path or (spec if has_tok else None))
     tok.model_max_length = 1 << 30   # prompts are truncated by eval.max_prompt_tokens, not here

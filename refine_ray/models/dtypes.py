@@ -1,10 +1,12 @@
-"""The compute dtype rule, in one place: bfloat16 only when asked for and on a GPU.
+"""The compute dtype rule, in one place: ``bfloat16`` runs on CUDA GPUs, nowhere else.
 
 Every part that turns ``model.dtype`` into a torch dtype (the policy, the vLLM engine,
 weight sync, the DeepSpeed bf16 switch, test-time training's autocast) calls
-:func:`compute_dtype`. Deliberate: on CPU a ``bfloat16`` request runs in float32 (CPU
-bf16 matmuls are slow and our pure-PyTorch kernels are written for fp32), so the same
-config runs unchanged on a laptop and on a GPU node.
+:func:`compute_dtype`, and the entry points check it before anything starts (preflight for
+training on a local cluster, ``refine-ray eval``). Deliberate: a ``bfloat16`` request where
+there is no GPU stops with one line instead of running in another dtype. CPU bf16 matmuls are
+slow, our pure-PyTorch kernels are written for fp32, and a silent fp32 run would publish
+numbers for a dtype that never ran (the defect of issue 23 point 5).
 """
 from __future__ import annotations
 
@@ -16,16 +18,47 @@ DTYPES = ("float32", "bfloat16")
 
 
 def compute_dtype(name: str, device: Optional[Union[torch.device, str]] = None) -> torch.dtype:
-    """``torch.bfloat16`` for ``name == "bfloat16"`` on CUDA, else ``torch.float32``.
+    """``torch.float32`` for ``"float32"``; ``torch.bfloat16`` for ``"bfloat16"`` on a CUDA device.
 
     Args:
         name: ``model.dtype`` of the experiment config ('float32' or 'bfloat16').
         device: the device the model runs on; None means "this process's GPU if it has one"
             (``torch.cuda.is_available()``).
     Raises:
-        ValueError: ``name`` is not one of :data:`DTYPES`.
+        ValueError: one line, when ``name`` is not one of :data:`DTYPES`, or is ``bfloat16``
+            and ``device`` is not CUDA (None: this process sees no CUDA GPU).
     """
     if name not in DTYPES:
         raise ValueError(f"model.dtype: {name!r} is not one of {', '.join(DTYPES)}")
-    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    return torch.bfloat16 if (name == "bfloat16" and on_gpu) else torch.float32
+    if name == "float32":
+        return torch.float32
+    if device is None and not torch.cuda.is_available():
+        raise ValueError("model.dtype: bfloat16 needs a CUDA GPU and none is visible here "
+                         "(use model.dtype=float32 on CPU)")
+    if device is not None and torch.device(device).type != "cuda":
+        raise ValueError(f"model.dtype: bfloat16 needs a CUDA GPU but this model runs on {torch.device(device)} "
+                         f"(use model.dtype=float32 on CPU)")
+    return torch.bfloat16
+
+
+def check_roles_dtype(name: str, gpu_shares: dict[str, float], local_cluster: bool) -> None:
+    """Before a job starts: every role that computes with the model can run ``name`` there.
+
+    Args:
+        name: ``model.dtype``.
+        gpu_shares: ``{config key: GPUs per actor}`` of the roles that run the model; a share of
+            0 puts an actor on CPU (Ray hides every GPU from it).
+        local_cluster: the job starts its own Ray cluster on this machine, so its actors see
+            this machine's GPUs (logical ``system.num_gpus`` on a CPU machine are not CUDA).
+    Raises:
+        ValueError: one line naming the field, for ``bfloat16`` where a role would run on CPU.
+    """
+    if name != "bfloat16":
+        return
+    if local_cluster and not torch.cuda.is_available():
+        raise ValueError("model.dtype: bfloat16 needs CUDA GPUs and this machine has none; the local cluster's "
+                         "roles would run on CPU (use model.dtype=float32 on CPU)")
+    for key, share in gpu_shares.items():
+        if share <= 0:
+            raise ValueError(f"{key}: {share:g} puts that role on CPU, but model.dtype=bfloat16 needs a CUDA GPU "
+                             f"(give it a GPU share or use model.dtype=float32)")

@@ -138,11 +138,18 @@ def test_offset_free_predicate_drives_prefill():
 
 
 def test_compute_dtype_is_bf16_only_on_cuda():
+    """bfloat16 on CUDA; asked for elsewhere it raises one line, never a silent float32 run."""
     assert compute_dtype("float32", "cuda") == torch.float32
+    assert compute_dtype("float32", "cpu") == torch.float32
     assert compute_dtype("bfloat16", "cuda") == torch.bfloat16
-    assert compute_dtype("bfloat16", "cpu") == torch.float32
-    assert compute_dtype("bfloat16", torch.device("cpu")) == torch.float32
-    assert compute_dtype("bfloat16") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    for device in ("cpu", torch.device("cpu")):
+        with pytest.raises(ValueError, match=r"^model.dtype: bfloat16 needs a CUDA GPU but this model runs on cpu"):
+            compute_dtype("bfloat16", device)
+    if torch.cuda.is_available():
+        assert compute_dtype("bfloat16") == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="^model.dtype: bfloat16 needs a CUDA GPU and none is visible here"):
+            compute_dtype("bfloat16")
     with pytest.raises(ValueError, match="model.dtype: 'float16' is not one of float32, bfloat16"):
         compute_dtype("float16")
 
