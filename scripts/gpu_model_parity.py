@@ -12,21 +12,23 @@ modules), on CUDA, it checks:
      (``keep_states_at``, sliced kernel calls) and their gradients, and per-row ``lengths``
      states, vs the torch path;
   5. in bf16 (fla 0.6.0's DeltaNet chunk kernel rejects fp32): torch vs fla logits, segment
-     carry, and, for families on fla's config classes, our model (fla path) vs fla's own
-     ``*ForCausalLM`` with the same weights.
+     carry, kept states (offset-free families), and, for families on fla's config classes, our
+     model (fla path) vs fla's own ``*ForCausalLM`` with the same weights.
 Prints max abs diffs (gradients: relative to the largest entry) and PASS/FAIL per check;
-exits 1 on any FAIL, 0 with "SKIP" when CUDA or fla's kernels are missing.
-Triton's fp32 dots default to TF32; we force IEEE fp32 (TRITON_F32_DEFAULT=ieee) and turn
-TF32 off in torch unless --tf32 is given, so the thresholds below are fp32 thresholds.
+``--json PATH`` also writes them (``{"checks": [{family, check, diff, tol, ok}], "failures": [...],
+"skipped": reason or null}``); exits 1 on any FAIL, 0 with "SKIP" when CUDA or fla's kernels
+are missing. Triton's fp32 dots default to TF32; we force IEEE fp32 (TRITON_F32_DEFAULT=ieee) and
+turn TF32 off in torch unless --tf32 is given, so the thresholds below are fp32 thresholds.
 First-call Triton compilation/autotuning is slow: on an H200 ``--only lact`` then ``--only delta_net``
 took ~5 min together (all PASS, max fp32 diffs ~1e-6); the GatedDeltaNet half had printed nothing
-after 5 more minutes in an earlier run (fp32 chunk-kernel autotune, unconfirmed), so give it its
-own call: ``--only gated_deltanet`` with a 10-minute limit.
+after 5 more minutes in an earlier run (fp32 chunk-kernel autotune, unconfirmed). The prepared
+acceptance run (``scripts/gpu_check.sh``) gives each family its own process and time budget.
 ``--cpu`` runs the same flow with the torch path on both sides (a smoke test of the script).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -42,12 +44,15 @@ class Checker:
     def __init__(self, fast: str, tol_logits: float, tol_grad: float, tol_bf16: float):
         self.fast, self.tol_logits, self.tol_grad, self.tol_bf16 = fast, tol_logits, tol_grad, tol_bf16
         self.failures: list[str] = []
+        self.results: list[dict] = []
+        self.family = ""
 
     def report(self, name, diff, tol):
         ok = diff <= tol
         print(f"  {'PASS' if ok else 'FAIL'} {name:<48s} max diff {diff:.3e} (tol {tol:.1e})", flush=True)
+        self.results.append(dict(family=self.family, check=name, diff=diff, tol=tol, ok=ok))
         if not ok:
-            self.failures.append(name)
+            self.failures.append(f"{self.family}: {name}")
 
     @staticmethod
     def rel(a, b):
@@ -58,7 +63,7 @@ class Checker:
 
     @staticmethod
     def state_diff(sa, sb):
-        return max((a[k] - b[k]).abs().max().item() for a, b in zip(sa.layers, sb.layers) for k in a)
+        return max((a[k] - b[k]).abs().max().item() for a, b in zip(sa.layers, sb.layers) for k in a if a[k].numel())
 
     @staticmethod
     def run(model, ids, backend, segments=None, w=None):
@@ -143,6 +148,17 @@ class Checker:
                 parts.append(o.logits.float())
         self.report("bf16 logits torch vs fla (rel)", self.rel(tb, fb), self.tol_bf16)
         self.report("bf16 segment carry logits (fla path, rel)", self.rel(fb, torch.cat(parts, 1)), self.tol_bf16)
+        if family(cfg.model_type).offset_free_state:      # prefix sharing's kept states, in bf16
+            positions = torch.tensor([1, 37, 64, ids.shape[1] // 2, ids.shape[1] - 1], device=ids.device)
+            kept = {}
+            with torch.no_grad():
+                for backend in ("torch", self.fast):
+                    os.environ["REFINE_KERNELS"] = backend
+                    kept[backend] = mb.forward_segment(ids, None, return_logits=False, keep_states_at=positions)
+            self.report("bf16 kept states torch vs fla (rel)", max(
+                self.rel(a[k].float(), b[k].float()) for a, b in zip(kept["torch"].kept_states.layers,
+                                                                     kept[self.fast].kept_states.layers) for k in a),
+                self.tol_bf16)
         if type(cfg).__module__.startswith("fla."):   # the config class is fla's: fla has the model too
             import fla.models  # noqa: F401  registers fla's classes with the Auto classes
 
@@ -159,17 +175,27 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (torch vs torch)")
     ap.add_argument("--only", choices=FAST_WEIGHT_TYPES, help="check one model type")
     ap.add_argument("--T", type=int, default=200, help="sequence length >= 8 (default 200, not a multiple of 64)")
+    ap.add_argument("--json", help="also write the checks to this JSON file")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size (default 256: 4 heads of 64)")
     args = ap.parse_args()
     if not args.tf32:
         os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     import torch
 
+    def write(payload: dict) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(payload, f, indent=1)
+
+    skip = None
     if not args.cpu and not torch.cuda.is_available():
-        print("SKIP: no CUDA device")
-        return 0
+        skip = "no CUDA device"
     from refine_ray.models.ops import fla_kernels_available
-    if not args.cpu and not fla_kernels_available():
-        print("SKIP: fla's kernels (fla.ops) do not import")
+    if skip is None and not args.cpu and not fla_kernels_available():
+        skip = "fla's kernels (fla.ops) do not import"
+    if skip:
+        print(f"SKIP: {skip}")
+        write({"checks": [], "failures": [], "skipped": skip})
         return 0
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
@@ -178,11 +204,12 @@ def main() -> int:
     # tol_bf16 is relative to the largest |logit|; bf16 activations carry ~3 significant digits
     check = Checker("torch" if args.cpu else "fla", 2e-4 * scale, 2e-4 * scale, 5e-2)
     # hidden 256, 4 heads of 64 over each registry tiny preset; T spans several 64-token kernel chunks
-    size = dict(hidden_size=256, num_heads=4, intermediate_size=512)
+    size = dict(hidden_size=args.hidden, num_heads=max(2, args.hidden // 64), intermediate_size=2 * args.hidden)
     for kind in FAST_WEIGHT_TYPES:
         if args.only and kind != args.only:
             continue
         print(f"[{kind}] T={args.T} device={device}", flush=True)
+        check.family = kind
         cfg = tiny_config(kind, 512, **size)
         torch.manual_seed(0)
         model = family(kind).classes().causal_lm(cfg).to(device).train()
@@ -197,6 +224,7 @@ def main() -> int:
         os.environ["REFINE_KERNELS"] = "auto"
 
     print("FAIL:" if check.failures else "ALL PASS", ", ".join(check.failures))
+    write({"checks": check.results, "failures": check.failures, "skipped": None})
     return 1 if check.failures else 0
 
 
