@@ -133,6 +133,7 @@ def test_ctrl_c_while_starting(workdir):
     assert not leftovers(pgid, workdir / "runs" / "tiny" / "run.log")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_eval_keeps_the_answers_and_the_same_command_resumes(tmp_path):
     cmd = [str(ROOT / ".venv" / "bin" / "refine-ray"), "eval", "--config", str(ROOT / "configs" / "ttt_tiny_longbench.yaml"),
            "--model", "tiny:delta_net", "--data", str(SHARED / "trec_16384.parquet"), "--limit", "6",
