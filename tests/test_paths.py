@@ -158,3 +158,29 @@ def test_config_json_that_cannot_be_read_is_left_to_preflight(tmp_path):
     with pytest.raises(ConfigError, match="model.type: 'lact' contradicts"):
         (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "delta_net", "hidden_size": 64}))
         load_config(None, [f"model.path={tmp_path / 'm'}", "model.type=lact"])
+
+
+def test_resume_accepts_a_checkpoint_that_stored_paths_relative(tmp_path, monkeypatch):
+    """Runs written before paths were made absolute stored model.path as written: still the same model."""
+    from refine_ray.preflight import PreflightError, check_output
+    from refine_ray.system import checkpoint as ckpt
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("model", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"model_type": "delta_net", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2}))
+    tiny = str(ROOT / "configs" / "tiny_deltanet_mid.yaml")
+    cfg = load_config(tiny, ["model.path=model", "train.output_dir=run"])
+    assert cfg.model.path == str(tmp_path / "model")
+    stored = to_dict(cfg)
+    stored["model"]["path"] = "model"                                  # as an earlier refine-ray wrote it
+    tmp, final = ckpt.begin_save(cfg.train.output_dir, 1)
+    (tmp / "learner").mkdir()
+    (tmp / "learner" / "weights").write_bytes(b"0")
+    ckpt.commit_save(tmp, final, {"step": 1, "version": 1, "cursor": {"epoch": 0, "position": 2, "skipped": 0},
+                                  "failures": 0, "pending": None,
+                                  "pending_step": None, "config": stored})
+    assert check_output(cfg) == final
+    with pytest.raises(PreflightError, match="was written with model.path="):
+        check_output(load_config(tiny, ["model.path=other", "train.output_dir=run"]))
