@@ -197,8 +197,9 @@ def test_overwrite_with_resume_from_another_run_replaces_the_old_run(run, old_ru
     assert "including NOTES.md" in capsys.readouterr().out
     assert [p.name for p in ckpt.completed_checkpoints(run)] == ["step_000002"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2]
-    monkeypatch.chdir(run)
-    assert train(".", "train.overwrite=true") == 2
+    monkeypatch.chdir(run)             # relative paths are read from the working directory
+    data = ROOT.parent / "shared" / "data" / "longbench" / "gov_report_16384.parquet"
+    assert train(".", "train.overwrite=true", f"data.path={data}") == 2
     one_line_error(capsys, "working directory")
 
 
