@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from refine_ray.system import checkpoint as ckpt
+from refine_ray.system.run_log import RUN_LOG
+from refine_ray.system.trackers import STATE_FILE as TRACKERS_STATE
 
 log = logging.getLogger("refine_ray")
 
 LOCK = ".lock"
 RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
-RUN_FILES = (*RUN_MARKERS, "summary.png", LOCK)      # everything train itself writes into a run dir
+RUN_FILES = (*RUN_MARKERS, "summary.png", RUN_LOG, TRACKERS_STATE, LOCK)   # everything train itself writes there
 
 
 class RunDirError(ValueError):

@@ -18,6 +18,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from refine_ray.config import load_config
+from refine_ray.system import run_dir
 from refine_ray.system.run_log import is_noise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,13 +126,15 @@ def test_tiny_run_from_its_own_folder_ctrl_c_resume_and_a_quiet_console(workdir)
     assert stored["data"]["path"] == str(workdir / "docs.parquet") and stored["train"]["output_dir"] == str(out)
 
 
-def test_ctrl_c_while_starting(workdir):
+def test_ctrl_c_while_starting(workdir, monkeypatch):
     cmd = ["bash", str(ROOT / "scripts" / "train.sh"), "--config", "exp.yaml"]
     pieces, rc, pgid = run_cli(cmd, workdir, interrupt_at=r"\] Ray up")
     line = one_interrupt_line(pieces)
     assert rc == 130 and line == ("refine-ray: interrupted at step 0 of 3; no checkpoint yet; "
                                   "run the same command to resume"), line
     assert not leftovers(pgid, workdir / "runs" / "tiny" / "run.log")
+    monkeypatch.chdir(workdir)                  # what the same command does with what was left: start over
+    assert run_dir.plan_start(load_config("exp.yaml")) == run_dir.Plan(resume_from=None, replace=True)
 
 
 @pytest.mark.slow
