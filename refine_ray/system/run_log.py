@@ -31,13 +31,12 @@ RUN_LOG = "run.log"
 ENV = "REFINE_RUN_LOG"          # the run log's path, in every worker's environment
 
 # Known third-party lines that ask nothing of the user (each: what prints it). Kept in run.log.
+# A warning is matched as a whole (message and the source line Python prints under it).
 NOISE = re.compile("|".join((
     r"Triton is not supported on current platform",          # fla, on import, on every CPU process
-    r"^\s*_cpu_device_warning\(\)$",                          # ... and the source line Python shows with it
     r"Setting accelerator to CPU",                            # DeepSpeed's accelerator detection
     r"deepspeed_shm_comm_op built successfully",              # DeepSpeed's CPU comm op, loaded every run
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",   # torch, called by DeepSpeed ZeRO
-    r"^\s*return func\(\*args, \*\*kwargs\)$",                # ... its source line
     r"Token authentication is enabled for this Ray cluster",  # Ray start-up (auth stays on)
     r"Generated new authentication token",
     r"Started a local Ray instance",
