@@ -153,7 +153,12 @@ def _load(builder: str, files: list[str], path, progress: bool = False):
         datasets.enable_progress_bars() if progress else datasets.disable_progress_bars()
         if builder == "disk":
             return datasets.load_from_disk(files[0])
-        b = datasets.load_dataset_builder(builder, name=f"refine-{content_key(files)[:16]}", data_files=files)
+        options = {}
+        if builder == "parquet":    # pyarrow's default pre-buffering keeps every row group it has read until the
+            import pyarrow.dataset  # file ends (apache/arrow#39808): the conversion's memory grew with the corpus
+            options["fragment_scan_options"] = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+        b = datasets.load_dataset_builder(builder, name=f"refine-{content_key(files)[:16]}", data_files=files,
+                                          **options)
         cached = Path(b.cache_dir).is_dir()            # datasets renames a finished conversion into place
         try:
             return _prepared(b)
