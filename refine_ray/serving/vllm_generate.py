@@ -16,7 +16,8 @@ prompts (``skip_tokenizer_init=True``). The answers follow the native engine
 Deliberate decisions: weights fp32 (the eval model's; on CPU the plugin's PyTorch core then
 matches our forward to ~1e-6 in log-prob); prefix caching off (each prompt is answered once;
 without it nothing is seeded or block-aligned, so vLLM's CPU seeded-generator crash cannot
-occur); no test-time training (the engine holds a copy of the weights that TTT would not update).
+occur); no test-time training (the engine holds a copy of the weights that TTT would not update);
+eager on CPU, vLLM's compilation and CUDA graphs on CUDA (``vllm_rollout.enforce_eager``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from refine_ray.models.registry import VLLM_TYPES
-from refine_ray.serving.vllm_rollout import import_vllm, shutdown_engine
+from refine_ray.serving.vllm_rollout import enforce_eager, import_vllm, shutdown_engine
 
 
 class VLLMGreedy:
@@ -49,7 +50,7 @@ class VLLMGreedy:
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.model_dir, True)
         model.save_pretrained(self.model_dir, safe_serialization=True)
         dtype = next(model.parameters()).dtype
-        self.llm = vllm.LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=dtype, enforce_eager=True,
+        self.llm = vllm.LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=dtype, enforce_eager=enforce_eager(),
                             gpu_memory_utilization=float(os.environ.get("REFINE_VLLM_MEM", "0.2")),
                             max_model_len=int(max_model_len), enable_prefix_caching=False, seed=0)
         self._SamplingParams = vllm.SamplingParams

@@ -48,7 +48,10 @@ Deliberate decisions:
     reloads in place (the CPU backend repacks weights, so the model's own load_weights
     does not work there) and the prefix cache is reset, as its KV came from old weights.
   * dtype: the learner's (fp32 on CPU, where vLLM's log-probs then match ours to ~1e-6).
-  * Memory: ``gpu_memory_utilization`` from REFINE_VLLM_MEM (default 0.2); eager mode.
+  * Memory: ``gpu_memory_utilization`` from REFINE_VLLM_MEM (default 0.2).
+  * Compilation (:func:`enforce_eager`): vLLM's defaults (torch.compile, CUDA graphs) on CUDA,
+    where the plugin's mixer is vLLM's own graph-splitting op; eager on CPU, where vLLM's
+    torch.compile adds minutes to every engine start on a few cores and there are no graphs.
 """
 from __future__ import annotations
 
@@ -78,6 +81,14 @@ def import_vllm(what: str = "rollout.backend=vllm"):
     except ImportError as e:
         raise ImportError(f"{what} needs vLLM, which is not installed ({e}): {INSTALL_HINT}") from None
     return vllm
+
+
+def enforce_eager(platform=None) -> bool:
+    """vLLM's ``enforce_eager`` for refine_ray's engines on ``platform`` (default: vLLM's current
+    one): True on CPU, False elsewhere (vLLM's compilation and CUDA graphs)."""
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    return platform.is_cpu()
 
 
 def _engine_dtype(cfg) -> torch.dtype:
@@ -122,7 +133,7 @@ class VLLMRollout:
         self.max_model_len = int(cfg.data.max_length) + int(r.response_length)
         self.llm = vllm.LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=self.dtype,
                             gpu_memory_utilization=float(os.environ.get("REFINE_VLLM_MEM", "0.2")),
-                            enforce_eager=True, seed=self.seed, max_model_len=self.max_model_len,
+                            enforce_eager=enforce_eager(), seed=self.seed, max_model_len=self.max_model_len,
                             logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching,
                             **self._cache_kwargs(model_type))
         self._SamplingParams = vllm.SamplingParams

@@ -139,7 +139,7 @@ def test_bf16_vllm_kernel_within_our_noise_floor(tmp_path, model_type):
     assert d_vllm.max() <= 2 * d_ours.max() and d_vllm.mean() <= 2 * d_ours.mean()
 
 
-def test_core_choice_names_why_the_vllm_kernels_cannot_serve():
+def test_cpu_core_choice_names_why_the_vllm_kernels_cannot_serve():
     """The automatic choice between vLLM's CPU kernels and the PyTorch core (logged once per model)."""
     from refine_ray.serving.vllm_mixer import kernel_unfit_reason
 
@@ -149,3 +149,36 @@ def test_core_choice_names_why_the_vllm_kernels_cannot_serve():
     assert "head dims k=32" in kernel_unfit_reason(bf16, 32, 32, False)
     assert "head dims k=64, v=128" in kernel_unfit_reason(bf16, 64, 128, False)       # expand_v = 2
     assert "allow_neg_eigval" in kernel_unfit_reason(bf16, 64, 64, True)
+
+
+def test_register_refuses_another_vllm_version_at_engine_start(tmp_path):
+    """vllm.LLM runs the plugin's register() first; on a vLLM outside the supported range it stops there
+    with one line naming both versions (before: the plugin's imports of vLLM internals failed later,
+    inside the engine process)."""
+    import subprocess
+    import sys
+
+    registry.build_model("gated_deltanet", seed=0, vocab_size=V).save_pretrained(tmp_path, safe_serialization=True)
+    code = ("import vllm; vllm.__version__ = '0.33.0'; "
+            f"vllm.LLM(model={str(tmp_path)!r}, skip_tokenizer_init=True, enforce_eager=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "RuntimeError: refine_ray's vLLM plugin supports vLLM >=0.32.0,<0.33, but vLLM 0.33.0 is installed: "
+        "pip install 'refine-ray[vllm]' (CPU) or 'refine-ray[vllm-gpu]' (CUDA)")
+
+
+def test_engines_eager_on_cpu_only():
+    """refine_ray's engines keep vLLM's compilation and CUDA graphs on CUDA (the mixer is vLLM's own
+    graph-splitting op) and run eagerly on CPU."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.platforms.interface import Platform, PlatformEnum
+
+    from refine_ray.serving.vllm_rollout import enforce_eager
+
+    class Cuda(Platform):
+        _enum, device_name = PlatformEnum.CUDA, "cuda"
+
+    assert enforce_eager(CpuPlatform()) is True
+    assert enforce_eager(Cuda()) is False
+    assert enforce_eager() is True      # this machine
