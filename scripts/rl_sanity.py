@@ -1,9 +1,11 @@
-"""RL sanity harness (issue 15 point 4): does REFINE's RL half learn, and by prediction or by collapse?
+"""RL sanity harness (issue 15 point 4, issue 24 point 5): does REFINE's RL half learn, where, and by
+prediction or by collapse?
 
 One command, fixed seeds, one process through the refine/ pipeline (LocalRefineStep) on a tiny
-DeltaNet and a few fixed gov_report documents:
+model (``--model``: delta_net by default, any registry type) and a few fixed gov_report documents:
 
     nice .venv/bin/python scripts/rl_sanity.py            # writes outputs/rl_sanity/
+    nice .venv/bin/python scripts/rl_sanity.py --fixed-cuts --k 1 --samples 16 --variants pg_exact
 
 Warm start: ``warmup`` NTP steps from the seeded random initialisation (shared by every variant),
 because from random weights PG alone does not move the policy at all at this scale (measured:
@@ -13,18 +15,26 @@ reference is the warm-started model (the RL phase's initial weights).
 
 Variants (same warm-started weights, same documents, same seeds, AdamW):
     pg_frozen   PG only (ntp_coef 0, pg_coef 1), reward = cosine on the FROZEN initial model's hidden states
-    pg_frozen_lowlr  the same at a tenth of the learning rate (PG's noisy gradient under AdamW's
-                per-parameter normalisation moves every weight by ~lr per step: at 1e-3 that
-                undoes the warm start within 10 steps, see docs/results.md)
+    pg_frozen_lowlr  the same at a tenth of the learning rate
     pg_policy   PG only, reward = cosine on the policy's own hidden states (the paper's reward)
     mix_frozen  the paper's mix NTP 1 + PG 0.2, frozen-reference reward
     mix_policy  the paper's mix NTP 1 + PG 0.2, policy reward (the paper)
     ntp         NTP only
     pg_exact, pg_exact_lowlr  PG only on the exact-match reward (not run by default; ``--variants``)
-Every ``eval_every`` steps each model is evaluated on the same documents at fixed uniform cuts
-with fixed seeds (refine_ray.refine.heldout.evaluate_fixed_cuts: rewards by type, greedy
-k-token exact match, the collapse indicators). Writes results.json, results.md (table) and
-curves.png (matplotlib, Agg).
+
+Where it is measured. The TRAINED cuts: ``n_chunks`` per document, entropy-selected afresh at every
+step (the product's rule), or with ``fixed_cuts`` drawn once (uniform, keyed by the run seed and
+:data:`TRAIN_CUT_STEP`) and held at every step, the samples still fresh at every step. Every step
+logs, at its own cuts: ``before/p_truth`` / ``after/p_truth`` (mean over cuts of the model's
+probability of the whole true k-token continuation, teacher-forced, temperature 1, before and after
+the step; ``*/p_truth_token``: per token), ``sampled_match`` (fraction of the sampled tokens equal to the true ones) and
+``zero_adv_groups`` (fraction of the cuts whose G samples all got the same reward: advantage 0,
+no gradient). The HELD-OUT cuts: every ``eval_every`` steps each model is evaluated on the same
+documents at ``eval_cuts`` fixed uniform cuts keyed by the evaluation's step key
+(refine_ray.refine.heldout.evaluate_fixed_cuts: rewards by type, greedy k-token exact match, the
+collapse indicators), other positions than the trained ones, plus ``p_truth`` there; with
+``fixed_cuts`` also ``trained_p_truth`` (and ``trained_p_truth_token``, per token) at the trained
+cuts. Writes results.json, results.md (tables) and curves.png (matplotlib, Agg).
 
 Speed: the documents' tokens are renumbered onto the vocabulary they use (a few hundred
 WordPiece ids instead of 30,522), which makes the LM head -- ~90% of the time with the full
@@ -35,6 +45,7 @@ The checks (:func:`checks`, bounds fixed before any run, documented in docs/resu
         least 0.02 above its start (first ">": passed on noise); collapse indicators within bounds: unrelated-position hidden cosine at most +0.15 over its
         start, sampled distinct-token fraction at least half that of the true continuations, NTP loss at
         most +1 nat over its start.
+    every PG-only variant with fixed_cuts: p(truth) at the trained cuts at the end at least 0.1 above its start.
     mix vs ntp (same reward source): at the end the mix's NTP loss is at most 0.3 nats above NTP-only's
         and its greedy exact match at most 0.1 below.
 """
@@ -44,19 +55,27 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
+from refine_ray.algo import gather_targets, grpo_advantages, make_group_ids
 from refine_ray.config import RefineConfig
 from refine_ray.data import load_tokenizer
 from refine_ray.models import registry
-from refine_ray.refine.heldout import evaluate_fixed_cuts
-from refine_ray.refine.local_step import LocalRefineStep
+from refine_ray.refine.frozen_reference import reference_hidden
+from refine_ray.refine.heldout import EVAL_STEP, eval_config, evaluate_fixed_cuts
+from refine_ray.refine.local_step import Experience, LocalRefineStep
+from refine_ray.refine.rewarding import reward_metrics
+from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
+from refine_ray.refine.scoring import score_document
+from refine_ray.refine.seeding import cut_seed
+from refine_ray.refine.sequence_logprobs import document_logprobs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "longbench" / "gov_report_16384.parquet"
+TRAIN_CUT_STEP = EVAL_STEP - 1    # step key of the fixed training cuts: never a training step's, not the evaluation's
 
 # name -> (ntp_coef, pg_coef, reward, reward_source, mode, learning-rate factor)
 VARIANTS = {
@@ -75,6 +94,7 @@ MIN_REWARD_RISE = 0.02     # was "> start": that passed on evaluation noise (sma
 MAX_PAIR_COSINE_RISE = 0.15
 MIN_DISTINCT_VS_TRUTH = 0.5
 MAX_PG_NTP_RISE = 1.0
+MIN_TRAINED_P_TRUTH_RISE = 0.1
 MIX_NTP_LOSS_MARGIN = 0.3
 MIX_EXACT_MARGIN = 0.1
 
@@ -82,6 +102,7 @@ MIX_EXACT_MARGIN = 0.1
 @dataclass
 class Setup:
     """The harness's sizes; the defaults are the documented run (~10 min on one thread)."""
+    model: str = "delta_net"      # registry type, tiny preset
     docs: int = 4                 # first gov_report documents (report text, instruction line dropped)
     tokens: int = 512             # tokens per document
     warmup: int = 60              # NTP steps before the variants branch (shared)
@@ -93,6 +114,7 @@ class Setup:
     k: int = 5                    # response_length
     lr: float = 1e-3
     seed: int = 0
+    fixed_cuts: bool = False      # hold the training cuts fixed (uniform, drawn once) instead of entropy cuts per step
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
 
@@ -114,15 +136,16 @@ def load_documents(setup: Setup) -> tuple[list[torch.Tensor], int]:
 
 
 def refine_config(setup: Setup, variant: str) -> RefineConfig:
-    """The variant's ``refine`` section (entropy cuts, temperature 1 as the paper)."""
+    """The variant's ``refine`` section (entropy cuts, or uniform ones with ``fixed_cuts``; temperature 1 as the paper)."""
     ntp_coef, pg_coef, reward, source, _, _ = VARIANTS[variant]
     return RefineConfig(n_chunks=setup.n_chunks, response_length=setup.k, samples_per_prefix=setup.samples,
-                        ntp_coef=ntp_coef, pg_coef=pg_coef, reward=reward, reward_source=source)
+                        ntp_coef=ntp_coef, pg_coef=pg_coef, reward=reward, reward_source=source,
+                        cut_strategy="uniform" if setup.fixed_cuts else "entropy")
 
 
 def warm_start(setup: Setup, docs: list[torch.Tensor], vocab: int) -> dict:
     """The state dict after ``setup.warmup`` NTP steps (AdamW, ``setup.lr``) from the seeded init."""
-    model = registry.build_model("delta_net", seed=setup.seed, vocab_size=vocab)
+    model = registry.build_model(setup.model, seed=setup.seed, vocab_size=vocab)
     step = LocalRefineStep(model, torch.optim.AdamW(model.parameters(), lr=setup.lr), refine_config(setup, "ntp"),
                            seed=setup.seed)
     for _ in range(setup.warmup):
@@ -130,30 +153,105 @@ def warm_start(setup: Setup, docs: list[torch.Tensor], vocab: int) -> dict:
     return copy.deepcopy(model.state_dict())
 
 
+def cuts_keyed_by(model, docs: list[torch.Tensor], cfg: RefineConfig, seed: int, step_key: int) -> list[torch.Tensor]:
+    """Per document the ``[n]`` cuts :func:`score_document` draws under ``cfg`` with the generator keyed
+    by (``seed``, ``step_key``, document): with uniform cuts they do not depend on the weights, so
+    ``step_key`` :data:`EVAL_STEP` and ``eval_config`` give evaluate_fixed_cuts's cuts."""
+    return [score_document(model, ids, cfg, generator=torch.Generator().manual_seed(cut_seed(seed, step_key, d))).cuts
+            for d, ids in enumerate(docs)]
+
+
+@torch.no_grad()
+def collect_at_fixed_cuts(step: LocalRefineStep, docs: list[torch.Tensor]) -> Experience:
+    """:meth:`LocalRefineStep.collect` for every document with the cuts held fixed: the same pipeline
+    calls (score_document, sample_at_cuts, the step's rewarder and frozen reference, grpo_advantages),
+    but the cut generator is keyed by :data:`TRAIN_CUT_STEP` instead of the step counter (with
+    ``cut_strategy='uniform'`` the same cuts at every step); the samples stay keyed by the step counter."""
+    cfg, model, G = step.cfg, step.model, step.cfg.samples_per_prefix
+    scores, conts = [], []
+    for i, ids in enumerate(docs):
+        gen = torch.Generator().manual_seed(cut_seed(step.seed, TRAIN_CUT_STEP, i))
+        score = score_document(model, ids, cfg, generator=gen, with_states=True)
+        conts.append(sample_at_cuts(model, score.cut_states, score.cut_hidden, cfg.response_length, G, cfg.temperature,
+                                    cfg.top_p, continuation_seeds(step.seed, step.step_index, i, score.cuts.numel(), G)))
+        scores.append(score)
+    tokens = torch.cat([c.tokens for c in conts])
+    if step.reference is not None:      # reward_source=frozen: both sides from the frozen reference
+        pairs = [reference_hidden(step.reference, ids, s.cuts, c.tokens, G) for ids, s, c in zip(docs, scores, conts)]
+        response_hidden, true_hidden = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    else:
+        response_hidden, true_hidden = torch.cat([c.hidden for c in conts]), torch.cat([s.gt_hidden for s in scores])
+    rewards = step.rewarder(tokens, torch.cat([s.gt_ids for s in scores]), response_hidden, true_hidden)
+    adv = grpo_advantages(rewards.rewards, make_group_ids(len(docs), cfg.n_chunks, G), normalize_std=cfg.normalize_adv_std)
+    return Experience(list(range(len(docs))), [s.cuts for s in scores], tokens,
+                      torch.cat([c.logprobs for c in conts]).float(), adv, reward_metrics(rewards))
+
+
+@torch.no_grad()
+def truth_logprobs(model, docs: list[torch.Tensor], cuts: list[torch.Tensor], k: int) -> torch.Tensor:
+    """``[sum n, k]`` float32 log-probs (temperature 1, teacher-forced) of the true k tokens after every cut."""
+    rows = []
+    for ids, c in zip(docs, cuts):
+        truth, _ = gather_targets(ids, None, c, k)
+        rows.append(document_logprobs(model, ids, c, truth, 1, 1.0, with_ntp=False).logprobs)
+    return torch.cat(rows)
+
+
+def truth_metrics(logprobs: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """From ``logprobs [n, k]`` (:func:`truth_logprobs`): ``p_truth``, the mean over cuts of the
+    probability of the whole true continuation, and ``p_truth_token``, the mean per-token probability
+    (the same for k = 1; at k = 5 the first is ~p^5, too small to read)."""
+    return {f"{prefix}p_truth": float(logprobs.sum(1).exp().mean()), f"{prefix}p_truth_token": float(logprobs.exp().mean())}
+
+
 def run_variant(setup: Setup, variant: str, docs: list[torch.Tensor], vocab: int, start: dict,
                 log=print) -> dict:
     """Train one variant for ``setup.steps`` steps from the weights ``start`` (a fresh AdamW);
-    returns {'train': [per-step metrics], 'eval': [per-evaluation metrics with 'step']}."""
-    model = registry.build_model("delta_net", seed=setup.seed, vocab_size=vocab)
+    returns {'train': [per-step metrics], 'eval': [per-evaluation metrics with 'step']} (module doc)."""
+    model = registry.build_model(setup.model, seed=setup.seed, vocab_size=vocab)
     model.load_state_dict(start)
     reference = copy.deepcopy(model).eval().requires_grad_(False)       # the RL phase's initial weights
     cfg = refine_config(setup, variant)
     opt = torch.optim.AdamW(model.parameters(), lr=setup.lr * VARIANTS[variant][5])
     step = LocalRefineStep(model, opt, cfg, seed=setup.seed, reference=reference)
-    eval_cfg = replace(cfg, reward="cosine", reward_source="frozen")
+    eval_cfg = replace(cfg, reward="cosine", reward_source="frozen", cut_strategy="uniform")
+    eval_cuts = cuts_keyed_by(model, docs, eval_config(eval_cfg, setup.eval_cuts), setup.seed, EVAL_STEP)
+    trained_cuts = cuts_keyed_by(model, docs, cfg, setup.seed, TRAIN_CUT_STEP) if setup.fixed_cuts else None
+    k, G = setup.k, setup.samples
     history: dict[str, list] = {"train": [], "eval": []}
     for s in range(setup.steps + 1):
         if s % setup.eval_every == 0 or s == setup.steps:
             m = evaluate_fixed_cuts(model, docs, eval_cfg, seed=setup.seed, num_cuts=setup.eval_cuts,
                                     reference=reference, prefix="")
+            m.update(truth_metrics(truth_logprobs(model, docs, eval_cuts, k)))
+            line = ""
+            if trained_cuts is not None:
+                lp = truth_logprobs(model, docs, trained_cuts, k)
+                m.update(truth_metrics(lp, "trained_"), trained_p_truth_cuts=lp.sum(1).exp().tolist())
+                line = f"  trained p_truth {m['trained_p_truth']:.3g} (token {m['trained_p_truth_token']:.3f})"
             history["eval"].append({"step": s, **m})
             log(f"{variant:>10} step {s:4d}  ntp {m['ntp_loss']:.3f}  frozen {m['nsp_cosine_frozen']:.3f}  "
                 f"policy {m['nsp_cosine_policy']:.3f}  greedy {m['nsp_exact_greedy']:.3f}  "
                 f"pair_cos {m['hidden_pair_cosine']:.3f}  H {m['cut_entropy']:.2f}  "
-                f"distinct {m['distinct_token_frac']:.3f}", flush=True)
+                f"distinct {m['distinct_token_frac']:.3f}  p_truth {m['p_truth']:.3g} "
+                f"(token {m['p_truth_token']:.3f}){line}", flush=True)
         if s == setup.steps:
             break
-        history["train"].append({"step": s, **step.step(docs, mode=VARIANTS[variant][4])})
+        if VARIANTS[variant][4] == "ntp":
+            history["train"].append({"step": s, **step.step(docs, mode="ntp")})
+            continue
+        exp = collect_at_fixed_cuts(step, docs) if setup.fixed_cuts else step.collect(docs, range(len(docs)))
+        truth = torch.cat([gather_targets(ids, None, c, k)[0] for ids, c in zip(docs, exp.cuts)])
+        metrics = truth_metrics(truth_logprobs(model, docs, exp.cuts, k), "before/")
+        metrics.update(step.update(docs, exp))
+        step.step_index += 1                  # as LocalRefineStep.step does after its update
+        metrics.update(truth_metrics(truth_logprobs(model, docs, exp.cuts, k), "after/"))
+        metrics.update(sampled_match=float((exp.responses == truth.repeat_interleave(G, 0)).float().mean()),
+                       zero_adv_groups=float((exp.advantages.view(-1, G) == 0).all(1).float().mean()))
+        history["train"].append({"step": s, **metrics})
+    history["cuts"] = {"eval": [c.tolist() for c in eval_cuts]}
+    if trained_cuts is not None:
+        history["cuts"]["trained"] = [c.tolist() for c in trained_cuts]
     return history
 
 
@@ -182,6 +280,12 @@ def checks(results: dict) -> dict[str, dict]:
         worst_ntp = max(e["ntp_loss"] for e in ev)
         out[f"{pg} NTP loss rise <= 1 nat"] = {"start": start["ntp_loss"], "max": worst_ntp,
                                                "pass": worst_ntp - start["ntp_loss"] <= MAX_PG_NTP_RISE}
+    for name, hist in results.items():
+        ev = hist["eval"]
+        if VARIANTS[name][0] == 0 and "trained_p_truth" in ev[0]:
+            out[f"{name} raises p(truth) at the trained cuts by >= 0.1"] = {
+                "start": ev[0]["trained_p_truth"], "end": _end(ev, "trained_p_truth"),
+                "pass": _end(ev, "trained_p_truth") >= ev[0]["trained_p_truth"] + MIN_TRAINED_P_TRUTH_RISE}
     for mix in ("mix_frozen", "mix_policy"):
         if mix in results and "ntp" in results:
             a, b = results[mix]["eval"], results["ntp"]["eval"]
@@ -195,18 +299,37 @@ def checks(results: dict) -> dict[str, dict]:
 
 TABLE_KEYS = ("ntp_loss", "nsp_cosine_frozen", "nsp_cosine_frozen_random", "nsp_cosine_policy",
               "nsp_cosine_policy_random", "nsp_exact", "nsp_exact_greedy", "hidden_pair_cosine", "cut_entropy",
-              "distinct_token_frac")
+              "distinct_token_frac", "p_truth", "p_truth_token", "trained_p_truth", "trained_p_truth_token")
+STEP_KEYS = ("before/p_truth", "after/p_truth", "before/p_truth_token", "after/p_truth_token", "sampled_match",
+             "zero_adv_groups")
+
+
+def _fmt(key: str, value: float, digits: int = 3) -> str:
+    """Whole-continuation probabilities in significant digits (~1e-7 at k=5), the rest in fixed decimals."""
+    return f"{value:.{digits}g}" if key.endswith("/p_truth") or key.endswith("p_truth") and value < 0.01 else f"{value:.{digits}f}"
 
 
 def markdown(results: dict, setup: Setup, check: dict) -> str:
-    """A start -> end (min..max over evaluations) table per variant and the checks."""
+    """Tables: held-out (and, with fixed cuts, trained-cut) metrics start -> end (min..max over
+    evaluations) per variant; per-step metrics at the trained cuts; the checks."""
+    keys = [key for key in TABLE_KEYS if key in next(iter(results.values()))["eval"][0]]
     lines = [f"Setup: {json.dumps(asdict(setup))}", "",
-             "| variant | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+             "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, hist in results.items():
         ev = hist["eval"]
-        cells = [f"{ev[0][key]:.3f} → {ev[-1][key]:.3f} ({min(e[key] for e in ev):.2f}..{max(e[key] for e in ev):.2f})"
-                 for key in TABLE_KEYS]
+        cells = [f"{_fmt(key, ev[0][key])} → {_fmt(key, ev[-1][key])} "
+                 f"({_fmt(key, min(e[key] for e in ev), 2)}..{_fmt(key, max(e[key] for e in ev), 2)})" for key in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "At each step's own trained cuts (mean over steps; first step -> last step):", "",
+              "| variant | " + " | ".join(STEP_KEYS) + " | steps that raise p_truth at their cuts |",
+              "|---" * (len(STEP_KEYS) + 2) + "|"]
+    for name, hist in results.items():
+        tr = [t for t in hist["train"] if "before/p_truth" in t]
+        if tr:
+            cells = [f"{_fmt(key, sum(t[key] for t in tr) / len(tr))} ({_fmt(key, tr[0][key])} → {_fmt(key, tr[-1][key])})"
+                     for key in STEP_KEYS]
+            rises = sum(t["after/p_truth"] > t["before/p_truth"] for t in tr)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {rises} / {len(tr)} |")
     lines += ["", "| check | numbers | pass |", "|---|---|---|"]
     for name, c in check.items():
         nums = ", ".join(f"{k} {v:.3f}" for k, v in c.items() if k != "pass")
@@ -220,16 +343,17 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("nsp_cosine_frozen", "nsp_cosine_policy", "nsp_cosine_policy_random", "nsp_exact_greedy",
-            "ntp_loss", "hidden_pair_cosine", "cut_entropy", "distinct_token_frac")
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    keys = ("nsp_cosine_frozen", "nsp_cosine_policy", "nsp_cosine_policy_random", "nsp_exact_greedy", "p_truth",
+            "ntp_loss", "hidden_pair_cosine", "cut_entropy", "distinct_token_frac", "trained_p_truth")
+    fig, axes = plt.subplots(2, 5, figsize=(22, 8))
     for ax, key in zip(axes.flat, keys):
         for name, hist in results.items():
-            ax.plot([e["step"] for e in hist["eval"]], [e[key] for e in hist["eval"]], label=name, marker=".")
+            if key in hist["eval"][0]:
+                ax.plot([e["step"] for e in hist["eval"]], [e[key] for e in hist["eval"]], label=name, marker=".")
         if key == "distinct_token_frac":    # what reproducing the truth would score
             first = next(iter(results.values()))["eval"]
             ax.plot([e["step"] for e in first], [e["truth_distinct_token_frac"] for e in first], "k--", label="truth")
-        ax.set_title(key)
+        ax.set_title(key if key != "trained_p_truth" else "trained_p_truth (fixed cuts only)")
         ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.tight_layout()
@@ -256,11 +380,25 @@ def main(setup: Setup, out: Path) -> dict:
     return {"results": results, "checks": check}
 
 
-if __name__ == "__main__":
+def parse_args(argv=None) -> tuple[Setup, Path]:
+    """``--<field>`` for every :class:`Setup` field (``--fixed-cuts``, ``--k 1``, ``--variants a b``), ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=Setup.steps)
-    parser.add_argument("--warmup", type=int, default=Setup.warmup)
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    types = {"int": int, "float": float, "str": str}
+    for f in fields(Setup):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "variants":
+            parser.add_argument(flag, nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+        elif f.name == "model":
+            parser.add_argument(flag, default=f.default, choices=registry.MODEL_TYPES)
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=types[f.type], default=f.default)
     parser.add_argument("--out", type=Path, default=Path("outputs/rl_sanity"))
-    args = parser.parse_args()
-    main(Setup(steps=args.steps, warmup=args.warmup, variants=args.variants), args.out)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    return Setup(**args), out
+
+
+if __name__ == "__main__":
+    main(*parse_args())
