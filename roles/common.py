@@ -35,11 +35,12 @@ class VersionedWeights:
 
     version: int = 0
 
-    def update_weights(self, version: int, weights: dict[str, np.ndarray]) -> int:
+    def update_weights(self, version: int, weights: dict[str, np.ndarray], replay: bool = False) -> int:
         """Object-store backend: load ``weights`` (``{name: ndarray}``, the weight-sync tensor set)
-        as ``version``; an older version arriving late is ignored. Returns the version now held.
-        Raises KeyError when ``weights`` lacks tensors of this model."""
-        if version < self.version:
+        as ``version``; an older version arriving late is ignored, unless ``replay`` (the controller
+        redoing lost work with the version it was launched with, then giving the current one back).
+        Returns the version now held. Raises KeyError when ``weights`` lacks tensors of this model."""
+        if version < self.version and not replay:
             return self.version
         self._load_weights(weights)
         self.version = version

@@ -242,12 +242,18 @@ class SystemConfig:
     weight_sync: Literal["object_store", "collective"] = "object_store"  # collective: gloo (CPU) / NCCL (GPU)
     weight_bucket_mb: float = 256.0       # collective: size of each broadcast bucket
     weight_sync_timeout_s: float = 120.0
+    wait_timeout_s: float = 0.0           # a replacement actor without a node for this long: stop (resumable);
+                                          # 0 waits until a node joins (right under an autoscaler)
+    wait_report_s: float = 30.0           # while waiting: one line this often naming the actors and resources
 
     def validate(self, key: str) -> None:
         """Check this section's values; raises ConfigError naming ``<key>.<field>``."""
-        _positive(self, key, "weight_bucket_mb", "weight_sync_timeout_s")
+        _positive(self, key, "weight_bucket_mb", "weight_sync_timeout_s", "wait_report_s")
         if self.max_staleness < 0:
             raise ConfigError(f"{key}.max_staleness: {self.max_staleness} must be >= 0")
+        if self.wait_timeout_s < 0:
+            raise ConfigError(f"{key}.wait_timeout_s: {self.wait_timeout_s} must be >= 0 (0: wait until the "
+                              f"cluster has room)")
 
 
 @dataclass

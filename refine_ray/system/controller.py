@@ -11,9 +11,10 @@ older than ``system.max_staleness`` versions are regenerated on the same documen
 used (the one-step off-policy overlap of verl/OpenRLHF's async modes).
 
 Faults: a dead inference actor is replaced, receives the current weights, and its shards
-are issued again with the same documents and seeds, so no sample is lost or duplicated. A
-dead learner rank stops the job with a :class:`LearnerFailure` naming the checkpoint to
-resume from.
+are issued again with the same documents, seeds and weight version (async: the version the
+work was launched with, kept until it is collected), so no sample is lost, duplicated or
+changed. A dead learner rank stops the job with a :class:`LearnerFailure` naming the
+checkpoint to resume from.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from refine_ray.refine.collapse import step_collapse_metrics
 from refine_ray.refine.rewarding import reward_metrics
 from refine_ray.refine.scoring import min_document_tokens
 from refine_ray.system import checkpoint as ckpt
-from refine_ray.system.actor_group import ActorGroup, LearnerFailure, document_shards
+from refine_ray.system.actor_group import (ActorGroup, ClusterWaitTimeout, LearnerFailure, document_shards,
+                                           elastic_options, elastic_shortfall, wait_started)
 from refine_ray.system.batches import DocBatch, LearnBatch
 from refine_ray.system.experience import PENDING_TYPES, Experience, ExperienceMaker, Generation
 from refine_ray.system.placement import Placement
@@ -48,7 +50,7 @@ from roles.reward import RewardRole
 from roles.rollout import RolloutRole
 from roles.scorer import ScorerRole
 
-__all__ = ["RefineController", "LearnerFailure", "NonFiniteReward", "init_ray"]
+__all__ = ["RefineController", "LearnerFailure", "ClusterWaitTimeout", "NonFiniteReward", "init_ray"]
 
 log = logging.getLogger("refine_ray")
 
@@ -114,7 +116,9 @@ class RefineController:
             lengths = ray.get(self.groups["scorer"][0].lengths.remote())
         self.cursor = DataCursor(lengths, max(min_document_tokens(cfg.refine), cfg.data.min_length),
                                  cfg.data.shuffle, cfg.data.seed, source=f"data.path '{cfg.data.path}'")
-        self.experience = ExperienceMaker(self.groups, self.heal, cfg.train.max_retries)
+        self.published = None   # async: the object-store ref of the current version (Generation.weights)
+        self.experience = ExperienceMaker(self.groups, self.heal, cfg.train.max_retries,
+                                          weights=lambda: (self.version, self.published))
         self.sync = make_weight_sync(cfg.system, cfg.model, self.learners.actors)
         self.pending: Optional[Generation] = None
         self.last_experience: Optional[Experience] = None
@@ -189,6 +193,8 @@ class RefineController:
         except RayActorError:
             self.learners.call_all("ping")      # raises LearnerFailure if a learner rank died
             raise
+        if self.cfg.system.mode == "async":     # kept while work launched with it may be redone
+            self.published = pub.weights
         if wait:
             try:
                 ray.get(pub.acks)
@@ -198,11 +204,14 @@ class RefineController:
         return pub.gather_s
 
     def heal(self) -> int:
-        """Replace dead inference actors and give the replacements the current weights; returns
-        how many had died."""
+        """Replace dead inference actors, wait until the replacements started and give them the
+        current weights; returns how many had died. Raises ClusterWaitTimeout after
+        ``system.wait_timeout_s`` without them (their bundles found no node)."""
         died = sum(group.replace_dead() for group in self.groups.values())
         if died:
             self.failures += died
+            wait_started(self.groups.values(), self.cfg.system.wait_timeout_s, self.cfg.system.wait_report_s,
+                         self._resume_hint)   # a replacement may wait for its bundle: reported, bounded
             self.publish(wait=True)
         return died
 
@@ -234,9 +243,8 @@ class RefineController:
     def _grow_rollouts(self) -> None:
         """Elastic rollouts: add actors while the cluster has room; newcomers get the current weights."""
         rc = self.cfg.rollout
-        if rc.max_actors > len(self.groups["rollout"]) and self.groups["rollout"].grow(
-                rc.max_actors, {"num_cpus": rc.cpus_per_actor, "num_gpus": rc.gpus_per_actor,
-                                "resources": {k: v for k, v in rc.resources.items() if v > 0}}):
+        if rc.max_actors > len(self.groups["rollout"]) and self.groups["rollout"].grow(rc.max_actors,
+                                                                                     elastic_options(rc)):
             self.publish(wait=True)
 
     def _metrics(self, exp: Experience, adv: np.ndarray, per_rank: list[dict], t: dict, gather_s: float,
@@ -283,6 +291,10 @@ class RefineController:
             group.ready()
         log.info("%d inference actors ready (%s)", sum(len(g) for g in self.groups.values()),
                  ", ".join(f"{role} {len(g)}" for role, g in self.groups.items()))
+        local = self.owns_ray and not (self.cfg.system.ray_address or os.environ.get("RAY_ADDRESS"))
+        short = elastic_shortfall(self.cfg.rollout, self.cfg.system.placement == "colocated", local)
+        if short:
+            log.warning("%s", short)
 
     def _learner_group(self) -> ActorGroup:
         world, opts = self.cfg.learner.num_ranks, self.placement.options

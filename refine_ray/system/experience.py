@@ -6,10 +6,16 @@ shard: scorer ``score_rows`` -> rollout ``generate`` -> reward ``score`` (and re
 the controller. Every draw is keyed by (step, document, cut, sample), so the shard count
 (the number of actors) never changes a sample. If an inference actor dies, its group
 replaces it, the controller re-publishes the weights and the shard is issued again with
-the same documents: no sample is lost or duplicated.
+the same documents on the weight version it was launched with: no sample is lost,
+duplicated or changed. In async mode that version is older than the current one (the
+learner published while the work was in flight): the generation keeps its object-store
+ref, and the shard's scorer and rollout load it for the redo and the current version
+after it (Ray runs one caller's calls on an actor in order). The collective backend keeps
+no older version: there the redo uses the current weights, said in one warning line.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -19,6 +25,8 @@ from ray.exceptions import RayActorError, RayError
 
 from refine_ray.system.actor_group import ActorGroup, document_shards
 from refine_ray.system.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
+
+log = logging.getLogger("refine_ray")
 
 
 @dataclass
@@ -55,11 +63,18 @@ class Shard:
 
 @dataclass
 class Generation:
-    """One step's experience: shards in flight, or (restored from a checkpoint) already fetched."""
+    """One step's experience: shards in flight, or (restored from a checkpoint) already fetched.
+
+    ``version``: the weight version the scorers and rollouts held at launch; ``weights``: its
+    object-store ref (None with the collective backend), held until the generation is
+    collected so that a lost shard is redone on the same weights.
+    """
 
     step: int
     shards: list[Shard] = field(default_factory=list)
     ready: Optional[list[ShardResult]] = None
+    version: int = 0
+    weights: Optional[ray.ObjectRef] = None
 
 
 @dataclass
@@ -111,20 +126,25 @@ class ExperienceMaker:
     optionally ``reference``).
 
     ``heal()`` replaces dead actors, re-publishes the weights and returns how many died;
-    ``max_retries``: re-issues of a shard after an actor death (``train.max_retries``).
+    ``max_retries``: re-issues of a shard after an actor death (``train.max_retries``);
+    ``weights()``: the version the scorers and rollouts hold (or have queued) now and its
+    object-store ref (None where not kept: collective backend, or sync mode, where work is
+    collected before any newer version exists).
     """
 
-    def __init__(self, groups: dict[str, ActorGroup], heal: Callable[[], int], max_retries: int):
+    def __init__(self, groups: dict[str, ActorGroup], heal: Callable[[], int], max_retries: int,
+                 weights: Callable[[], tuple[int, Optional[ray.ObjectRef]]] = lambda: (0, None)):
         """``groups``: the inference groups by role name (the controller's)."""
-        self.groups, self.heal, self.max_retries = groups, heal, max_retries
-        self.failures = 0                 # actor deaths survived, over the whole run
+        self.groups, self.heal, self.max_retries, self.weights = groups, heal, max_retries, weights
 
     def launch(self, step: int, rows: list[int]) -> Generation:
         """Start the chains for corpus ``rows`` at training step ``step``: one shard of whole
         documents per scorer or rollout actor (the larger group), at most one per document."""
         n_shards = min(len(rows), max(len(self.groups["scorer"]), len(self.groups["rollout"])))
         shards = [[rows[i] for i in part] for part in document_shards(len(rows), n_shards)]
-        return Generation(step, [self._launch_shard(i, part, step) for i, part in enumerate(shards)])
+        version, weights = self.weights()
+        return Generation(step, [self._launch_shard(i, part, step) for i, part in enumerate(shards)],
+                          version=version, weights=weights)
 
     def _launch_shard(self, index: int, rows: list[int], step: int) -> Shard:
         g = self.groups
@@ -133,9 +153,31 @@ class ExperienceMaker:
         ref = g["reference"][index].logprobs.remote(scored, rollout) if "reference" in g else None
         return Shard(index, rows, scored, rollout, g["reward"][index].score.remote(scored, rollout), ref)
 
+    def _redo_shard(self, gen: Generation, shard: Shard) -> Shard:
+        """Issue a lost shard again: same rows and seeds, on the weight version ``gen`` was launched
+        with. When that is older than the current one, the shard's scorer and rollout load it
+        first (``update_weights(..., replay=True)``) and the current version after the shard."""
+        version, current = self.weights()
+        receivers = [self.groups["scorer"][shard.index], self.groups["rollout"][shard.index]]
+        older = gen.version != version
+        if older and (gen.weights is None or current is None):
+            log.warning("step %d: shard %d is generated again with weights v%d, not v%d it was launched with "
+                        "(system.weight_sync=collective keeps no older version): same documents and seeds, "
+                        "other samples", gen.step, shard.index, version, gen.version)
+            older = False
+        if older:
+            for actor in receivers:
+                actor.update_weights.remote(gen.version, gen.weights, replay=True)
+        redone = self._launch_shard(shard.index, shard.rows, gen.step)
+        if older:
+            for actor in receivers:
+                actor.update_weights.remote(version, current)
+        return redone
+
     def collect(self, gen: Generation) -> Experience:
-        """Wait for every shard; a shard whose actor died is issued again (same rows, same seeds) up
-        to ``max_retries`` times. Raises the Ray error when retries run out or nothing died."""
+        """Wait for every shard; a shard whose actor died is issued again (same rows, seeds and
+        weight version: :meth:`_redo_shard`) up to ``max_retries`` times. Raises the Ray error when
+        retries run out or nothing died."""
         if gen.ready is not None:
             return Experience.merge(gen.ready)
         results = []
@@ -149,8 +191,7 @@ class ExperienceMaker:
                     # An actor death seen again by a later shard: the actor was already replaced.
                     if attempt == self.max_retries or not (died or isinstance(e, RayActorError)):
                         raise
-                    self.failures += died
-                    shard = self._launch_shard(shard.index, shard.rows, gen.step)
+                    shard = self._redo_shard(gen, shard)
         return Experience.merge(results)
 
     def on_policy(self, gen: Generation, version: int, max_staleness: int) -> tuple[Experience, int, int]:

@@ -4,6 +4,8 @@ Real local Ray clusters (one with logical GPUs; a multi-node ray.cluster_utils.C
 for elasticity), a real DeepSpeed learner over gloo, LongBench text.
 """
 
+import logging
+
 import numpy as np
 import pytest
 import ray
@@ -115,7 +117,7 @@ def test_dead_learner_stops_with_resume_message(cluster, tmp_path, vocab):
         controller.shutdown()
 
 
-def test_rollout_pool_grows_and_shrinks_with_nodes(tmp_path, vocab):
+def test_rollout_pool_grows_and_shrinks_with_nodes(tmp_path, vocab, caplog):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 2})
@@ -124,8 +126,12 @@ def test_rollout_pool_grows_and_shrinks_with_nodes(tmp_path, vocab):
         cfg = _cfg(tmp_path, "rollout.max_actors=3", "rollout.cpus_per_actor=1", "rollout.gpus_per_actor=0",
                    "reference.enabled=false", "refine.kl_coef=0", "scorer.cpus_per_actor=0.5",
                    "reward.cpus_per_actor=0.5", "learner.cpus_per_rank=0.5")
+        caplog.set_level(logging.WARNING, logger="refine_ray")
         controller = RefineController(cfg, vocab)
         try:
+            assert ("rollout.max_actors=3: room for 0 of 2 elastic rollout actors now: each asks for {CPU: 1}, the "
+                    "cluster has {CPU: 0.5} free; the pool grows when nodes with these resources join"
+                    in caplog.messages)                            # said at start
             assert controller.step()["rollout_actors"] == 1        # the head is full
             node = cluster.add_node(num_cpus=2)
             cluster.wait_for_nodes()
@@ -139,3 +145,36 @@ def test_rollout_pool_grows_and_shrinks_with_nodes(tmp_path, vocab):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.parametrize("role", ["rollout", pytest.param("scorer", marks=pytest.mark.slow)])
+def test_async_pending_work_lost_to_a_dead_actor_is_redone_with_its_weights(cluster, tmp_path, vocab, role):
+    """Async: step 1's work is launched with weights v0 while the learner trains step 0 and then
+    publishes v1. An actor dies with that work unfinished: the work is issued again on v0 (kept
+    for it), so its samples are bit for bit those of the same work undisturbed, and the actors
+    serve the next step with the current weights."""
+    cfg = _cfg(tmp_path, "system.mode=async", "reference.enabled=false", "refine.kl_coef=0")
+    controller = RefineController(cfg, vocab)
+    maker, launch, undisturbed = controller.experience, controller.experience.launch, []
+
+    def launch_and_lose(step, rows):
+        if step == 1:   # the pending work of async step 0: its undisturbed samples, then the actor dies
+            undisturbed.append(maker.collect(launch(step, rows)))
+            ray.kill(controller.groups[role].actors[0], no_restart=True)
+        return launch(step, rows)
+
+    maker.launch = launch_and_lose
+    try:
+        controller.step()
+        metrics = controller.step()              # collects step 1's work: the actor's death shows here
+        exp, (ref,) = controller.last_experience, undisturbed
+        assert metrics["actor_failures_total"] == 1 and metrics["version"] == 2
+        assert metrics["staleness"] == 1 and set(exp.rollout.versions.tolist()) == {0}
+        np.testing.assert_array_equal(exp.scored.cuts, ref.scored.cuts)
+        np.testing.assert_array_equal(exp.rollout.tokens, ref.rollout.tokens)
+        np.testing.assert_array_equal(exp.rollout.logprobs, ref.rollout.logprobs)
+        np.testing.assert_array_equal(exp.rewards.rewards, ref.rewards.rewards)
+        metrics = controller.step()              # step 2's work was launched after the repair, with v1
+        assert set(controller.last_experience.rollout.versions.tolist()) == {1} and metrics["staleness"] == 1
+    finally:
+        controller.shutdown()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Optional
 
+import ray
 import torch
 
 from refine_ray.models.dtypes import compute_dtype
@@ -63,11 +65,15 @@ class Publication:
     ``acks``: object refs that resolve once each receiver (and, for collectives, each
     learner rank) has finished its part; sync mode waits on them, async mode lets them land
     while the next rollout runs. ``gather_s``: seconds the driver spent starting the
-    publication (the learner's gather and ``ray.put`` for the object store).
+    publication (the learner's gather and ``ray.put`` for the object store). ``weights``: the
+    object-store ref of the published tensor set (object-store backend; None for the
+    collective one, which keeps no copy): holding it keeps this version available, e.g. to
+    redo work launched with it after a newer version was published.
     """
 
     acks: list = field(default_factory=list)
     gather_s: float = 0.0
+    weights: Optional[ray.ObjectRef] = None
 
 
 class WeightSync:

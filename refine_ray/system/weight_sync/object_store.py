@@ -60,10 +60,11 @@ class ObjectStoreWeightSync(WeightSync):
 
     def publish(self, version: int, receivers: list) -> Publication:
         """Gather on the learner ranks (waits), then queue ``update_weights(version, ref)`` on every
-        receiver; returns the update refs. Raises RayActorError when a learner rank is dead."""
+        receiver; returns the update refs and the gathered dict's ref. Raises RayActorError when a
+        learner rank is dead."""
         t0 = time.perf_counter()
         refs = [r.gather_weights.remote() for r in self.learners]
         ray.get(refs[1:])
         ray.wait([refs[0]], fetch_local=False)
         gather_s = time.perf_counter() - t0
-        return Publication([a.update_weights.remote(version, refs[0]) for a in receivers], gather_s)
+        return Publication([a.update_weights.remote(version, refs[0]) for a in receivers], gather_s, refs[0])
