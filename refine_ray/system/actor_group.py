@@ -215,6 +215,7 @@ def wait_started(groups: Iterable[ActorGroup], limit_s: float, report_s: float,
         ClusterWaitTimeout: after ``limit_s`` seconds without a node, one line naming the same
             and ``hint()``.
     """
+    groups = list(groups)
     pings = {(g, i): g.actors[i].ping.remote() for g in groups for i in g.starting}
     for g in groups:
         g.starting = []
