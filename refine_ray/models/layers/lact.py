@@ -139,30 +139,76 @@ class LaCTLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: Optional[dict], offset: int, need_state: bool = True, rope=None):
         """x [B,T,D] at positions offset.. from ``state`` (None: empty) -> (out [B,T,D] in x's dtype,
         new state or None when ``need_state`` is False); ``rope`` = rope_tables(...) for those
-        positions (computed here when None)."""
+        positions (computed here when None).
+
+        Three parts: per-token projections (every module call of the layer), the part whose
+        autograd graph depends on the length and offset (window attention over the cached keys,
+        the chunked fast-weight scan, the new state), and the per-token output. The middle part
+        enters and leaves autograd through one node each (:func:`one_node`), so a backward
+        reaches the layer's modules in an order that does not depend on the data: ZeRO-3 gathers
+        a module's weights when a gradient reaches it, and every rank must gather in the same
+        order whatever its documents' lengths.
+        """
         B, T, D = x.shape
         if state is None:
             state = self.empty_state(B, x.device, x.dtype)
         if rope is None:
             rope = rope_tables(torch.arange(offset, offset + T, device=x.device), self.head_dim, self.rope_theta, torch.float32)
+        # (1) per token: shared q/k/v, the attention's RoPE'd heads, the fast-weight inputs, rates, gate
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if self.attn_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
-        fk = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
-        fv = v
-
-        # (a) sliding-window attention over [cached window | this segment]
         qa = rotary(q.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)
         ka = rotary(k.view(B, T, self.num_heads, self.head_dim), rope).transpose(1, 2)
         va = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        fq, fk, fv = self._fast_qkv(q, k, v, rope)
+        lr = F.softplus(self.lr_proj(x).float() + self.base_lr_inv)          # [B, T, H*3], head-major
+        lr = lr.view(B, T, self.num_fw_heads, 3).transpose(1, 2).reshape(-1, T, 3)
+        gate = None
+        if self.use_momentum:
+            gate = self.momentum_proj(x).float().transpose(1, 2).reshape(-1, T)
+        norms = initial_row_norms(*self.initial_fast_weights(), B)
+
+        # (2) what depends on the length and offset, between two single autograd nodes
+        names = list(state)
+        flat = one_node(qa, ka, va, fq, fk, fv, lr, *norms, *(state[k] for k in names),
+                        *(() if gate is None else (gate,)))
+        qa, ka, va, fq, fk, fv, lr = flat[:7]
+        norms, state = tuple(flat[7:10]), dict(zip(names, flat[10:10 + len(names)]))
+        gate = flat[-1] if gate is not None else None
+        # (a) sliding-window attention over [cached window | this segment]
         k_all = torch.cat([state["attn_k"].to(ka.dtype), ka], 2)
         v_all = torch.cat([state["attn_v"].to(va.dtype), va], 2)
         o = sliding_window_attention(qa, k_all, v_all, offset, offset + T - k_all.shape[2], self.window)
-        o = o.transpose(1, 2).reshape(B, T, D)
+        # (b) the fast-weight scan
+        scan_in = {k: state[k].flatten(0, 1).float() for k in state if not k.startswith("attn_")}
+        fo, scan_out = fast_weight_scan(fq, fk, fv, lr, gate, scan_in, norms, self.chunk_size,
+                                        final_update=need_state)
+        new_state = None
+        if need_state:
+            new_state = {k: t.unflatten(0, (B, self.num_fw_heads)) for k, t in scan_out.items()}
+            keep = k_all.shape[2] if not self.window else min(k_all.shape[2], self.window - 1)
+            # clone: a view would keep the whole segment's keys alive in every stored state
+            new_state["attn_k"] = k_all[:, :, k_all.shape[2] - keep:].clone()
+            new_state["attn_v"] = v_all[:, :, v_all.shape[2] - keep:].clone()
+        names = list(new_state or ())
+        o, fo, *rest = one_node(o, fo, *(new_state[k] for k in names))
+        new_state = dict(zip(names, rest)) if need_state else None
 
-        # (b) fast-weight branch: silu -> per-head L2 norm -> RoPE
-        fq, fk, fv = (t.float().view(B, T, self.num_fw_heads, self.fw_head_dim) for t in (fq, fk, fv))
+        # (3) per token: the fast-weight output's norm and scale, the output projection
+        o = o.transpose(1, 2).reshape(B, T, D)
+        fo = self.ttt_norm(fo).view(B, self.num_fw_heads, T, self.fw_head_dim)
+        if self.learnable_ttt_scale:
+            fo = fo * F.silu(self.ttt_scale_proj(x).float()).transpose(1, 2).unsqueeze(-1)
+        fo = fo.transpose(1, 2).reshape(B, T, D).to(o.dtype)
+        return self.o_proj(o + fo), new_state
+
+    def _fast_qkv(self, q, k, v, rope):
+        """The fast-weight branch's inputs [B*H, T, d] float32: silu, per-head L2 norm, RoPE."""
+        B, T, D = q.shape
+        fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
+        fk = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
+        fq, fk, fv = (t.float().view(B, T, self.num_fw_heads, self.fw_head_dim) for t in (fq, fk, v))
         if self.qkv_silu:
             fq, fk = F.silu(fq), F.silu(fk)
             if not self.no_v_silu:
@@ -172,28 +218,30 @@ class LaCTLayer(nn.Module):
         if not self.ttt_nope:
             fq = rotary(fq.reshape(B, T, self.num_heads, self.head_dim), rope)
             fk = rotary(fk.reshape(B, T, self.num_heads, self.head_dim), rope)
-        fq, fk, fv = (self._heads(t.reshape(B, T, D)) for t in (fq, fk, fv))
-        lr = F.softplus(self.lr_proj(x).float() + self.base_lr_inv)          # [B, T, H*3], head-major
-        lr = lr.view(B, T, self.num_fw_heads, 3).transpose(1, 2).reshape(-1, T, 3)
-        gate = None
-        if self.use_momentum:
-            gate = self.momentum_proj(x).float().transpose(1, 2).reshape(-1, T)
-        w_init = self.initial_fast_weights()
-        norms = initial_row_norms(*w_init, B)
-        scan_in = {k: state[k].flatten(0, 1).float() for k in state if not k.startswith("attn_")}
-        fo, scan_out = fast_weight_scan(fq, fk, fv, lr, gate, scan_in, norms, self.chunk_size,
-                                        final_update=need_state)
-        fo = self.ttt_norm(fo).view(B, self.num_fw_heads, T, self.fw_head_dim)
-        if self.learnable_ttt_scale:
-            fo = fo * F.silu(self.ttt_scale_proj(x).float()).transpose(1, 2).unsqueeze(-1)
-        fo = fo.transpose(1, 2).reshape(B, T, D).to(o.dtype)
-        out = self.o_proj(o + fo)
+        return tuple(self._heads(t.reshape(B, T, D)) for t in (fq, fk, fv))
 
-        new_state = None
-        if need_state:
-            new_state = {k: t.unflatten(0, (B, self.num_fw_heads)) for k, t in scan_out.items()}
-            keep = k_all.shape[2] if not self.window else min(k_all.shape[2], self.window - 1)
-            # clone: a view would keep the whole segment's keys alive in every stored state
-            new_state["attn_k"] = k_all[:, :, k_all.shape[2] - keep:].clone()
-            new_state["attn_v"] = v_all[:, :, v_all.shape[2] - keep:].clone()
-        return out, new_state
+
+class _OneNode(torch.autograd.Function):
+    """Identity on several tensors as ONE autograd node (see :func:`one_node`)."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+def one_node(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` unchanged (views), as the outputs of a single autograd node.
+
+    In backward that node runs once every gradient of its outputs is complete (an unused
+    output counts as a zero gradient), then hands all of them back at once; and every output
+    requires a gradient when any input does. Wrapped around a computation whose graph
+    depends on the data (LaCT's chunk loop, window and pending-chunk state), it makes the
+    order in which backward leaves it, and which tensors get gradients, the same for every
+    input length: the computation inside runs as one step between the two nodes, with no
+    module call and no parameter inside. No copy, no change in values or gradients.
+    """
+    return _OneNode.apply(*tensors)
