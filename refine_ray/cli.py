@@ -5,6 +5,8 @@
                       [--ttt none|ntp|refine] [--out results/run.json] [--name RUN] [--config FILE]
                       [key.path=value | eval.key=value ...]
     refine-ray export --from CKPT|HF_DIR|tiny:TYPE --out DIR [--run-config RUN/config.json] [--overwrite]
+    refine-ray generate --model HF_DIR|tiny:TYPE --prompt TEXT [--prompt ...] [--max-new-tokens N]
+                      [--temperature T] [--top-p P] [--seed S]
 
 Relative paths, in a config file as on the command line, are read from the directory the command
 runs in. Exit status: 0 done; 2 bad input (one line); 3 a learner rank failed; 130 Ctrl-C.
@@ -50,6 +52,41 @@ def _add_export(sub) -> None:
     ex.add_argument("--run-config", help="the run's config.json (ExperimentConfig) for checkpoints/state dicts")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a few prompts with a model (our cached-state engine)")
+    gen.add_argument("--model", required=True, help="local HF model dir (e.g. an export), or tiny:TYPE")
+    gen.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
+    gen.add_argument("--tokenizer", help="tokenizer dir (default: the model dir's, else the offline MiniLM one)")
+    gen.add_argument("--config", help="experiment YAML (model shape for tiny:TYPE)")
+
+
+def _generate(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from refine_ray.data import DataError
+    from refine_ray.eval.evaluate import EvalError
+    from refine_ray.eval.generate_text import generate_text
+
+    hf_logging.set_verbosity_error()          # the output is the continuations: no loading bars or notices
+    hf_logging.disable_progress_bar()
+    try:
+        texts = generate_text(args.model, args.prompt, load_config(args.config), args.max_new_tokens,
+                              args.temperature, args.top_p, args.seed, args.tokenizer)
+    except ConfigError as e:
+        print(f"refine-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except (EvalError, DataError) as e:
+        print(f"refine-ray: {e}", file=sys.stderr)
+        return 2
+    for prompt, text in zip(args.prompt, texts):
+        print(f">>> {prompt}\n{text}\n")
+    return 0
 
 
 def _unwritable(path: str, is_dir: bool) -> bool:
@@ -167,7 +204,7 @@ def _train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``refine-ray train|eval|export``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
+    """``refine-ray train|eval|export|generate``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
     problem, one line on stderr; 3 a learner rank failed; 130 interrupted by Ctrl-C, one line).
     ``argv`` defaults to ``sys.argv[1:]``."""
     parser = argparse.ArgumentParser(prog="refine-ray", description=__doc__,
@@ -178,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. refine.n_chunks=4 train.steps=10")
     _add_eval(sub)
     _add_export(sub)
+    _add_generate(sub)
     args, extra = parser.parse_known_args(argv)
     if extra:   # eval's dotted overrides may follow its options; anything else is an error as before
         if args.command != "eval" or any(x.startswith("-") or "=" not in x for x in extra):
@@ -191,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path
         # (train keeps the warning in its run log instead: refine_ray.system.run_log)
         warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
-        return _eval(args) if args.command == "eval" else _export(args)
+        return {"eval": _eval, "export": _export, "generate": _generate}[args.command](args)
     except KeyboardInterrupt:                    # before a command's own handling (imports, config)
         print("\nrefine-ray: interrupted; nothing was started; run the same command to start", file=sys.stderr)
         return INTERRUPTED

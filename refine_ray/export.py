@@ -23,10 +23,13 @@ such ``config.json`` found in the checkpoint's directory or its five parents. Th
 match the architecture exactly (no missing or unexpected keys).
 
 Output: ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer
-files (``tokenizer.save_pretrained``). ``delta_net`` / ``gated_deltanet`` directories load
-with fla's own classes (``import fla`` then ``AutoModelForCausalLM.from_pretrained(DIR)``,
-identical parameter names) and with ours (``registry.load_model``); ``lact`` after
-``import refine_ray.models.lact``. Saving is atomic: everything is written to
+files (``tokenizer.save_pretrained``), with the modes the user's umask gives new files and
+directories (:func:`user_modes`). Every family loads with ``AutoModelForCausalLM.from_pretrained(DIR)``
+after ``import refine_ray.models.auto`` (our classes, which ``generate`` on CPU and GPU; Llama
+needs no import: transformers' own class), and with ``registry.load_model``; ``delta_net`` /
+``gated_deltanet`` directories also with fla's own classes (``import fla`` then
+``AutoModelForCausalLM``, identical parameter names). ``refine-ray generate --model DIR`` samples
+from one with our cached-state engine. Saving is atomic: everything is written to
 ``DIR.tmp-XXXX`` beside ``DIR``, reloaded and compared tensor by tensor, and only then
 renamed to ``DIR`` with ``os.replace``; any failure removes the temporary directory, so a
 half-written ``DIR`` never exists. An existing ``DIR`` is replaced only with ``--overwrite``.
@@ -47,7 +50,7 @@ from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_d
 from refine_ray.models import registry
 from refine_ray.preflight import error_line
 
-__all__ = ["ExportError", "load_source", "save_atomic", "export_model"]
+__all__ = ["ExportError", "load_source", "save_atomic", "export_model", "user_modes"]
 
 STATE_FILES = (".pt", ".bin", ".pth", ".safetensors")
 
@@ -257,6 +260,18 @@ def _verify(tmp: Path, model) -> None:
             raise ExportError(f"export check: tensor {k} differs after reload")
 
 
+def user_modes(d: Path) -> None:
+    """Give ``d`` and everything in it the modes the user's umask gives a new directory (0o777 minus
+    the umask) and file (0o666 minus the umask), e.g. 0755 / 0644: ``tempfile.mkdtemp`` creates the
+    directory 0700 and safetensors writes its file 0600, so an export would be private to its writer."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    for root, dirs, files in os.walk(d):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def save_atomic(model, tokenizer, out: str | Path, overwrite: bool = False,
                 check: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``out`` via a temporary sibling directory; ``check(tmp)`` may veto by raising."""
@@ -273,6 +288,7 @@ def save_atomic(model, tokenizer, out: str | Path, overwrite: bool = False,
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        user_modes(tmp)
         _verify(tmp, model)
         if check is not None:
             check(tmp)

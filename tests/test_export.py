@@ -1,5 +1,7 @@
 """`refine-ray export`: HF round trips (ours and fla's classes), state-dict / DeepSpeed sources, atomicity."""
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -47,6 +49,22 @@ def test_export_round_trip(kind, tmp_path, tokenizer, capsys):
         assert type(auto).__module__.startswith("fla."), type(auto)   # fla's class, not ours
     for k, v in original.state_dict().items():
         assert torch.equal(auto.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_gets_the_modes_of_the_users_umask(tmp_path, tokenizer, umask):
+    # mkdtemp made the export directory 0700 and safetensors its weights 0600: private to the writer.
+    old = os.umask(umask)
+    try:
+        assert main(["export", "--from", "tiny:delta_net", "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "hf"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = list(out.iterdir())
+    assert "model.safetensors" in {f.name for f in files}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
 def test_export_state_dict_file_with_run_config(tmp_path, tokenizer):

@@ -11,6 +11,8 @@
   base.py     the segment contract (ModelState, SegmentOutput, FastWeightLM), offset_free_state
   dtypes.py   the compute-dtype rule (bfloat16 only on CUDA)
   generation.py  prefill, sampling and greedy generation on any family
+  hf_generate.py transformers' ``generate`` on our classes (the recurrent state as the HF cache)
+  auto.py        ``import refine_ray.models.auto``: transformers' Auto classes load our classes
 
 Light on import: every name below loads its module on first access, so
 ``refine_ray.models.registry`` can be read without importing torch or fla.

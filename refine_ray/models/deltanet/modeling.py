@@ -11,8 +11,9 @@ ways; ``model_type`` stays 'delta_net' / 'gated_deltanet'.
 Two entry points:
   * ``forward_segment`` (the refine_ray contract, see base.py): no padding, explicit state.
   * ``forward`` (HF-compatible): right padding only; loss = mean CE over shifted labels
-    that are != -100 and whose position has attention_mask == 1. It returns no cache:
-    stateful use goes through ``forward_segment``.
+    that are != -100 and whose position has attention_mask == 1. With ``use_cache`` it
+    carries the recurrent state as its cache, so transformers' ``generate`` works
+    (:mod:`..hf_generate`).
 Config options we do not implement raise a one-line ``NotImplementedError`` naming them.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..base import FastWeightLM, ModelState, SegmentOutput, causal_lm_loss
+from ..hf_generate import RecurrentGenerationMixin
 from ..layers.common import GatedMLP, GatedRMSNorm, PreNormBlock, RMSNorm, check_right_padding
 from ..layers.delta_net import DeltaNet
 from ..layers.gated_deltanet import GatedDeltaNet
@@ -126,7 +128,7 @@ class _Backbone(_PreTrained):
         return self.norm(h), ModelState(new_layers, offset), kept_states
 
 
-class _CausalLM(_PreTrained, FastWeightLM):
+class _CausalLM(_PreTrained, FastWeightLM, RecurrentGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config):
@@ -163,19 +165,27 @@ class _CausalLM(_PreTrained, FastWeightLM):
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, inputs_embeds=None, return_dict: Optional[bool] = None,
+                cache=None, use_cache: Optional[bool] = None, logits_to_keep: int = 0,
                 **kwargs) -> CausalLMOutputWithPast:
         """HF forward over whole rows: input_ids [B,T] long, right-padded ``attention_mask`` [B,T] 0/1,
-        ``labels`` [B,T] (-100 ignored) -> logits [B,T,V] and :func:`~..base.causal_lm_loss`.
+        ``labels`` [B,T] (-100 ignored) -> logits [B,T,V] (the last ``logits_to_keep`` positions when
+        > 0 and no labels) and :func:`~..base.causal_lm_loss`. With ``use_cache=True`` or a ``cache``
+        (``past_key_values``): rows continue the cache's recurrent state and the output carries the
+        new one (:class:`~..hf_generate.RecurrentGenerationMixin`: what ``generate`` runs).
 
-        Raises ValueError for left padding, NotImplementedError for inputs_embeds or a cache."""
+        Raises ValueError for left padding (padding at all with a cache), NotImplementedError for
+        inputs_embeds."""
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not supported; pass input_ids")
-        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-            raise NotImplementedError("a KV cache is not supported; use forward_segment(state=...)")
+        cache = self.cache_argument(cache, kwargs)
+        if cache is not None or use_cache:
+            return self.cached_forward(input_ids, attention_mask, cache, labels, logits_to_keep, return_dict)
         if attention_mask is not None:
             check_right_padding(attention_mask)
         # Right padding + causality: pads only follow real tokens, so they cannot change real positions.
         hidden, _ = self.model(input_ids)
+        if labels is None and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
         return CausalLMOutputWithPast(loss=loss, logits=logits)

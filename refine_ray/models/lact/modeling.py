@@ -13,9 +13,9 @@ Deliberate differences from the reference implementation:
     updates and shifts chunk phase / RoPE positions with the padding.
   * A real generation cache: the state (fast weights after the last completed
     chunk, momentum, pending partial chunk, window KV, offset) lets decoding run
-    one token at a time through ``forward_segment``; the reference re-runs the
-    whole sequence per generated token.
-  * HF ``generate`` / ``past_key_values`` are not wired up; use forward_segment.
+    one token at a time through ``forward_segment``, and transformers' ``generate``
+    through the same state (:mod:`..hf_generate`); the reference re-runs the whole
+    sequence per generated token.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..base import FastWeightLM, ModelState, SegmentOutput, causal_lm_loss
+from ..hf_generate import RecurrentGenerationMixin
 from ..layers.attention import rope_tables
 from ..layers.common import GatedMLP, PreNormBlock, RMSNorm, check_right_padding
 from ..layers.lact import LaCTLayer, LowRankFastWeight
@@ -116,7 +117,7 @@ class LaCTModel(LaCTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hs)
 
 
-class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
+class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM, RecurrentGenerationMixin):
     """LaCT LM: upstream's checkpoint layout, HF ``forward`` and the segment contract."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
@@ -146,19 +147,26 @@ class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, past_key_values=None, use_cache: Optional[bool] = None,
-                **kwargs) -> CausalLMOutputWithPast:
+                return_dict: Optional[bool] = None, cache=None, use_cache: Optional[bool] = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         """Full-sequence forward. Right padding only; pad labels are ignored (-100).
 
         ``hidden_states`` (when requested) ends with the last layer after the final
-        norm, as fla does. Logits at pad positions are meaningless.
+        norm, as fla does. Logits at pad positions are meaningless; with ``logits_to_keep`` > 0
+        and no labels only the last that many positions get logits. With ``use_cache=True`` or
+        a ``cache`` (``past_key_values``) the rows continue the cache's state and the output
+        carries the new one (:class:`~..hf_generate.RecurrentGenerationMixin`: what
+        ``generate`` runs; no padding then).
         """
-        if past_key_values is not None:
-            raise NotImplementedError("LaCT has no HF cache; decode with forward_segment(state=...)")
+        cache = self.cache_argument(cache, kwargs)
+        if cache is not None or use_cache:
+            return self.cached_forward(input_ids, attention_mask, cache, labels, logits_to_keep, return_dict)
         if attention_mask is not None:
             check_right_padding(attention_mask)
         hidden, _, all_hidden = self.model.run(input_ids, None, need_state=False,
                                                output_hidden_states=bool(output_hidden_states))
+        if labels is None and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, attention_mask)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden)
