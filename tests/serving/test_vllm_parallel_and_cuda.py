@@ -255,7 +255,9 @@ def test_tp2_cpu_torch_core_deltanet(tmp_path):
     _run(d, out, tp=2)
     _check_shards(d, out, 2)
     assert json.loads((out / "run.json").read_text())["cores"] == ["torch"]
-    assert _logprob_error(d, out) <= FP32_ATOL
+    err = _logprob_error(d, out)
+    print(f"TP2 torch DeltaNet expand_v 2 fp32 max |dlogp| {err:.2e}")
+    assert err <= FP32_ATOL
 
 
 @pytest.mark.slow

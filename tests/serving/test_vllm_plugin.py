@@ -68,9 +68,9 @@ def _prompts():
     return [rng.integers(0, V, n).tolist() for n in PROMPT_LENS]
 
 
-def _fp32_parity(tmp_path, model_type, **fields):
+def _fp32_parity(tmp_path, model_type, llm_kwargs=None, **fields):
     model = registry.build_model(model_type, seed=0, vocab_size=V, **fields).eval()
-    llm = _serve(tmp_path, model, "float32")
+    llm = _serve(tmp_path, model, "float32", **(llm_kwargs or {}))
     try:
         got = _vllm_logprobs(llm, _prompts())
     finally:
@@ -108,6 +108,15 @@ def test_deltanet_fp32_parity(tmp_path):
 ], ids=["gdn-expandv2-conv3-gva-negeig", "gdn-nogate-noconv", "dn-expandv2-negeig-noconv"])
 def test_config_branches_fp32_parity(tmp_path, model_type, fields):
     _fp32_parity(tmp_path, model_type, **fields)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_engine_on_cpu(tmp_path, monkeypatch):
+    """A whole vLLM engine with tensor_parallel_size=2 (two CPU workers, vLLM's shared-memory
+    all-reduce): grouped value heads split across the ranks, fp32 parity and greedy equality.
+    vLLM's CPU thread auto-binding wants a NUMA node per rank, which this machine lacks: no binding."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    _fp32_parity(tmp_path, "gated_deltanet", llm_kwargs=dict(tensor_parallel_size=2), num_v_heads=4)
 
 
 @pytest.mark.slow

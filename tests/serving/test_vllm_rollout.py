@@ -122,7 +122,8 @@ def test_rollout_role_actor_with_vllm_backend(tmp_path):
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
              runtime_env={"env_vars": {"REFINE_VLLM_MEM": os.environ.get("REFINE_VLLM_MEM", "0.2")}})
     try:
-        actor = ray.remote(num_cpus=1, num_gpus=1)(RolloutRole).remote(cfg)
+        actor = ray.remote(num_cpus=1, num_gpus=1)(RolloutRole).remote(cfg.model, cfg.data, cfg.refine, cfg.rollout,
+                                                                     vocab, cfg.train.seed)
         out = ray.get(actor.generate.remote(batch), timeout=600)
         assert out.tokens.shape == (batch.cuts.size * G, K) and (out.versions == 0).all()
         local = build_policy(cfg.model, vocab, "cpu").eval()
