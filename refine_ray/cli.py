@@ -163,7 +163,7 @@ def _train(args) -> int:
 
     run_log.show_phases()          # phase lines on the console; everything kept for <output_dir>/run.log
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, hub=True)    # hub ids -> local snapshots, once, here
     except ConfigError as e:
         print(f"refine-ray: config error: {e}", file=sys.stderr)
         return 2

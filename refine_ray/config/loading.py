@@ -47,7 +47,7 @@ def upgrade_stored_config(raw: dict) -> dict:
 # ---------------------------------------------------------------- loading
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: str | Path | None = None) -> ExperimentConfig:
+                base: str | Path | None = None, hub: bool = False) -> ExperimentConfig:
     """Read a YAML file (or the defaults when None) with its ``defaults``, apply ``a.b=c`` overrides, validate.
 
     Values of overrides are parsed as YAML (``optim.lr=2e-5``, ``learner.resources.refine_learner=1``,
@@ -55,9 +55,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     override, name paths from ``base`` (default: the working directory) and are made absolute
     (:func:`resolve_paths`); ``defaults`` includes are files of the config, relative to the file
     that names them. With ``model.path`` set, the model's type and sizes come from its
-    ``config.json`` (:func:`model_from_checkpoint`). Raises :class:`ConfigError` (one line naming the
-    file or the dotted key) for a missing or invalid file, an include cycle, an unknown key, a bad
-    value, or a model field that contradicts the checkpoint.
+    ``config.json`` (:func:`model_from_checkpoint`). With ``hub`` (what ``refine-ray train``, the
+    driver, asks), Hugging Face hub ids in ``model.path``, ``tokenizer.path``, ``data.path`` and
+    ``train.val_path`` are replaced by their local snapshots, downloaded once when online
+    (:mod:`refine_ray.config.hub`); without it they stay as written (``submit_job`` sends them to the
+    cluster so). Raises :class:`ConfigError` (one line naming the file or the dotted key) for a
+    missing or invalid file, an include cycle, an unknown key, a bad value, a model field that
+    contradicts the checkpoint, or a hub id that cannot be had (``hub.HubError``).
     """
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     for item in overrides:
@@ -67,6 +71,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     cfg = from_dict(ExperimentConfig, raw, "")
     resolve_paths(cfg, base)
+    if hub:
+        from refine_ray.config.hub import resolve_hub_ids
+
+        resolve_hub_ids(cfg)
     model_from_checkpoint(cfg.model, set(raw.get("model") or ()))
     validate_config(cfg, "")
     return cfg

@@ -48,8 +48,11 @@ class ModelConfig:
 
         if self.type not in MODEL_TYPES:
             raise ConfigError(f"{key}.type: {self.type!r} is not one of {', '.join(repr(t) for t in MODEL_TYPES)}")
-        if self.path is not None and not Path(self.path).is_dir():
-            raise ConfigError(f"{key}.path: '{self.path}' is not a directory (expected a local HF model dir)")
+        from refine_ray.config.hub import is_hub_id   # an id is resolved by the driver (load_config(hub=True))
+
+        if self.path is not None and not Path(self.path).is_dir() and not is_hub_id(self.path):
+            raise ConfigError(f"{key}.path: '{self.path}' is not a directory (expected a local HF model dir "
+                              f"or a Hugging Face hub id org/name)")
         _positive(self, key, "hidden_size", "num_hidden_layers", "num_heads")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{key}.hidden_size: {self.hidden_size} is not divisible by num_heads={self.num_heads}")
