@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from refine_ray.config.sections import ConfigError
 
@@ -59,16 +59,15 @@ def is_hub_id(value: Any) -> bool:
     return not Path(value).exists()
 
 
-def resolve_hub_ids(cfg) -> dict[str, str]:
+def resolve_hub_ids(cfg) -> None:
     """Replace every hub id in :data:`HUB_FIELDS` of ``cfg`` (an ExperimentConfig) by its local
-    snapshot, in place (``data.path`` lists entry by entry); returns ``{field: id}`` of those replaced.
+    snapshot, in place (``data.path`` lists entry by entry), with one log line each.
 
     Raises:
         HubError: one line naming the field and the id: offline with nothing cached (which
             command downloads it), a repository that does not exist or is gated, a download
             that failed, a dataset without parquet/jsonl/json/txt files.
     """
-    done = {}
     for key, kind in HUB_FIELDS.items():
         section, name = key.split(".")
         owner = getattr(cfg, section)
@@ -84,12 +83,10 @@ def resolve_hub_ids(cfg) -> dict[str, str]:
             local = snapshot(key, v, kind)
             log.info("%s: hub id '%s' is '%s'", key, v, local)
             resolved += dataset_files(key, v, local) if kind == "dataset" else [local]
-            done[key] = v
         setattr(owner, name, resolved if isinstance(value, list) or len(resolved) > 1 else resolved[0])
-    return done
 
 
-def snapshot(key: str, repo_id: str, kind: str, cache_dir: Optional[str] = None) -> str:
+def snapshot(key: str, repo_id: str, kind: str) -> str:
     """The local snapshot directory of ``repo_id`` (a ``kind`` repository, see the module docstring):
     downloaded into the HF cache when online, taken from it when offline. Raises HubError."""
     from huggingface_hub import constants, snapshot_download
@@ -102,7 +99,7 @@ def snapshot(key: str, repo_id: str, kind: str, cache_dir: Optional[str] = None)
     else:
         patterns = {"ignore_patterns": _WEIGHTS if kind == "tokenizer" else _OTHER_WEIGHTS}
     offline = constants.HF_HUB_OFFLINE
-    cache = cache_dir or constants.HF_HUB_CACHE
+    cache = constants.HF_HUB_CACHE
     try:
         return snapshot_download(repo_id, repo_type=repo_type, cache_dir=cache, local_files_only=offline,
                                  **patterns)
