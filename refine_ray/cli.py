@@ -5,6 +5,7 @@
                       [--ttt none|ntp|refine] [--out results/run.json] [--name RUN] [--config FILE]
                       [key.path=value | eval.key=value ...]
     refine-ray export --from CKPT|HF_DIR|tiny:TYPE --out DIR [--run-config RUN/config.json] [--overwrite]
+    refine-ray plan   --config FILE [key.path=value ...] [--gpu-memory GiB] [--ttt]   (exit 1: does not fit)
     refine-ray generate --model HF_DIR|tiny:TYPE --prompt TEXT [--prompt ...] [--max-new-tokens N]
                       [--temperature T] [--top-p P] [--seed S]
 
@@ -87,6 +88,20 @@ def _generate(args) -> int:
     for prompt, text in zip(args.prompt, texts):
         print(f">>> {prompt}\n{text}\n")
     return 0
+
+
+def _add_plan(sub) -> None:
+    pl = sub.add_parser("plan", help="the memory plan of a config per actor and per GPU, and whether it fits")
+    pl.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper_mid_deltanet_1.3b.yaml")
+    pl.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: this machine's GPU; required without CUDA)")
+    pl.add_argument("--ttt", action="store_true", help="plan `refine-ray eval --ttt` (one process, one GPU) instead")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=8192")
+
+
+def _plan(args) -> int:
+    from refine_ray.plan import run_plan_command
+
+    return run_plan_command(args.config, args.overrides, args.gpu_memory, args.ttt)
 
 
 def _unwritable(path: str, is_dir: bool) -> bool:
@@ -204,7 +219,7 @@ def _train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``refine-ray train|eval|export|generate``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
+    """``refine-ray train|eval|export|generate|plan``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
     problem, one line on stderr; 3 a learner rank failed; 130 interrupted by Ctrl-C, one line).
     ``argv`` defaults to ``sys.argv[1:]``."""
     parser = argparse.ArgumentParser(prog="refine-ray", description=__doc__,
@@ -215,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. refine.n_chunks=4 train.steps=10")
     _add_eval(sub)
     _add_export(sub)
+    _add_plan(sub)
     _add_generate(sub)
     args, extra = parser.parse_known_args(argv)
     if extra:   # eval's dotted overrides may follow its options; anything else is an error as before
@@ -229,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path
         # (train keeps the warning in its run log instead: refine_ray.system.run_log)
         warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
-        return {"eval": _eval, "export": _export, "generate": _generate}[args.command](args)
+        return {"eval": _eval, "export": _export, "generate": _generate, "plan": _plan}[args.command](args)
     except KeyboardInterrupt:                    # before a command's own handling (imports, config)
         print("\nrefine-ray: interrupted; nothing was started; run the same command to start", file=sys.stderr)
         return INTERRUPTED

@@ -57,6 +57,10 @@ def _run(cfg: ExperimentConfig, reached: list[int]) -> list[dict]:
         return []                               # already done: nothing to start
     log.info("inputs checked: %d documents (%d long enough), a %d-token vocabulary%s", report.rows, report.usable,
              report.vocab_size, f"; resuming from {report.resume_from}" if report.resume_from else "")
+    from refine_ray.plan import startup_line
+
+    line, fits = startup_line(cfg, report.vocab_size)      # refine-ray plan's verdict, compact
+    (log.warning if fits is False else log.info)(line)
     out = Path(cfg.train.output_dir)
     with claim(cfg) as resume_from:       # this run's directory, locked until the run ends
         run_log.attach_driver(out)

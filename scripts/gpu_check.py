@@ -19,8 +19,8 @@ in one part is recorded as timed out and the others still run:
 Writes ONE JSON (``--out``; default ``$OUT/gpu_check.json``, else outputs/gpu_check/gpu_check.json)
 with the environment, every part's exit status, seconds, timeout flag, log tail and result, and
 ``ok`` (every part finished and every parity check passed). Each setting of refine_step carries
-``plan_gib``: null here, the slot for the memory plan's prediction of that peak (issue 23 point 4,
-``refine_ray/plan.py``), to be compared with the measured ``peak_gib``.
+``plan_gib``: the memory plan's prediction of that peak (issue 23 point 4,
+``refine_ray.system.memory_plan.local_step_peak``), to be compared with the measured ``peak_gib``.
 
 ``--cpu-smoke`` runs the same parts on CPU at tiny sizes (parity: the torch path on both sides;
 REFINE step: a tiny DeltaNet, 512 tokens, float32): the test suite runs it so this file is tested.
@@ -113,6 +113,7 @@ def refine_step_part(args) -> int:
     from refine_ray.models import registry
     from refine_ray.models.base import enable_checkpointing
     from refine_ray.refine.local_step import LocalRefineStep
+    from refine_ray.system.memory_plan import local_step_peak
     from bench_nsp import SIZES                         # scripts/: the named model sizes
 
     smoke = args.cpu_smoke
@@ -153,8 +154,10 @@ def refine_step_part(args) -> int:
         if setting == "checkpointing_on":
             enable_checkpointing(model)
         step = LocalRefineStep(model, torch.optim.AdamW(model.parameters(), lr=1e-6), cfg, grad_clip=1.0)
+        plan = local_step_peak(model.config, L, cfg.n_chunks, cfg.samples_per_prefix, cfg.response_length, dtype,
+                               "fla" if device.type == "cuda" else "torch", setting == "checkpointing_on")
         res = out["settings"][setting] = {"ntp_s": [], "refine_s": [], "peak_gib": {}, "warmup_s": {},
-                                          "plan_gib": None}   # filled from refine_ray/plan.py (issue 23 point 4)
+                                          "plan_gib": round(plan / 2**30, 3)}   # the memory plan's REFINE peak
         try:
             for mode in ("ntp", "refine"):                   # warm-up: Triton compiles / autotunes here
                 res["warmup_s"][mode] = round(timed(step, mode)[0], 3)

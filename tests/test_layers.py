@@ -6,7 +6,7 @@ pipeline) -> the system layer's libraries that roles use (``system.batches`` tra
 ``system.weight_sync``, ``system.learner``, ``system.checkpoint``) -> ``serving`` (vLLM) ->
 ``roles`` (thin Ray actors) -> the rest of ``system`` (controller, experience, actor groups,
 placement, run dirs, metrics sinks, KubeRay checks); ``eval`` sits beside the roles (it uses the
-pipeline and models, never Ray); the entry modules (cli, train, export, preflight) sit on top.
+pipeline and models, never Ray); the entry modules (cli, train, export, preflight, plan) sit on top.
 Only the controller imports ``roles``. Every import counts, also those inside functions.
 """
 import ast
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_LIBRARIES = {"batches", "weight_sync", "learner", "checkpoint"}
 RANK = {"algo": 0, "models": 1, "config": 2, "data": 2, "refine": 3, "system-lib": 4, "serving": 5,
         "roles": 6, "eval": 6, "system": 7, "entry": 8}
-ENTRY = {"cli", "train", "export", "preflight"}
+ENTRY = {"cli", "train", "export", "preflight", "plan"}
 
 
 def layer_of(module: str) -> str:
