@@ -15,7 +15,8 @@ Deliberate decisions:
     ValueError; generate such prompts one at a time (or grouped by length).
   * The cache keyword follows the installed transformers (``cache`` from 5.2x on,
     ``past_key_values`` before); both are accepted.
-Source followed: transformers' Mamba, whose cache is also made in the model's forward.
+Source followed: transformers' GenerationMixin contract (``prepare_inputs_for_generation``, the cache
+returned in the model output and fed back, ``reorder_cache`` for beam search).
 """
 from __future__ import annotations
 
