@@ -10,9 +10,10 @@ decoding gives the engine's tokens (tests/test_export.py).
 Deliberate decisions:
   * The cache is created by the model's first forward (``use_cache=True``), not by
     ``generate``: transformers' DynamicCache holds attention keys and values, not fast weights.
-  * Prompts of one batch have one length: no padding ever enters a recurrent state (the
-    padding rule of base.py). A batch whose ``attention_mask`` has zeros raises a one-line
-    ValueError; generate such prompts one at a time (or grouped by length).
+  * No padding ever enters a recurrent state (the padding rule of base.py). Left-padded
+    prompts of different lengths (what tokenizers give ``generate``) run unpadded, each from
+    the empty state, for the DeltaNet family, whose states of different lengths share a batch;
+    LaCT (position-dependent state) takes prompts of one length per call, else one line.
   * The cache keyword follows the installed transformers (``cache`` from 5.2x on,
     ``past_key_values`` before); both are accepted.
 Source followed: transformers' GenerationMixin contract (``prepare_inputs_for_generation``, the cache
@@ -27,7 +28,8 @@ import torch
 from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .base import ModelState, causal_lm_loss
+from .base import ModelState, causal_lm_loss, offset_free_state
+from .generation import prefill
 
 # The output field that carries the cache in the installed transformers (renamed in 5.2x).
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else \
@@ -90,17 +92,35 @@ class RecurrentGenerationMixin(GenerationMixin):
         positions (0 or ``labels`` given: all), the loss when ``labels`` is given (base.causal_lm_loss),
         and the new cache (in the output's cache field).
 
+        A left-padded first call (prompts of different lengths, as tokenizers pad for ``generate``)
+        runs each prompt without its pads (:func:`~.generation.prefill`) and returns the last
+        position's logits [B,1,V]: only for models whose state does not depend on its position
+        (the DeltaNet family, :func:`~.base.offset_free_state`).
+
         Raises:
-            ValueError: one line, for a padded batch (``attention_mask`` with zeros) or a cache of
-                another type.
+            ValueError: one line, for padding anywhere else (right padding, with a cache, with
+                ``labels``), left padding on a model whose state depends on its position, or a
+                cache of another type.
         """
+        name = type(self).__name__
         if cache is not None and not isinstance(cache, RecurrentStateCache):
-            raise ValueError(f"{type(self).__name__}: expected a RecurrentStateCache (made by the model's first "
-                             f"forward with use_cache=True), got {type(cache).__name__}")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(f"{type(self).__name__}: prompts of one generate() call must have one length without "
-                             f"padding (padding would enter the recurrent state); generate them one at a time "
-                             f"or grouped by length")
+            raise ValueError(f"{name}: expected a RecurrentStateCache (made by the model's first forward with "
+                             f"use_cache=True), got {type(cache).__name__}")
+        mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:].bool()
+        if mask is not None and not bool(mask.all()):
+            left = bool((mask.int().diff(dim=1) >= 0).all()) and bool(mask[:, -1].all())
+            if cache is not None or labels is not None or not left:
+                raise ValueError(f"{name}: padding is accepted only as the left padding of the prompts, without "
+                                 f"labels (padding would enter the recurrent state)")
+            if not offset_free_state(self):
+                raise ValueError(f"{name}: prompts of different lengths cannot share one generate() call (this "
+                                 f"model's state depends on its position); generate them one at a time or "
+                                 f"grouped by length")
+            state, hidden = prefill(self, [row[m] for row, m in zip(input_ids, mask)])
+            state.offset = input_ids.shape[1]        # tokens consumed, pads included (the state ignores it)
+            result = CausalLMOutputWithPast(logits=self.lm_head(hidden)[:, None],
+                                            **{CACHE_FIELD: RecurrentStateCache(state)})
+            return result.to_tuple() if return_dict is False else result
         out = self.forward_segment(input_ids, None if cache is None else cache.state, return_logits=False)
         keep = logits_to_keep if labels is None and logits_to_keep > 0 else out.hidden.shape[1]
         logits = self.lm_head(out.hidden[:, -keep:])

@@ -173,8 +173,8 @@ class _CausalLM(_PreTrained, FastWeightLM, RecurrentGenerationMixin):
         (``past_key_values``): rows continue the cache's recurrent state and the output carries the
         new one (:class:`~..hf_generate.RecurrentGenerationMixin`: what ``generate`` runs).
 
-        Raises ValueError for left padding (padding at all with a cache), NotImplementedError for
-        inputs_embeds."""
+        Raises ValueError for left padding (with a cache: padding other than the prompts' left
+        padding, see ``cached_forward``), NotImplementedError for inputs_embeds."""
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not supported; pass input_ids")
         cache = self.cache_argument(cache, kwargs)

@@ -156,7 +156,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM, RecurrentGenerationMixi
         and no labels only the last that many positions get logits. With ``use_cache=True`` or
         a ``cache`` (``past_key_values``) the rows continue the cache's state and the output
         carries the new one (:class:`~..hf_generate.RecurrentGenerationMixin`: what
-        ``generate`` runs; no padding then).
+        ``generate`` runs; prompts of one length, no padding then).
         """
         cache = self.cache_argument(cache, kwargs)
         if cache is not None or use_cache:
