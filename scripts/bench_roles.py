@@ -21,6 +21,16 @@ LearnBatch, the scorer/rollout batches and the published weights dict, with size
 
     .venv/bin/python scripts/bench_roles.py --steps 3 system.mode=async refine.prefix_sharing=true
     .venv/bin/python scripts/bench_roles.py --steps 3 --compare-modes      # sync, then async
+    .venv/bin/python scripts/bench_roles.py --throughput --rounds 5 --steps 2 system.placement=disaggregated
+
+``--throughput`` measures async against sync side by side instead: two controllers on one cluster
+(``name`` and output directory of their own), ``--rounds`` rounds in each of which each mode runs a
+block of ``--steps`` steps, the two blocks in alternating order (sync first in even rounds), after
+``--warmup`` steps of each. A block is timed from its first step's start until its last step is done
+and, in async mode, the generation that step launched has finished too (the next block starts from
+it, so every block pays for its own generations and nothing runs beside the other mode's block).
+Throughput = documents (and tokens) of the block's steps / its seconds; reported per round, as
+medians with their spread (min-max), and as the ratio async/sync of the medians and per round.
 
 In async mode the experience of step t+1 is generated while the learner trains on step t,
 so role compute overlaps the learner and the per-role percentages may add up to more
@@ -211,6 +221,79 @@ def decompose(m: dict, tl: dict, cfg) -> dict:
     return d
 
 
+# ------------------------------------------------------------------ async vs sync throughput
+def drain(controller) -> None:
+    """Wait (without collecting) for the experience an async step launched: its role calls queue behind
+    the weight updates on the same actors, so those are done too. Nothing for a sync controller."""
+    pending = controller.pending
+    if pending is not None and pending.shards:
+        refs = [r for sh in pending.shards for r in (sh.scored, sh.rollout, sh.rewards, sh.ref_logprobs)
+                if r is not None]
+        ray.wait(refs, num_returns=len(refs))
+
+
+def run_block(controller, steps: int) -> tuple[float, int, int]:
+    """(seconds, documents, tokens) of ``steps`` steps, ending once any launched generation is done."""
+    docs = tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        controller.step()
+        exp = controller.last_experience
+        docs += len(exp.scored.docs)
+        tokens += len(exp.scored.docs.tokens)
+    drain(controller)
+    return time.perf_counter() - t0, docs, tokens
+
+
+def throughput(config: str, overrides: list[str], warmup: int, steps: int, rounds: int) -> None:
+    """Sync and async controllers side by side, blocks interleaved (see the module docstring)."""
+    from refine_ray.system.controller import RefineController
+
+    base = [o for o in overrides if not o.startswith(("system.mode=", "name=", "train.output_dir="))]
+    controllers = {}
+    for mode in ("sync", "async"):
+        cfg = load_config(config, [*base, f"system.mode={mode}", f"name=bench-{mode}", "train.resume=false",
+                                   f"train.output_dir={tempfile.mkdtemp(prefix=f'bench_roles_{mode}_')}"])
+        t0 = time.perf_counter()
+        controllers[mode] = RefineController(cfg, len(load_tokenizer(cfg.tokenizer.path)))
+        print(f"{mode} controller up in {time.perf_counter() - t0:.1f}s ({cfg.system.placement}, "
+              f"{cfg.learner.num_ranks} learner ranks, batch {cfg.data.batch_size} x {cfg.data.max_length} tokens, "
+              f"n={cfg.refine.n_chunks} G={cfg.refine.samples_per_prefix} k={cfg.refine.response_length})", flush=True)
+    try:
+        for mode, c in controllers.items():
+            run_block(c, warmup)
+        rows = []
+        for r in range(rounds):
+            order = ("sync", "async") if r % 2 == 0 else ("async", "sync")
+            row = {}
+            for mode in order:
+                seconds, docs, tokens = run_block(controllers[mode], steps)
+                row[mode] = {"s": seconds, "docs_per_s": docs / seconds, "tokens_per_s": tokens / seconds}
+            row["ratio"] = row["async"]["docs_per_s"] / row["sync"]["docs_per_s"]
+            rows.append(row)
+            print(f"  round {r + 1}/{rounds} ({' then '.join(order)}): sync {row['sync']['s']:.2f}s "
+                  f"{row['sync']['docs_per_s']:.3f} docs/s, async {row['async']['s']:.2f}s "
+                  f"{row['async']['docs_per_s']:.3f} docs/s, async/sync {row['ratio']:.2f}", flush=True)
+    finally:
+        for c in controllers.values():
+            c.shutdown()
+
+    def spread(values: list[float], f: str = ".3f") -> str:
+        return f"{statistics.median(values):{f}} ({min(values):{f}}-{max(values):{f}})"
+
+    print(f"\n{rounds} rounds of {steps} steps per mode, median (min-max)\n")
+    print("| mode | block s | documents/s | tokens/s |")
+    print("|---|---|---|---|")
+    for mode in ("sync", "async"):
+        print(f"| {mode} | {spread([r[mode]['s'] for r in rows], '.2f')} | "
+              f"{spread([r[mode]['docs_per_s'] for r in rows])} | "
+              f"{spread([r[mode]['tokens_per_s'] for r in rows], '.0f')} |")
+    ratio = statistics.median(r["async"]["docs_per_s"] for r in rows) / \
+        statistics.median(r["sync"]["docs_per_s"] for r in rows)
+    print(f"\nthroughput async/sync: {ratio:.2f} (ratio of the medians); "
+          f"per round {spread([r['ratio'] for r in rows], '.2f')}")
+
+
 # ------------------------------------------------------------------ printing
 TABLE = [  # key, label, how it is measured
     ("c_scorer", "scorer compute", "timeline execute (busiest actor)"),
@@ -296,9 +379,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each object-store measurement")
     ap.add_argument("--compare-modes", action="store_true", help="run sync, then async (same overrides)")
+    ap.add_argument("--throughput", action="store_true",
+                    help="async vs sync throughput: both controllers up, blocks of --steps interleaved for --rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="--throughput: rounds (one block of each mode per round)")
     args = ap.parse_args()
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # two controllers side by side need room for both layouts (logical GPUs, as the tests)
+    ray.init(num_cpus=16 if args.throughput else 8, num_gpus=4 if args.throughput else 2, include_dashboard=False,
+             log_to_driver=False)
     try:
+        if args.throughput:
+            print(f"command: .venv/bin/python scripts/bench_roles.py {' '.join(sys.argv[1:])}", flush=True)
+            throughput(args.config, args.overrides, args.warmup, args.steps, args.rounds)
+            return
         if args.compare_modes:
             base = [o for o in args.overrides if not o.startswith("system.mode=")]
             results = [run_mode(args.config, [*base, f"system.mode={m}"], args.warmup, args.steps, args.reps)
