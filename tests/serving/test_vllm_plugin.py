@@ -30,8 +30,9 @@ FP32_ATOL = 1e-4
 
 def _serve(tmp_path, model, dtype: str, **llm_kwargs):
     model.save_pretrained(tmp_path, safe_serialization=True)
+    llm_kwargs.setdefault("enforce_eager", True)
     return vllm.LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype=dtype, gpu_memory_utilization=0.2,
-                    enforce_eager=True, max_model_len=256, seed=0, **llm_kwargs)
+                    max_model_len=256, seed=0, **llm_kwargs)
 
 
 def _close(llm) -> None:
@@ -108,6 +109,24 @@ def test_deltanet_fp32_parity(tmp_path):
 ], ids=["gdn-expandv2-conv3-gva-negeig", "gdn-nogate-noconv", "dn-expandv2-negeig-noconv"])
 def test_config_branches_fp32_parity(tmp_path, model_type, fields):
     _fp32_parity(tmp_path, model_type, **fields)
+
+
+@pytest.mark.slow
+def test_default_compilation_on_cpu(tmp_path):
+    """The documented vllm.LLM(...) call without enforce_eager: vLLM traces the model with
+    torch.compile (@support_torch_compile, the mixer as its opaque splitting op) on CPU too."""
+    from vllm.config import CompilationMode
+
+    model = registry.build_model("gated_deltanet", seed=0, vocab_size=V).eval()
+    llm = _serve(tmp_path, model, "float32", enforce_eager=False)
+    try:
+        assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+        got = _vllm_logprobs(llm, _prompts())
+    finally:
+        _close(llm)
+    for p, (gen, lp) in zip(_prompts(), got):
+        ours, greedy = _our_logprobs(model, p, gen)
+        assert gen == greedy and np.abs(ours - lp).max() <= FP32_ATOL
 
 
 @pytest.mark.slow
