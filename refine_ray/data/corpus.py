@@ -58,7 +58,7 @@ class Corpus:
         the conversion and the index when the files hold at least :data:`PROGRESS_MIN_BYTES`.
         Raises DataError for an unreadable ``data.path`` or a missing column."""
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.kind, self.files = data_files(cfg.path)
+        _, self.files = data_files(cfg.path)
         self.progress = progress and sum(f.stat().st_size for p in self.files
                                          for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*"))
                                          if f.is_file()) >= PROGRESS_MIN_BYTES
