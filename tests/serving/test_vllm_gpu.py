@@ -31,6 +31,17 @@ FIELDS = {"gated_deltanet": dict(hidden_size=256, num_heads=2, num_hidden_layers
 FP32_ATOL = 1e-3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _exact_fp32_reference():
+    """Our model as the reference in IEEE fp32: its PyTorch ops (REFINE_KERNELS=torch; fla's Triton
+    dots default to TF32) and no TF32 in cuDNN's convolutions. vLLM keeps fp32 matmuls at
+    'highest' precision by default (VLLM_FLOAT32_MATMUL_PRECISION)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REFINE_KERNELS", "torch")
+        mp.setattr(torch.backends.cudnn, "allow_tf32", False)
+        yield
+
+
 def _prompts():
     rng = np.random.default_rng(0)
     return [rng.integers(0, V, n).tolist() for n in PROMPT_LENS]
