@@ -108,6 +108,8 @@ def local_gpu_memory() -> Optional[int]:
     """Bytes of this machine's first CUDA GPU, or None without CUDA."""
     import torch
 
+    from refine_ray.models.dtypes import compute_dtype
+
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
@@ -119,11 +121,13 @@ def make_plan(cfg: ExperimentConfig, vocab_size: Optional[int], gpu_memory: Opti
     learner's model states (imports DeepSpeed). Raises PlanError (one line) for a model it cannot build."""
     import torch
 
+    from refine_ray.models.dtypes import compute_dtype
+
     try:
         config = mp.model_config(cfg.model, vocab_size)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise PlanError(str(e).splitlines()[0]) from None
-    dtype = torch.bfloat16 if on_gpu and cfg.model.dtype == "bfloat16" else torch.float32
+    dtype = compute_dtype(cfg.model.dtype, "cuda") if on_gpu else torch.float32   # CPU runs are fp32 only
     b = dtype.itemsize
     shape = mp.model_shape(config, dtype)
     r, L, lc = cfg.refine, cfg.data.max_length, cfg.learner
@@ -196,6 +200,8 @@ def make_ttt_plan(cfg: ExperimentConfig, vocab_size: Optional[int], gpu_memory: 
     weights autocast keeps during a forward and one prompt's activations counted as for a bf16 model
     (documents run one at a time through ``LocalRefineStep``)."""
     import torch
+
+    from refine_ray.models.dtypes import compute_dtype
 
     try:
         config = mp.model_config(cfg.model, vocab_size)
@@ -283,6 +289,8 @@ def startup_line(cfg: ExperimentConfig, vocab_size: int) -> tuple[str, Optional[
     not checked). GPU shares are taken as CUDA GPUs where this machine has one or the job joins an
     existing cluster (``system.ray_address``); a local cluster on a CPU machine is a CPU run."""
     import torch
+
+    from refine_ray.models.dtypes import compute_dtype
 
     on_gpu = torch.cuda.is_available() or bool(cfg.system.ray_address or os.environ.get("RAY_ADDRESS"))
     plan = make_plan(cfg, vocab_size, local_gpu_memory(), on_gpu, with_deepspeed=False)

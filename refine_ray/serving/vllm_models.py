@@ -61,9 +61,9 @@ def _intermediate_size(config) -> int:
     return 256 * ((size + 255) // 256)
 
 
-def checkpoint_names(config) -> list[str]:
-    """Every tensor name of fla's checkpoint for ``config`` (model_type 'delta_net' or 'gated_deltanet')."""
-    gated = config.model_type == "gated_deltanet"
+def checkpoint_names(config, gated: bool) -> list[str]:
+    """Every tensor name of fla's checkpoint for ``config``; ``gated``: a GatedDeltaNet (decay gate
+    ``a_proj``, ``A_log``, ``dt_bias``), else a DeltaNet (the model class's ``gated``)."""
     names = ["model.embeddings.weight", "model.norm.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
     attn = ["q_proj", "k_proj", "v_proj", "o_proj", "o_norm"]
     attn += ["b_proj"] if gated or config.use_beta else []
@@ -127,10 +127,9 @@ class _Block(nn.Module):
 class _FlaModel(nn.Module):
     """Embeddings -> blocks -> final RMSNorm (fla's ``model.*``)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", gated: bool = False):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        gated = config.model_type == "gated_deltanet"
         self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embeddings")
         self.layers = nn.ModuleList([_Block(config, vllm_config, f"{prefix}.layers.{i}", gated)
                                      for i in range(config.num_hidden_layers)])
@@ -165,7 +164,7 @@ class _FlaCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefi
         if vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise NotImplementedError("refine_ray's vLLM plugin: pipeline parallel size 1 only")
         self.config = config
-        self.model = _FlaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.model = _FlaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"), gated=self.gated)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embeddings)
@@ -216,7 +215,7 @@ class _FlaCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefi
 
         loaded = AutoWeightsLoader(self).load_weights(recorded(), mapper=self.hf_to_vllm_mapper)
         if not self._checkpoint_checked:
-            missing = sorted(set(checkpoint_names(self.config)) - given)
+            missing = sorted(set(checkpoint_names(self.config, self.gated)) - given)
             if missing:
                 raise ValueError(f"Following weights were not initialized from checkpoint: {missing}")
             self._checkpoint_checked = True
