@@ -152,15 +152,15 @@ def make_plan(cfg: ExperimentConfig, vocab_size: Optional[int], gpu_memory: Opti
                             f" (checkpointing {'off' if cfg.model.gradient_checkpointing else 'on'}: "
                             f"{gib(sum(other.values()))})")
 
-    # refine.cut_states.resolve_state_stride's default: 64 for one-pass models on our kernels, else 512
-    one_pass_model = mp.registry.family(shape.model_type).offset_free_state
-    stride = r.state_stride or (64 if backend == "torch" and one_pass_model else 512)
-    one_pass = mp.no_grad_pass(config, L, dtype, backend)
+    # refine.cut_states.resolve_state_stride's default: 64 for offset-free models on our kernels, else 512
+    offset_free = mp.registry.family(shape.model_type).offset_free_state
+    stride = r.state_stride or (64 if backend == "torch" and offset_free else 512)
+    no_grad_pass_bytes = mp.no_grad_pass(config, L, dtype, backend)
     head = 2 * 4 * min(mp.HEAD_CHUNK, L) * shape.vocab                # entropy: fp32 [1024, V] logits + softmax
     share = {role: math.ceil(cfg.data.batch_size / getattr(cfg, role).num_actors)
              for role in ("scorer", "rollout", "reward", "reference")}
     cut = n * shape.state_bytes
-    actors["scorer"] = {"weights": weights * (2 if cfg.train.val_every else 1), "pass": one_pass + head,
+    actors["scorer"] = {"weights": weights * (2 if cfg.train.val_every else 1), "pass": no_grad_pass_bytes + head,
                         "kept_states": (L // stride) * shape.state_bytes if r.prefix_sharing else 0,
                         "cut_states": share["scorer"] * cut if r.prefix_sharing else 0}
     notes["scorer"] = f"{share['scorer']} document(s) per actor; a state kept every {stride} tokens"
@@ -172,12 +172,13 @@ def make_plan(cfg: ExperimentConfig, vocab_size: Optional[int], gpu_memory: Opti
         actors["rollout"] = {"weights": weights,
                              "states": share["rollout"] * cut + (n * G * shape.state_bytes if G > 1 else 0)
                              if r.prefix_sharing else 0,
-                             "prefill": 0 if r.prefix_sharing else one_pass,
+                             "prefill": 0 if r.prefix_sharing else no_grad_pass_bytes,
                              "logits": n * G * shape.vocab * 4}
     if r.reward_source == "frozen" and r.reward != "exact":
-        actors["reward"] = {"weights": weights, "pass": one_pass + (L // stride + 2 * n * G) * shape.state_bytes}
+        actors["reward"] = {"weights": weights,
+                            "pass": no_grad_pass_bytes + (L // stride + 2 * n * G) * shape.state_bytes}
     if cfg.reference.enabled:
-        actors["reference"] = {"weights": weights, "pass": one_pass + (n + n * G) * shape.state_bytes}
+        actors["reference"] = {"weights": weights, "pass": no_grad_pass_bytes + (n + n * G) * shape.state_bytes}
     plan = MemoryPlan(
         f"memory plan: {cfg.name}: {shape.model_type}, {shape.params / 1e9:.2f}B parameters (hidden {shape.hidden}, "
         f"{shape.layers} layers, vocab {shape.vocab}), {str(dtype).split('.')[1]}, {L} tokens, n={n} G={G} k={k}, "

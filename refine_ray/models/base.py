@@ -136,11 +136,14 @@ class FastWeightLM:
           one forward over the whole sequence (tested per model).
       lm_head: nn.Linear            the output projection
       config.model_type: str        a type of :mod:`refine_ray.models.registry`
-    Whether a state depends on its position is the registry's ``offset_free_state`` of the
-    family (read it with :func:`offset_free_state`). Offset-free models (the DeltaNet family)
-    also take ``lengths`` and ``keep_states_at`` in ``forward_segment`` (states at per-row
-    lengths / at given positions of one pass).
+      offset_free_state: bool       class attribute: the states do not depend on their position
+                                    (read it with :func:`offset_free_state`; the registry's
+                                    ``ModelFamily.offset_free_state`` reads the same attribute)
+    Offset-free models (the DeltaNet family) also take ``lengths`` and ``keep_states_at`` in
+    ``forward_segment`` (states at per-row lengths / at given positions of one pass).
     """
+
+    offset_free_state: bool
 
     def forward_segment(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
                         return_logits: bool = True) -> SegmentOutput:  # pragma: no cover - interface
@@ -154,15 +157,16 @@ def offset_free_state(model) -> bool:
     True for the DeltaNet family (no RoPE, no chunk phase): states taken at different
     positions of different documents share one batch, and a document's cut states come
     from one pass. False for LaCT (RoPE, chunk phase) and Llama (a KV cache's length is its
-    offset). Read from the registry entry of ``model.config.model_type``, the one place
-    that says it.
+    offset). Read from the model's class (``FastWeightLM.offset_free_state``), the one place
+    that says it; a wrapper that forwards attributes to its module (a DeepSpeed engine) works too.
 
     Raises:
-        ValueError: ``model.config.model_type`` is not a registry type.
+        ValueError: ``model`` is not a :class:`FastWeightLM` (its class declares no ``offset_free_state``).
     """
-    from .registry import family
-
-    return family(model.config.model_type).offset_free_state
+    flag = getattr(model, "offset_free_state", None)
+    if not isinstance(flag, bool):
+        raise ValueError(f"{type(model).__name__} declares no offset_free_state (not a refine_ray FastWeightLM)")
+    return flag
 
 
 def enable_checkpointing(model) -> None:

@@ -2,7 +2,7 @@
 
 Each :class:`ModelFamily` entry says, for one ``model_type`` (the ``config.json`` field):
 its HF config class, causal-LM class and tiny preset (imported lazily, on first use, from
-the family's folder), whether its state is offset-free, and what config validation,
+the family's folder), whether its state is offset-free (read from the class), and what config validation,
 preflight, the vLLM rollout backend and the benchmarks ask of it. Those parts read
 :data:`MODEL_TYPES`, :data:`VLLM_TYPES`, :data:`FAST_WEIGHT_TYPES` or :func:`family` and
 keep no list of their own.
@@ -10,7 +10,7 @@ keep no list of their own.
 Adding a model family = one folder plus one registry entry:
   1. ``refine_ray/models/<family>/``: the config class (fla's or HF's own class where one
      exists, so checkpoints stay loadable by fla / transformers), the causal-LM class
-     implementing :class:`~refine_ray.models.base.FastWeightLM`, and a
+     implementing :class:`~refine_ray.models.base.FastWeightLM` (``offset_free_state`` included), and a
      ``tiny_<type>_config(vocab_size, **overrides)`` preset; its mixer goes in
      ``models/layers/`` when it is new, built from ``layers.common``;
   2. a loader function and a :class:`ModelFamily` line in :data:`FAMILIES` below.
@@ -51,9 +51,6 @@ class ModelFamily:
     model_type: the ``config.json`` ``model_type`` (and ``model.type`` in experiment configs).
     folder: the family's package under ``refine_ray.models`` (named in import errors).
     load: imports the family's folder and returns its :class:`FamilyClasses`.
-    offset_free_state: states do not depend on their position (no RoPE, no chunk phase), so
-        states at different positions share a batch and cut states come from one pass
-        (read through :func:`refine_ray.models.base.offset_free_state`).
     fast_weight: a fast-weight / linear-attention model, what REFINE targets and the
         one-pass benchmark (``scripts/bench_nsp.py``) measures.
     vllm: vLLM serves its checkpoints (``rollout.backend=vllm``).
@@ -64,7 +61,6 @@ class ModelFamily:
     model_type: str
     folder: str
     load: Callable[[], FamilyClasses]
-    offset_free_state: bool
     fast_weight: bool
     vllm: bool
     bench_sizes: bool
@@ -80,6 +76,14 @@ class ModelFamily:
         except ImportError as e:
             raise ImportError(f"model_type {self.model_type!r} needs refine_ray.models.{self.folder} "
                               f"({str(e).splitlines()[0]})") from e
+
+    @property
+    def offset_free_state(self) -> bool:
+        """States do not depend on their position (no RoPE, no chunk phase), so states at
+        different positions share a batch and cut states come from one pass. Declared by the
+        family's causal-LM class (``FastWeightLM.offset_free_state``; imports its folder, as
+        :meth:`classes`), the attribute :func:`refine_ray.models.base.offset_free_state` reads."""
+        return self.classes().causal_lm.offset_free_state
 
 
 def _delta_net() -> FamilyClasses:
@@ -103,13 +107,10 @@ def _llama() -> FamilyClasses:
 
 
 FAMILIES: dict[str, ModelFamily] = {f.model_type: f for f in (
-    ModelFamily("delta_net", "deltanet", _delta_net, offset_free_state=True, fast_weight=True, vllm=True,
-                bench_sizes=True),
-    ModelFamily("gated_deltanet", "deltanet", _gated_deltanet, offset_free_state=True, fast_weight=True,
-                vllm=True, bench_sizes=True),
-    ModelFamily("lact", "lact", _lact, offset_free_state=False, fast_weight=True, vllm=False, bench_sizes=False),
-    ModelFamily("llama", "llama", _llama, offset_free_state=False, fast_weight=False, vllm=True,
-                bench_sizes=False),
+    ModelFamily("delta_net", "deltanet", _delta_net, fast_weight=True, vllm=True, bench_sizes=True),
+    ModelFamily("gated_deltanet", "deltanet", _gated_deltanet, fast_weight=True, vllm=True, bench_sizes=True),
+    ModelFamily("lact", "lact", _lact, fast_weight=True, vllm=False, bench_sizes=False),
+    ModelFamily("llama", "llama", _llama, fast_weight=False, vllm=True, bench_sizes=False),
 )}
 MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 VLLM_TYPES: tuple[str, ...] = tuple(t for t, f in FAMILIES.items() if f.vllm)

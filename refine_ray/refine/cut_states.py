@@ -40,14 +40,9 @@ def resolve_state_stride(model, state_stride: int = 0) -> int:
     attention in segments)."""
     if state_stride:
         return state_stride
-    if one_pass(model) and kernel_backend(next(model.parameters())) == "torch":
+    if offset_free_state(model) and kernel_backend(next(model.parameters())) == "torch":
         return 64
     return 512
-
-
-def one_pass(model) -> bool:
-    """Whether the document runs as one call (offset-free states) rather than in segments."""
-    return offset_free_state(model)
 
 
 def pass_keeping_states(model, ids: torch.Tensor, stride: int) -> tuple[torch.Tensor, Kept]:
@@ -57,7 +52,7 @@ def pass_keeping_states(model, ids: torch.Tensor, stride: int) -> tuple[torch.Te
     offset-free models, one batched :class:`ModelState` whose row j is the state after
     (j+1)·stride tokens; otherwise ``{position: state after it}`` with ``{0: None}``.
     """
-    if one_pass(model):
+    if offset_free_state(model):
         every = torch.arange(1, ids.shape[0] // stride + 1, device=ids.device) * stride
         out = model.forward_segment(ids[None], None, return_logits=False, keep_states_at=every)
         return out.hidden[0], out.kept_states          # row j = state after (j+1)·stride tokens
@@ -74,7 +69,7 @@ def states_at_cuts(model, ids: torch.Tensor, cuts: torch.Tensor, kept: Kept, str
     """One batch-1 state per cut of ``cuts [n]`` (long prefix lengths), in cut order, each with
     ``offset`` = its cut: the kept state at or before the cut plus a catch-up over the
     < ``stride`` tokens up to it (``kept``/``stride`` from :func:`pass_keeping_states`)."""
-    if not one_pass(model):
+    if not offset_free_state(model):
         states = []
         for c in cuts.tolist():
             base = (c // stride) * stride

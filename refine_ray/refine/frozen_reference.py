@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 
 from refine_ray.algo import gather_targets
-from refine_ray.models.base import ModelState
-from refine_ray.refine.cut_states import one_pass, pass_keeping_states, resolve_state_stride, states_at_cuts
+from refine_ray.models.base import ModelState, offset_free_state
+from refine_ray.refine.cut_states import pass_keeping_states, resolve_state_stride, states_at_cuts
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def continuation_hidden(model, states: Sequence[ModelState], tokens: torch.Tenso
     if tokens.shape[0] != n * G:
         raise ValueError(f"continuation_hidden: {tokens.shape[0]} rows for {n} cuts x {G} samples")
     tokens = tokens.to(next(model.parameters()).device).long()
-    if one_pass(model):
+    if offset_free_state(model):
         state = ModelState.cat([ModelState(s.layers, 0) for s in states]).repeat_interleave(G)
         return model.forward_segment(tokens, state, return_logits=False).hidden
     return torch.cat([model.forward_segment(tokens[j * G:(j + 1) * G], states[j].repeat_interleave(G),

@@ -23,9 +23,8 @@ from typing import Optional, Sequence
 import torch
 
 from refine_ray.config import RefineConfig
-from refine_ray.models.base import ModelState
+from refine_ray.models.base import ModelState, offset_free_state
 from refine_ray.models.generation import Continuations, prefill, sample_continuations
-from refine_ray.refine.cut_states import one_pass
 from refine_ray.refine.seeding import sample_seed
 
 
@@ -76,7 +75,7 @@ def sample_at_cuts(model, states: Sequence[ModelState], cut_hidden: torch.Tensor
     param = next(model.parameters())
     hidden = cut_hidden.to(device=param.device, dtype=param.dtype)
     uniforms = row_uniforms(seeds, num_tokens).to(param.device)
-    if one_pass(model):     # offset-free states: every cut of the document in one decode batch
+    if offset_free_state(model):     # offset-free states: every cut of the document in one decode batch
         groups = [(0, n, ModelState.cat([ModelState(s.layers, 0) for s in states]))]
     else:                   # states tied to their position: one cut at a time
         groups = [(j, j + 1, states[j]) for j in range(n)]

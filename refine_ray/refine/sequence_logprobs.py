@@ -29,8 +29,7 @@ from typing import Optional
 import torch
 
 from refine_ray.algo import logprobs_from_logits, ntp_loss_from_hidden
-from refine_ray.refine.cut_states import one_pass
-from refine_ray.models.base import ModelState
+from refine_ray.models.base import ModelState, offset_free_state
 
 
 @dataclass
@@ -83,7 +82,7 @@ def document_ntp_loss(model, ids: torch.Tensor, hidden: Optional[torch.Tensor] =
 
 def _shared(model, ids, cuts, responses, G, temperature, ntp_calls, ntp_targets) -> DocumentLogprobs:
     k = responses.shape[1]
-    if one_pass(model):
+    if offset_free_state(model):
         # Trunk: one call that also returns the (differentiable) state at every cut; all n·G
         # branches then run as one batch.
         out = model.forward_segment(ids[None], None, return_logits=False, keep_states_at=cuts)

@@ -179,3 +179,21 @@ def test_one_right_padding_check_for_every_fast_weight_family():
         loss = model(input_ids=ids, attention_mask=right_padded, labels=ids).loss
         assert torch.isfinite(loss)
     assert len(messages) == 1
+
+
+def test_the_offset_free_predicate_has_one_name_and_one_home():
+    """``offset_free_state``: declared by each family's causal-LM class, read by base.offset_free_state and
+    the registry entry; no second name for it (``one_pass`` was one) anywhere in the code."""
+    for t in registry.MODEL_TYPES:
+        cls = registry.family(t).classes().causal_lm
+        assert isinstance(cls.offset_free_state, bool) and registry.family(t).offset_free_state is cls.offset_free_state
+    with pytest.raises(ValueError, match="^Linear declares no offset_free_state"):
+        offset_free_state(torch.nn.Linear(2, 2))
+    other_names = []
+    for p in [*ROOT.glob("refine_ray/**/*.py"), *ROOT.glob("roles/*.py"), *ROOT.glob("scripts/*.py")]:
+        for node in ast.walk(ast.parse(p.read_text())):
+            name = (getattr(node, "name", None) or getattr(node, "id", None) or getattr(node, "attr", None)
+                    or getattr(node, "arg", None) or getattr(node, "asname", None))
+            if isinstance(name, str) and "one_pass" in name:
+                other_names.append(f"{p.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not other_names, f"a second name for offset_free_state: {other_names}"

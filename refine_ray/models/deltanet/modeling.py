@@ -130,6 +130,7 @@ class _Backbone(_PreTrained):
 
 class _CausalLM(_PreTrained, FastWeightLM, RecurrentGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    offset_free_state = True        # no RoPE, no chunk phase: a state is the same at any offset
 
     def __init__(self, config):
         super().__init__(config)

@@ -121,6 +121,7 @@ class LaCTForCausalLM(LaCTPreTrainedModel, FastWeightLM, RecurrentGenerationMixi
     """LaCT LM: upstream's checkpoint layout, HF ``forward`` and the segment contract."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+    offset_free_state = False       # RoPE and the chunk phase tie a state to its offset
 
     def __init__(self, config: LaCTConfig):
         super().__init__(config)

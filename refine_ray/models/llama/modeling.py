@@ -18,7 +18,7 @@ Deliberate decisions:
   * Activation checkpointing: transformers' switch (``activation_checkpointing_enable``) marks
     the decoder layers; ``forward_segment`` checkpoints its own per-layer block under the same
     condition (training mode, gradients enabled), so both entry points honour it.
-  * Not offset-free (the registry entry says so): a state is tied to its length, so
+  * Not offset-free (``offset_free_state = False``): a state is tied to its length, so
     states of different lengths never share a batch (prefill / branching handle that).
 """
 from __future__ import annotations
@@ -74,6 +74,8 @@ def _decoder_block(layer, h: torch.Tensor, cos, sin, past: Optional[dict]):
 
 class LlamaForCausalLM(_HFLlamaForCausalLM, FastWeightLM):
     """transformers' Llama with ``forward_segment`` (KV-cache state); model_type 'llama'."""
+
+    offset_free_state = False       # a KV cache's length is its offset
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """An explicit empty state (length-0 KV), equal in effect to ``state=None``."""
