@@ -44,7 +44,7 @@ from refine_ray.config import ConfigError, RefineConfig
 from refine_ray.refine.collapse import step_collapse_metrics
 from refine_ray.refine.frozen_reference import reference_hidden
 from refine_ray.refine.loss import cross_entropy_weights, document_loss
-from refine_ray.refine.rewarding import SequenceRewarder, reward_metrics
+from refine_ray.refine.rewarding import SequenceRewarder, advantage_metrics, reward_metrics
 from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
 from refine_ray.refine.scoring import min_document_tokens, score_document
 from refine_ray.refine.seeding import cut_seed
@@ -65,7 +65,7 @@ class Experience:
     responses: torch.Tensor           # [D*n*G, k] long
     old_logprobs: torch.Tensor        # [D*n*G, k] float32 behaviour log-probs
     advantages: torch.Tensor          # [D*n*G] float32
-    metrics: dict[str, float]         # train_cuts/*, adv/abs_mean, cut_entropy, collapse/*
+    metrics: dict[str, float]         # train_cuts/*, advantage/*, cut_entropy, collapse/*
 
 
 class LocalRefineStep:
@@ -168,7 +168,7 @@ class LocalRefineStep:
         adv = grpo_advantages(rewards.rewards, make_group_ids(len(scores), cfg.n_chunks, G),
                               normalize_std=cfg.normalize_adv_std)
         metrics = reward_metrics(rewards)
-        metrics["adv/abs_mean"] = float(adv.abs().mean())
+        metrics.update(advantage_metrics(adv))
         metrics.update(step_collapse_metrics(torch.cat([s.gt_hidden for s in scores]),
                                              torch.cat([s.cut_entropy for s in scores]), tokens))
         return Experience(list(refine_docs), [s.cuts for s in scores], tokens,

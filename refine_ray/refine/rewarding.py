@@ -133,3 +133,11 @@ def reward_metrics(rewards) -> dict[str, float]:
     for name, comp in rewards.components.items():
         out[f"train_cuts/{name}_mean"] = float(np.asarray(comp, dtype=np.float64).mean())
     return out
+
+
+def advantage_metrics(advantages) -> dict[str, float]:
+    """``advantage/mean`` and ``advantage/abs_mean`` of a step's per-sample advantages (a tensor or
+    array of any float dtype; in float64): the names both step paths log (the Ray controller and
+    :class:`~refine_ray.refine.local_step.LocalRefineStep`)."""
+    values = torch.as_tensor(advantages).detach().to("cpu", torch.float64)
+    return {"advantage/mean": float(values.mean()), "advantage/abs_mean": float(values.abs().mean())}
