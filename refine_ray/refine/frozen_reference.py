@@ -3,7 +3,7 @@
 REFINE's paper reward compares the *policy's* hidden states at the sampled and at the true
 tokens, so the policy can raise it by making its hidden states alike (issue 15's probe: PG
 only lifted that cosine 0.44 -> 0.66 while the same cosine on the initial model's states
-stayed at 0.44). ``refine.reward_source=frozen`` reads both sides from a frozen reference
+stayed at 0.44). ``refine.reward_source=frozen`` reads both sides from a frozen reference model
 (the initial weights) instead: the policy can then only raise the reward by sampling tokens
 whose meaning, as the frozen model sees it, matches the truth.
 
@@ -47,7 +47,7 @@ def continuation_hidden(model, states: Sequence[ModelState], tokens: torch.Tenso
 @torch.no_grad()
 def reference_hidden(reference, ids: torch.Tensor, cuts: torch.Tensor, responses: torch.Tensor,
                      samples_per_prefix: int, state_stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's hidden states at one document's sampled and true continuations.
+    """The reference model's hidden states at one document's sampled and true continuations.
 
     Args:
         reference: a model with ``forward_segment`` (e.g. the frozen initial policy).

@@ -17,8 +17,8 @@ Metrics (``prefix`` + name; rows pooled over documents):
 * ``nsp_cosine_policy``: the paper's reward (policy hidden states at the samples vs at the
   truth), ``nsp_cosine_policy_random``: the same for uniformly random tokens (a control: a
   reward that rises for random tokens is being raised by collapse, not prediction);
-* ``nsp_cosine_frozen`` / ``nsp_cosine_frozen_random``: the same cosines on the FROZEN
-  reference's hidden states (when a reference is given): the collapse-proof reward;
+* ``nsp_cosine_frozen`` / ``nsp_cosine_frozen_random``: the same cosines on the frozen
+  reference model's hidden states (when one is given): the collapse-proof reward;
 * ``nsp_cosine_encoder``: frozen sentence-encoder cosine (when an encoder rewarder is given);
 * ``hidden_pair_cosine``, ``cut_entropy``, ``distinct_token_frac``: the collapse indicators
   (refine_ray.refine.collapse) on these documents, cuts and samples;

@@ -15,13 +15,13 @@ then the documents' losses are accumulated (each divided by the documents of its
 mini-batch) into one optimizer step per ``refine.ppo_mini_batch_size`` documents (None:
 **one** step for all), as the learner does per batch; the NTP term is pooled as
 ``refine.ntp_loss_agg_mode`` says (:func:`refine_ray.refine.loss.cross_entropy_weights`).
-The reference's test-time training: batches of 8 prompts in mini-batches of 4, token-mean
+Upstream ReFINE's test-time training: batches of 8 prompts in mini-batches of 4, token-mean
 over micro-batches of 2. Documents too short for
 ``n_chunks`` cuts of ``response_length`` tokens (or when ``mode='ntp'``) contribute
 the NTP loss only, with coefficient 1 when ``refine.ntp_coef`` is 0, and are counted
 in ``ntp_only_docs``; documents under 2 tokens have no NTP target and are skipped
-(``skipped_docs``). KL to a reference is not supported here. ``refine.reward_source=frozen``
-reads both sides of the cosine from a frozen reference: the ``reference`` given, else a
+(``skipped_docs``). KL to a reference model is not supported here. ``refine.reward_source=frozen``
+reads both sides of the cosine from a frozen reference model: the ``reference`` given, else a
 copy of the model taken when the step is built (its initial weights).
 The model's train/eval mode is left as the caller set it.
 
@@ -158,7 +158,7 @@ class LocalRefineStep:
             empty = torch.zeros(0, cfg.response_length, device=self.device)
             return Experience([], [], empty.long(), empty, empty[:, 0], {})
         tokens = torch.cat([c.tokens for c in conts])
-        if self.reference is not None:      # reward_source=frozen: both sides from the frozen reference
+        if self.reference is not None:      # reward_source=frozen: both sides from the frozen reference model
             pairs = [reference_hidden(self.reference, docs[i], s.cuts, c.tokens, G)
                      for i, s, c in zip(refine_docs, scores, conts)]
             response_hidden, true_hidden = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])

@@ -33,7 +33,7 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
         cfg: ``refine`` section: ``temperature``, ``prefix_sharing`` (shared trunk or re-encode,
             same numbers), ``clip_low/high``, ``dual_clip``, ``ntp_coef``, ``pg_coef``,
             ``kl_coef``, ``kl_type``.
-        ref_logprobs: ``[n*G, k]`` reference-policy log-probs; required when ``kl_coef > 0``.
+        ref_logprobs: ``[n*G, k]`` reference-model log-probs; required when ``kl_coef > 0``.
         ntp_head_calls: the NTP loss calls the LM head at least this often (ZeRO-3 lockstep).
         ntp_targets: ``[L]`` bool, the tokens the NTP loss counts (None: all but the first;
             e.g. answer tokens only for a recall task).
@@ -58,7 +58,7 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
     if n == 0 or responses.shape[0] % n:
         raise ValueError(f"document_loss: {responses.shape[0]} responses do not split into {n} cuts x G samples")
     if cfg.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("document_loss: refine.kl_coef > 0 needs the reference log-probs (reference.enabled)")
+        raise ValueError("document_loss: refine.kl_coef > 0 needs the reference model's log-probs (reference.enabled)")
     device = responses.device
     out = document_logprobs(model, ids, cuts, responses, responses.shape[0] // n, cfg.temperature,
                             shared=cfg.prefix_sharing, with_ntp=cfg.ntp_coef > 0, ntp_head_calls=ntp_head_calls,
@@ -85,9 +85,9 @@ def cross_entropy_weights(token_counts: Sequence[int], cfg: RefineConfig, step: 
 
     ``token_counts``: the tokens each document's loss counts, in the order the documents are
     accumulated. ``seq-mean-token-mean`` (ours): 1 each, every document weighs the same.
-    ``token-mean`` (the reference): within each optimizer step's documents, micro-batches of
+    ``token-mean`` (upstream ReFINE): within each optimizer step's documents, micro-batches of
     ``ppo_micro_batch_size_per_gpu`` consecutive documents pool their tokens, as the HF loss of
-    the reference's micro-batch does (:func:`refine_ray.algo.micro_batch_token_mean_weights`).
+    upstream ReFINE's micro-batch does (:func:`refine_ray.algo.micro_batch_token_mean_weights`).
     """
     if cfg.ntp_loss_agg_mode == "seq-mean-token-mean":
         return [1.0] * len(token_counts)

@@ -1,4 +1,4 @@
-"""Build the policy (and reference) model from the ``model`` config section (weight sync lives in
+"""Build the policy (and the reference model) from the ``model`` config section (weight sync lives in
 refine_ray.system.weight_sync)."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``reward_source``:
 * ``policy`` (the paper): cosine between the policy's hidden states at the
   sampled tokens (from the rollout) and at the true tokens (from the scoring pass).
-* ``frozen``: the same cosine, both sides read from a frozen reference (the initial
+* ``frozen``: the same cosine, both sides read from a frozen reference model (the initial
   weights; ``refine_ray.refine.frozen_reference``), so it cannot be raised by collapsing the
   policy's own representation (issue 15).
 * ``encoder``: a frozen sentence encoder (all-MiniLM-L6-v2 shipped by the
@@ -67,10 +67,10 @@ class SequenceRewarder:
     """REFINE's sequence reward (step 4) on tensors: one call per batch of samples.
 
     ``kind`` (``refine.reward``): ``cosine`` (the paper), ``exact`` (the fraction of the k
-    positions whose sampled token equals the true one: the reference's per-token ``binary``
+    positions whose sampled token equals the true one: upstream ReFINE's per-token ``binary``
     reward, not all-or-nothing) or ``hybrid`` (cosine + exact). ``source`` (``refine.reward_source``):
     ``policy`` (the paper: the policy's hidden states at the sampled and at the true tokens),
-    ``frozen`` (the same, from the frozen reference: the caller passes the reference's states)
+    ``frozen`` (the same, from the frozen reference model: the caller passes the reference model's states)
     or ``encoder`` (a frozen sentence encoder on the decoded texts; needs ``tokenizer``).
     """
 
@@ -88,7 +88,7 @@ class SequenceRewarder:
 
         Rows are prefix-major: sample ``i`` continues prefix ``i // G`` with ``G = N / P``.
         ``response_hidden [N, k, D]`` / ``true_hidden [P, k, D]`` (float) are the policy's
-        hidden states at the sampled / true tokens (the frozen reference's for ``source='frozen'``);
+        hidden states at the sampled / true tokens (the frozen reference model's for ``source='frozen'``);
         only the ``policy`` and ``frozen`` sources read them.
         Computed on CPU in float32. Raises ValueError when N is not a multiple of P or when the
         policy source gets no response hidden states (e.g. from the vLLM backend).
@@ -110,7 +110,7 @@ class SequenceRewarder:
         if self.source in ("policy", "frozen"):
             if response_hidden is None or true_hidden is None:
                 if self.source == "frozen":
-                    raise ValueError("refine.reward_source=frozen needs the frozen reference's hidden states at "
+                    raise ValueError("refine.reward_source=frozen needs the frozen reference model's hidden states at "
                                      "the sampled and true tokens (refine_ray.refine.frozen_reference)")
                 raise ValueError("refine.reward_source=policy needs policy hidden states, which this rollout "
                                  "backend does not return; use reward_source=encoder or reward=exact")

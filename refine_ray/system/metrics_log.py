@@ -27,7 +27,7 @@ PANELS = (
      [("collapse/hidden_pair_cosine", "train"), ("val/hidden_pair_cosine", "held-out")], False),
     ("held-out next sequence (fixed cuts)", "unitless: exact in [0, 1], cosine in [-1, 1]",
      [("val/nsp_exact_greedy", "greedy exact"), ("val/nsp_cosine_frozen", "cosine (frozen)")], False),
-    ("KL to reference", "nats / token", [("kl", None)], False),
+    ("KL to the reference model", "nats / token", [("kl", None)], False),
     ("PPO clip fraction", "fraction of tokens in [0, 1]", [("clipfrac", None)], True),
     ("gradient norm", "global L2 norm", [("grad_norm", None)], True),
     ("step time", "seconds", [("time/step_s", "step"), ("time/learn_s", "learn"),

@@ -75,7 +75,7 @@ def test_classification_agrees(shared_data):
 def test_refine_rule_scores_only_the_reference_tasks():
     assert len(REFINE_TASKS) == 14 and "lsht" not in REFINE_TASKS and "musique" in REFINE_TASKS
     for task in ("lsht", "passage_count", "multifieldqa_zh"):
-        with pytest.raises(ValueError, match=f"longbench_rule=refine: the REFINE reference's scorer has no rule "
+        with pytest.raises(ValueError, match=f"longbench_rule=refine: upstream ReFINE's scorer has no rule "
                                              f"for '{task}'"):
             score_example(task, "x", ["x"], ["x"], rule="refine")
     assert score_example("qasper_e", "\nTwo", ["Two"], rule="refine") == 0.0   # LongBench-E: its task's rule
