@@ -12,7 +12,8 @@ Per actor (GiB), for the longest document (``data.max_length``):
 * learner rank: weights, gradients, optimizer state (ZeRO stage, dtype) + one document's
   activations (documents run one at a time);
 * scorer: weights + one pass over the document + the states it keeps every ``refine.state_stride``
-  tokens + the cut states of its share of the batch (kept until the batch returns); with
+  tokens + one document's cut states (each document's go to host memory once it is scored,
+  ``refine.scoring.score_document``; its share of the batch waits there); with
   ``train.val_every`` also the frozen copy of the held-out evaluation;
 * rollout: weights + the cut states of its share of the batch, repeated G times per document
   (prefix sharing), or a pass over each prefix (re-encode); vLLM: its ``REFINE_VLLM_MEM`` fraction
@@ -162,8 +163,11 @@ def make_plan(cfg: ExperimentConfig, vocab_size: Optional[int], gpu_memory: Opti
     cut = n * shape.state_bytes
     actors["scorer"] = {"weights": weights * (2 if cfg.train.val_every else 1), "pass": no_grad_pass_bytes + head,
                         "kept_states": (L // stride) * shape.state_bytes if r.prefix_sharing else 0,
-                        "cut_states": share["scorer"] * cut if r.prefix_sharing else 0}
+                        "cut_states": cut if r.prefix_sharing else 0}
     notes["scorer"] = f"{share['scorer']} document(s) per actor; a state kept every {stride} tokens"
+    if r.prefix_sharing:
+        notes["scorer"] += (f"; one document's cut states on the GPU, the batch's in host memory "
+                            f"({gib(share['scorer'] * cut)})")
     if cfg.rollout.backend == "vllm":
         frac = float(os.environ.get("REFINE_VLLM_MEM", "0.2"))
         actors["rollout"] = {"vllm": int(frac * gpu_memory) if gpu_memory else 0}

@@ -172,7 +172,8 @@ class Bench:
 
     def step_c(self, ids, m: Meter):
         r = replace(self.cfg, prefix_sharing=True)
-        score = score_document(self.model, ids, r, self.gen, with_states=True, state_stride=self.a.state_stride)
+        score = score_document(self.model, ids, r, self.gen, with_states=True, state_stride=self.a.state_stride,
+                               states_device=None)
         m.lap("score")
         conts = self._sample(score.cut_states, score.cut_hidden, m)
         adv = self._advantages(score, conts)

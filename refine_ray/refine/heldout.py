@@ -96,7 +96,7 @@ def evaluate_fixed_cuts(model, docs: Sequence[torch.Tensor], cfg: RefineConfig, 
         if ids.numel() < min_document_tokens(ecfg):
             continue
         gen = torch.Generator(device=device).manual_seed(cut_seed(seed, EVAL_STEP, d))
-        score = score_document(model, ids, ecfg, generator=gen, with_states=True)
+        score = score_document(model, ids, ecfg, generator=gen, with_states=True, states_device=None)
         n = score.cuts.numel()
         sampled = sample_at_cuts(model, score.cut_states, score.cut_hidden, k, G, ecfg.temperature, ecfg.top_p,
                                  continuation_seeds(seed, EVAL_STEP, d, n, G))

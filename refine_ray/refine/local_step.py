@@ -139,17 +139,22 @@ class LocalRefineStep:
         return metrics
 
     @torch.no_grad()
-    def collect(self, docs: Sequence[torch.Tensor], refine_docs: Sequence[int]) -> Experience:
+    def collect(self, docs: Sequence[torch.Tensor], refine_docs: Sequence[int],
+                cuts: Optional[Sequence[torch.Tensor]] = None) -> Experience:
         """Score, sample and reward ``docs[i]`` for i in ``refine_docs`` with the current weights.
 
-        Cuts and samples are keyed by (seed, step counter, i[, cut, sample]). Each document
-        needs at least ``min_document_tokens(cfg)`` tokens (``sample_cuts`` raises otherwise).
+        Cuts and samples are keyed by (seed, step counter, i[, cut, sample]). ``cuts``: instead,
+        per entry of ``refine_docs`` the ``[n_chunks]`` long cuts to train at (cuts a caller holds
+        fixed across steps; the samples stay keyed by the step counter). Each document needs at
+        least ``min_document_tokens(cfg)`` tokens (``sample_cuts`` raises otherwise); given cuts
+        out of range raise ValueError (``score_document``).
         """
         cfg, model, G = self.cfg, self.model, self.cfg.samples_per_prefix
         scores, conts = [], []
-        for i in refine_docs:
+        for j, i in enumerate(refine_docs):
             gen = torch.Generator(device=self.device).manual_seed(cut_seed(self.seed, self.step_index, i))
-            score = score_document(model, docs[i], cfg, generator=gen, with_states=True)
+            score = score_document(model, docs[i], cfg, generator=gen, with_states=True, states_device=None,
+                                   cuts=None if cuts is None else cuts[j])
             seeds = continuation_seeds(self.seed, self.step_index, i, score.cuts.numel(), G)
             conts.append(sample_at_cuts(model, score.cut_states, score.cut_hidden, cfg.response_length, G,
                                         cfg.temperature, cfg.top_p, seeds))

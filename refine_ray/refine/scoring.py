@@ -9,7 +9,7 @@ from cached states (prefix sharing), the same pass keeps the state every
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -21,7 +21,8 @@ from refine_ray.models.base import ModelState
 
 @dataclass
 class DocumentScore:
-    """What scoring one document yields (tensors on the model's device; n cuts, k = response_length)."""
+    """What scoring one document yields (tensors on the model's device, the cut states where
+    :func:`score_document`'s ``states_device`` says; n cuts, k = response_length)."""
 
     cuts: torch.Tensor            # [n]
     gt_ids: torch.Tensor          # [n, k]
@@ -39,17 +40,26 @@ def min_document_tokens(cfg: RefineConfig) -> int:
 
 @torch.no_grad()
 def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optional[torch.Generator] = None,
-                   with_states: bool = False, state_stride: int = 0) -> DocumentScore:
+                   with_states: bool = False, state_stride: int = 0,
+                   states_device: Optional[Union[str, torch.device]] = "cpu",
+                   cuts: Optional[torch.Tensor] = None) -> DocumentScore:
     """Score one unpadded document ``ids [L]`` (long) and choose its cuts (REFINE steps 1-2).
 
     One no-grad pass gives the hidden states and per-token entropy (nats, float32); ``n_chunks``
     cuts are drawn from it by ``refine``'s cut strategy with ``generator`` (keyed by the caller,
-    see :mod:`refine_ray.refine.seeding`); the true next k tokens and their hidden states are
-    read at every cut. ``with_states`` also returns the state at every cut (prefix sharing),
-    kept every ``state_stride`` tokens (0: :func:`resolve_state_stride`'s default).
+    see :mod:`refine_ray.refine.seeding`), or, given ``cuts`` (``[n_chunks]`` long prefix
+    lengths), those are used as they are (cuts a caller holds fixed); the true next k tokens and
+    their hidden states are read at every cut. ``with_states`` also returns the state at every
+    cut (prefix sharing), kept every ``state_stride`` tokens (0: :func:`resolve_state_stride`'s
+    default), on ``states_device``: host memory (``'cpu'``, the default), so that a caller
+    scoring many documents (the scorer role: a whole batch before it returns, packed into numpy
+    for transport anyway) holds at most one document's cut states on the accelerator, the one
+    being scored; ``None`` keeps them on the model's device, for callers that sample from them
+    at once (the local step, the held-out evaluation). The copy does not change a value.
     Source: the REFINE paper's entropy-weighted cut sampling; see ``refine_ray.algo.cuts``.
     Raises DocumentTooShort (refine_ray.algo) when ``ids`` has fewer than
-    :func:`min_document_tokens` tokens.
+    :func:`min_document_tokens` tokens; ValueError when given ``cuts`` are not ``n_chunks`` cuts
+    with at least one token before and ``response_length`` tokens after each.
     """
     stride = resolve_state_stride(model, state_stride)
     if with_states:
@@ -58,11 +68,17 @@ def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optio
         hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
     head = model.lm_head
     entropy = token_entropy_from_hidden(hidden, head.weight, lm_head_bias=getattr(head, "bias", None))
-    cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.cut_strategy, cfg.min_prefix,
-                       generator=generator)
-    gt_ids, gt_hidden = gather_targets(ids, hidden, cuts, cfg.response_length)
+    if cuts is None:
+        cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.cut_strategy, cfg.min_prefix,
+                           generator=generator)
+    else:
+        cuts = torch.as_tensor(cuts, dtype=torch.long, device=ids.device).reshape(-1)
+        if cuts.numel() != cfg.n_chunks:
+            raise ValueError(f"cuts: {cuts.numel()} given, refine.n_chunks={cfg.n_chunks} expected")
+    gt_ids, gt_hidden = gather_targets(ids, hidden, cuts, cfg.response_length)   # checks the cuts' range
     score = DocumentScore(cuts=cuts, gt_ids=gt_ids, gt_hidden=gt_hidden.float(),
                           cut_entropy=entropy[cuts - 1], cut_hidden=hidden[cuts - 1].float())
     if with_states:
-        score.cut_states = states_at_cuts(model, ids, cuts, kept, stride)
+        states = states_at_cuts(model, ids, cuts, kept, stride)
+        score.cut_states = states if states_device is None else [st.to(states_device) for st in states]
     return score

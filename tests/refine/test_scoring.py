@@ -68,3 +68,42 @@ def test_cut_states_of_a_document_shorter_than_the_stride(stride):
     score = score_document(model, ids, cfg, torch.Generator().manual_seed(1), with_states=True, state_stride=stride)
     for c, st in zip(score.cuts.tolist(), score.cut_states):
         _close(st, prefill(model, [ids[:c]])[0])
+
+
+@pytest.mark.parametrize("model_type", ["delta_net", "lact"])
+def test_cut_states_go_to_host_memory_once_scored(model_type):
+    """By default the cut states come back in host memory ('cpu'), bitwise what the model's device
+    held (``states_device=None``); the copy is made to the device named, here the meta device (on
+    CPU the only other device: the states a model on an accelerator computes are copied the same
+    way), so a scorer holds at most one document's cut states on its accelerator."""
+    model = registry.build_model(model_type, seed=0, vocab_size=83).eval()
+    ids = torch.randint(0, 83, (300,), generator=torch.Generator().manual_seed(3))
+    cfg = RefineConfig(n_chunks=4, response_length=3, min_prefix=2)
+    host, kept, moved = (score_document(model, ids, cfg, torch.Generator().manual_seed(0), with_states=True, **kw)
+                         for kw in ({}, {"states_device": None}, {"states_device": "meta"}))
+    for a, b, m in zip(host.cut_states, kept.cut_states, moved.cut_states):
+        assert a.offset == b.offset == m.offset
+        for la, lb, lm in zip(a.layers, b.layers, m.layers):
+            for key in la:
+                assert la[key].device.type == "cpu" and torch.equal(la[key], lb[key])
+                assert lm[key].device.type == "meta" and (lm[key].shape, lm[key].dtype) == (la[key].shape,
+                                                                                             la[key].dtype)
+    assert moved.cuts.device.type == moved.gt_hidden.device.type == "cpu"      # the rest stays on the model's
+
+
+def test_given_cuts_are_used_as_they_are():
+    """``cuts=``: no draw; the ground truth and states are those at the cuts given; a wrong count or a
+    cut without k tokens after it is one ValueError."""
+    model = registry.build_model("delta_net", seed=0, vocab_size=83).eval()
+    ids = torch.randint(0, 83, (200,), generator=torch.Generator().manual_seed(5))
+    cfg = RefineConfig(n_chunks=3, response_length=4, min_prefix=2)
+    cuts = torch.tensor([7, 150, 33])
+    score = score_document(model, ids, cfg, with_states=True, cuts=cuts)
+    assert score.cuts.tolist() == [7, 150, 33]
+    assert torch.equal(score.gt_ids, torch.stack([ids[c:c + 4] for c in (7, 150, 33)]))
+    for c, st in zip((7, 150, 33), score.cut_states):
+        _close(st, prefill(model, [ids[:c]])[0])
+    with pytest.raises(ValueError, match="cuts: 2 given, refine.n_chunks=3 expected"):
+        score_document(model, ids, cfg, cuts=torch.tensor([7, 9]))
+    with pytest.raises(ValueError, match="out of range"):
+        score_document(model, ids, cfg, cuts=torch.tensor([7, 9, 197]))

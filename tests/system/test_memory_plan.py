@@ -11,7 +11,7 @@ import torch
 from refine_ray import cli
 from refine_ray.config import load_config
 from refine_ray.models import registry
-from refine_ray.plan import startup_line
+from refine_ray.plan import make_plan, startup_line
 from refine_ray.system import memory_plan as mp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +91,18 @@ def test_plan_command_on_a_paper_preset(capsys):
     assert out[-1].startswith("fits: fullest GPU")
     assert cli.main(args + ["--gpu-memory", "12"]) == 1
     assert capsys.readouterr().out.splitlines()[-1].startswith("DOES NOT FIT: fullest GPU")
+
+
+def test_scorer_holds_one_documents_cut_states():
+    """A scorer moves each document's cut states to host memory once it is scored
+    (refine.scoring.score_document), so its GPU holds one document's n cut states, not its share
+    of the batch (16 documents of LaCT-760M's window-carrying states in the mid-training preset)."""
+    cfg = load_config(ROOT / "configs" / "paper_mid_lact_760m.yaml", [f"model.path={SHAPES / 'lact-760m'}"])
+    plan = make_plan(cfg, None, 80 * mp.GIB, on_gpu=True, with_deepspeed=False)
+    shape = mp.model_shape(mp.model_config(cfg.model, None), torch.bfloat16)
+    assert cfg.refine.prefix_sharing and cfg.data.batch_size // cfg.scorer.num_actors == 16
+    assert plan.actors["scorer"]["cut_states"] == cfg.refine.n_chunks * shape.state_bytes
+    assert "the batch's in host memory (40.55)" in plan.notes["scorer"]
 
 
 def test_plan_command_bad_inputs(capsys, tmp_path):
