@@ -33,8 +33,8 @@ def _add_eval(sub) -> None:
     ev.add_argument("--ttt-steps", type=int, help="optimizer steps per prompt batch")
     ev.add_argument("--ttt-batch-size", type=int, help="prompts adapted on together")
     ev.add_argument("--accumulate", action="store_true", default=None,
-                    help="keep adapting across prompts (the reference); default: restore after each batch")
-    ev.add_argument("--max-gen-tokens", type=int, help="cap LongBench's per-row max_gen_tokens (reference: 32)")
+                    help="keep adapting across prompts (upstream ReFINE); default: restore after each batch")
+    ev.add_argument("--max-gen-tokens", type=int, help="cap LongBench's per-row max_gen_tokens (upstream ReFINE: 32)")
     ev.add_argument("--max-prompt-tokens", type=int, help="truncate longer prompts from the middle")
     ev.add_argument("--config", help="experiment YAML for refine/optim/tokenizer/model-shape settings")
     ev.add_argument("--tokenizer", help="tokenizer dir (default: the model dir's, else the offline MiniLM one)")

@@ -1,7 +1,7 @@
 """REFINE as pure tensor functions: entropy, cuts, rewards, GRPO advantages, losses.
 
 No Ray, no model classes. See each module's docstring for the deliberate decisions
-taken against the reference implementation.
+taken against upstream ReFINE.
 """
 from refine_ray.algo.advantages import grpo_advantages, make_group_ids
 from refine_ray.algo.cuts import (

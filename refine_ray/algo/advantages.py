@@ -1,8 +1,8 @@
 """GRPO outcome advantages, vectorised over groups.
 
-Row layout used throughout refine-ray (as the reference's interleaved repeat):
+Row layout used throughout refine-ray (as upstream ReFINE's interleaved repeat):
 document-major, then cut, then sample: row ``(d * n_cuts + j) * G + g`` is sample g
-of cut j of document d. Groups (reference rule): with G = 1 a group is the n cuts
+of cut j of document d. Groups (upstream ReFINE's rule): with G = 1 a group is the n cuts
 of one document (different prefixes); with G > 1 it is the G samples of one prefix.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def grpo_advantages(
     Groups with identical rewards get exactly 0 (checked with group max == min, so
     float rounding of the mean can never be amplified by ``1/eps``).
     Singleton groups (size 1): ``singleton="reward"`` gives ``A = R`` in both modes,
-    as the reference (verl uses mean 0, std 1, i.e. ``R / (1 + eps)``; we return R
+    as upstream ReFINE (verl uses mean 0, std 1, i.e. ``R / (1 + eps)``; we return R
     exactly); ``singleton="zero"`` gives ``A = 0`` (no baseline, no signal).
     Group ids may be any integers (not necessarily contiguous). Statistics are
     computed in float64; the result has ``rewards``' dtype.

@@ -1,21 +1,21 @@
 """Entropy smoothing, cut sampling and ground-truth gathering for one document.
 
-Alignment (deliberate; fixes the reference). A *cut* ``c`` means: prefix =
+Alignment (deliberate; fixes upstream ReFINE). A *cut* ``c`` means: prefix =
 ``ids[:c]``, the continuation is generated in place of ``ids[c : c+k]``. The
 predictive distributions of those k tokens sit at positions ``c-1 ... c+k-2``, so a
 cut is scored by ``mean(entropy[c-1 : c+k-1])``. :func:`smooth_entropy` returns
 ``s[t] = mean(entropy[t : t+k])`` (forward window), indexed like ``entropy``, so the
-score of cut ``c`` is ``s[c-1]`` (the reference's "cut = t + 1"). The reference
+score of cut ``c`` is ``s[c-1]`` (upstream ReFINE's "cut = t + 1"). Upstream ReFINE
 instead averages a window *centred* on t (kernel k, or k+1 when k is even), which
 is ~(k-1)/2 positions too early (2 for k=5).
 
 Edges: windows running past the end are averaged over the positions that exist
 (no zero pads counted). They never matter for valid cuts, which satisfy ``c+k <= L``.
 
-Candidate range (deliberate; fixes the reference). Valid cuts are exactly
+Candidate range (deliberate; fixes upstream ReFINE). Valid cuts are exactly
 ``lo <= c <= hi`` with ``lo = max(min_prefix, 1)`` and ``hi = L - k``. These
 ``M = hi-lo+1`` candidates are split into ``n_chunks`` contiguous chunks of sizes
-differing by at most one, and one cut is drawn per chunk. The reference instead
+differing by at most one, and one cut is drawn per chunk. Upstream ReFINE instead
 splits the real tokens into chunks of ``n_real // n`` (the tail after ``n*cs`` is
 never chosen) and then *clamps* cuts to ``[start+20, S-20]``, which piles
 probability mass on the clamp bounds. A document needs ``M >= n_chunks * k``
@@ -94,7 +94,7 @@ def sample_cuts(
 
     ``entropy [L]`` comes from a forward over exactly the document's L tokens.
     Strategies over the candidates of a chunk (score of cut c = ``smooth_entropy[c-1]``):
-    ``entropy``: sample from ``softmax(score / temperature)`` (reference: T = 1);
+    ``entropy``: sample from ``softmax(score / temperature)`` (upstream ReFINE: T = 1);
     ``uniform``: uniform; ``argmax`` / ``argmin``: deterministic, first on ties.
     Every cut satisfies ``max(min_prefix, 1) <= c`` and ``c + k <= L``. ``generator``
     must live on ``entropy``'s device.

@@ -1,11 +1,11 @@
 """Per-token next-token-prediction (NTP) entropy.
 
-Convention (same as the reference): for a forward over tokens ``ids[0:L]``,
+Convention (same as upstream ReFINE): for a forward over tokens ``ids[0:L]``,
 ``entropy[t]`` is the entropy of the model's predictive distribution at position
 ``t``, i.e. of the prediction of token ``t+1``. ``entropy[L-1]`` predicts a token
 past the end of the input and is never used by cut sampling.
 
-Deliberate difference vs the reference: the reference materialises a full
+Deliberate difference vs upstream ReFINE: upstream ReFINE materialises a full
 ``[mb, S, V]`` softmax. :func:`token_entropy_from_hidden` projects the last-layer
 hidden states through the LM head chunk by chunk, so at most ``[chunk_size, V]``
 logits exist at once. All maths is done in float32 regardless of input dtype.

@@ -146,7 +146,7 @@ def ntp_loss(logits: torch.Tensor, ids: torch.Tensor, mask: Optional[torch.Tenso
     both t and t+1, so pads never count as targets nor as context (the first real
     token after left padding is not a target: it has no real context). The mean is
     over counted targets of the whole batch (token-mean); 0 if there are none.
-    Deliberate vs the reference: fla's DeltaNet class counted pad/eos targets.
+    Deliberate vs upstream ReFINE: fla's DeltaNet class counted pad/eos targets.
     """
     if mask is None:
         mask = torch.ones_like(ids)
@@ -223,7 +223,7 @@ def micro_batch_token_mean_weights(token_counts, micro_batch_size: int) -> torch
         mean_d(w_d * L_d) == mean_j(sum_{d in j} T_d * L_d / sum_{d in j} T_d)
 
     i.e. the cross-entropy pooled over each micro-batch's tokens, then averaged over
-    micro-batches: verl's ``token-mean`` of one micro-batch (the reference's HF loss over
+    micro-batches: verl's ``token-mean`` of one micro-batch (upstream ReFINE's HF loss over
     ``ttt_ppo_micro_batch_size_per_gpu`` documents) divided by the gradient-accumulation count.
     ``w_d = (D / n_micro) * T_d / T_j``; 0 for a micro-batch without tokens. With
     ``micro_batch_size`` 1 every document with tokens weighs 1 (seq-mean-token-mean).
@@ -273,7 +273,7 @@ def refine_loss(
 ) -> torch.Tensor:
     """``c_ntp * ntp + c_pg * pg + c_kl * kl`` (scalars). ``kl`` is required iff ``c_kl != 0``.
 
-    Reference defaults: c_ntp = 1 (``ttt_sft_loss_coef``), c_pg = 0.2 (mid/post-training;
+    Upstream ReFINE's defaults: c_ntp = 1 (``ttt_sft_loss_coef``), c_pg = 0.2 (mid/post-training;
     0.4 at test time), no KL.
     """
     loss = c_ntp * ntp + c_pg * pg

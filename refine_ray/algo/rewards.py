@@ -5,9 +5,9 @@ last-layer state at the position whose input is the i-th generated token;
 ``gt_hidden[j, i]`` the state at the position whose input is the i-th true token
 (see :func:`refine_ray.algo.cuts.gather_targets`).
 
-Every rollout holds exactly k tokens (the engines generate with eos ignored, as the
-reference), so a reward is a plain mean over the k positions: one scalar per rollout,
-not a token-level reward. ``hybrid`` (reference) is the sum of the two, formed by
+Every rollout holds exactly k tokens (the engines generate with eos ignored, as upstream
+ReFINE), so a reward is a plain mean over the k positions: one scalar per rollout,
+not a token-level reward. ``hybrid`` (upstream ReFINE) is the sum of the two, formed by
 :mod:`refine_ray.refine.rewarding`. All maths in float32.
 """
 from __future__ import annotations

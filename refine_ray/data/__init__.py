@@ -2,8 +2,8 @@
 
 Documents come from local files through HF ``datasets`` (parquet, jsonl/json, txt: one
 file, a directory, a glob or a list, as ``data_files``; or a directory written by
-``save_to_disk``), a named text column, tokenised without special tokens (as the
-reference: raw text, no BOS), truncated to ``data.max_length``.
+``save_to_disk``), a named text column, tokenised without special tokens (as upstream
+ReFINE: raw text, no BOS), truncated to ``data.max_length``.
 
 At corpus scale nothing is read into Python lists: the files are converted once into
 datasets' Arrow cache and memory-mapped (:mod:`.files`), the token count of every row is

@@ -40,7 +40,7 @@ log = logging.getLogger("refine_ray")
 
 
 def first_answer(answer, column: str, row: int, where: str = "") -> str:
-    """The answer trained on: a string, or the first of a list (as the reference).
+    """The answer trained on: a string, or the first of a list (as upstream ReFINE).
 
     ``where``: appended after the column in the error, e.g. `` in 'file'``. Raises DataError
     for anything else (None, an empty list, a list of non-strings)."""

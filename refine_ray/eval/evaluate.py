@@ -5,8 +5,8 @@
         [--out results/run.json] [--name RUN] [--config configs/ttt_tiny_longbench.yaml] [eval.x=y key=value ...]
 
 Inputs: LongBench / LongBench-E files (``{task}_{len}.parquet``; per-task metric from
-``refine_ray.eval.metrics`` under ``eval.longbench_rule``: LongBench's own or the REFINE
-reference's), RULER QA files (``ruler_{task}_{model}_{len}_{n}_{split}.parquet``; two metrics,
+``refine_ray.eval.metrics`` under ``eval.longbench_rule``: LongBench's own or upstream
+ReFINE's), RULER QA files (``ruler_{task}_{model}_{len}_{n}_{split}.parquet``; two metrics,
 see below) and RULER's eight NIAH tasks generated as RULER does (``refine_ray.eval.niah``;
 ``string_match_all``). Output: ``{"run_name": RUN, "<task>": score, ..., "meta": {...}}`` (scores
 0-100; ``meta.scorers`` names the family, metric and rule behind every key; RULER and
@@ -17,16 +17,16 @@ row: prediction, answers, 0-1 score), saved after every batch; a re-run with the
 resumes (``refine_ray.eval.progress``). A prompt that tokenises to nothing is a one-line error
 before any row is answered. See docs/evaluation.md.
 
-Decisions vs the reference:
+Decisions vs upstream ReFINE:
   * Generation budget per LongBench task: each row's ``max_gen_tokens`` (LongBench's
-    per-task lengths; the reference cuts every task to 32 tokens), optionally capped by
-    ``eval.max_gen_tokens`` (set 32 to reproduce the reference). RULER QA uses
-    ``eval.ruler_gen_tokens`` (32 = the reference), NIAH ``eval.niah_gen_tokens``.
+    per-task lengths; upstream ReFINE cuts every task to 32 tokens), optionally capped by
+    ``eval.max_gen_tokens`` (set 32 to reproduce upstream ReFINE). RULER QA uses
+    ``eval.ruler_gen_tokens`` (32 = upstream ReFINE), NIAH ``eval.niah_gen_tokens``.
   * Prompts longer than ``eval.max_prompt_tokens`` are truncated from the MIDDLE (first
     half + last half of the token budget, LongBench's convention, so the question at the
-    end survives); the reference right-truncates. Prompts are tokenised without special
-    tokens (as the reference), and TTT adapts on the same truncated tokens.
-  * RULER QA: ``<task>_<length>`` is the reference's first-line rule (the paper's tables);
+    end survives); upstream ReFINE right-truncates. Prompts are tokenised without special
+    tokens (as upstream ReFINE), and TTT adapts on the same truncated tokens.
+  * RULER QA: ``<task>_<length>`` is upstream ReFINE's first-line rule (the paper's tables);
     ``<task>_string_match_part_<length>`` is RULER's official metric.
   * samsum stops at the newline token after at least one token, as LongBench's pred.py.
 """
@@ -159,7 +159,7 @@ def row_score(s: EvalSet, row: dict, pred: str, classes: Optional[list[str]], ru
 
 def score_set(s: EvalSet, preds: list[str], rule: str = "thudm") -> dict[str, Any]:
     """Result keys -> scores (0-100) of one set (LongBench under ``rule``). RULER QA gives two:
-    ``<task>_<len>`` with the reference's first-line rule (the paper's tables) and
+    ``<task>_<len>`` with upstream ReFINE's first-line rule (the paper's tables) and
     ``<task>_string_match_part_<len>``. A LongBench-E set (``<task>_e`` rows with a ``length``
     column) adds ``<task>_e_by_length``: LongBench's ``scorer_e`` buckets ``{"0-4k", "4-8k", "8k+"}``
     (empty buckets left out). NIAH: RULER's ``string_match_all``."""

@@ -7,19 +7,19 @@ LongBench, two rules (``LONGBENCH_RULES``, ``eval.longbench_rule``; docs/evaluat
   for trec/triviaqa/samsum/lsht; a task reports ``round(100 * mean, 2)``. Every task of
   LongBench and LongBench-E (``<task>_e``) is supported with ``dataset2metric``'s metric;
   the Chinese tasks tokenise with jieba (imported only when one is scored).
-* ``refine``: the REFINE reference's scorer (``verl/utils/reward_score/longbench.py``), which
+* ``refine``: upstream ReFINE's scorer (``verl/utils/reward_score/longbench.py``), which
   produced the paper's LongBench numbers; its 14 tasks only (``REFINE_TASKS``). Same metrics
   and first-line cut, plus: the single/multi-doc QA tasks keep only the RAW first line
   (``split('\n')[0]``, nothing stripped before, so a leading newline leaves ''); QA F1, ROUGE
   and classification score the stripped prediction; ``code_sim`` scores the whole answer when
   no line qualifies (THUDM: ''). The strip changes no QA F1 or classification number
   (normalisation squeezes whitespace; no class name has edge whitespace) but does change ROUGE
-  (``rouge`` counts the '' word of a whitespace-only piece after a '.'). The reference's
+  (``rouge`` counts the '' word of a whitespace-only piece after a '.'). Upstream ReFINE's
   hard-coded trec class list is the 50 classes ``task_classes`` gives on the release's file, and
   no class is inside another, so their order (which matters to LongBench's removal loop) cannot.
 
 RULER QA: two named metrics (see ``RULER_QA_METRICS`` and docs/evaluation.md):
-``first_line`` is the REFINE reference's rule (``verl/utils/reward_score/ruler.py``),
+``first_line`` is upstream ReFINE's rule (``verl/utils/reward_score/ruler.py``),
 which the paper's tables used; ``string_match_part`` is RULER's official QA metric
 (``scripts/eval/synthetic/constants.py`` on ``postprocess_pred`` output).
 """
@@ -131,7 +131,7 @@ def code_sim(prediction: str, gold: str, *, whole_if_no_line: bool = False, **_:
 
     The first line (after stripping leading newlines) containing none of '`', '#', '//'
     is compared with the gold; if none qualifies the prediction is '' (THUDM), or the whole
-    unstripped prediction with ``whole_if_no_line`` (the REFINE reference). The ratio matches
+    unstripped prediction with ``whole_if_no_line`` (upstream ReFINE). The ratio matches
     fuzzywuzzy's ``fuzz.ratio`` with the python-Levenshtein backend, which LongBench's
     numbers assume: ``int(round(100 * (|a| + |b| - indel(a, b)) / (|a| + |b|)))`` (Python's
     round-half-even), the indel distance counting a substitution as 2. fuzzywuzzy's
@@ -231,7 +231,7 @@ def max_gen_tokens(row: Mapping[str, Any]) -> int:
 
 
 LONGBENCH_RULES: tuple[str, ...] = ("thudm", "refine")
-# The REFINE reference's compute_score: its dataset2metric tasks, and those cut to the raw first line.
+# Upstream ReFINE's compute_score: its dataset2metric tasks, and those cut to the raw first line.
 REFINE_TASKS: frozenset[str] = frozenset({
     "narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "samsum",
     "qmsum", "multi_news", "trec", "triviaqa", "lcc", "repobench-p"})
@@ -245,7 +245,7 @@ def check_rule(task: str, rule: str) -> str:
     if rule not in LONGBENCH_RULES:
         raise ValueError(f"unknown LongBench rule {rule!r}; use one of {', '.join(LONGBENCH_RULES)}")
     if rule == "refine" and base not in REFINE_TASKS:
-        raise ValueError(f"eval.longbench_rule=refine: the REFINE reference's scorer has no rule for {task!r} "
+        raise ValueError(f"eval.longbench_rule=refine: upstream ReFINE's scorer has no rule for {task!r} "
                          f"(it scores {', '.join(sorted(REFINE_TASKS))}); use eval.longbench_rule=thudm")
     return base
 
@@ -358,7 +358,7 @@ def ruler_postprocess(text: str) -> str:
 
 
 def ruler_qa_hit(prediction: str, answers: Iterable[str]) -> bool:
-    """The REFINE reference's RULER-QA reward (``ruler.py``, the paper's metric).
+    """Upstream ReFINE's RULER-QA reward (``ruler.py``, the paper's metric).
 
     The first line of the RAW response (``split('\\n')[0]``: a response starting with a
     newline has an empty first line) is post-processed as RULER does, then any gold,

@@ -3,8 +3,8 @@
 A result file is ``{"run_name": str, "<task>": score, ...}`` (scores 0-100); the task
 scores may instead sit under a ``"scores"`` object. LongBench tasks use their LongBench
 names; RULER / NIAH scores use ``<task>_<length>`` keys, e.g. ``ruler_squadqa_4096`` or
-``niah_multikey_8192``. RULER QA has two metrics: ``ruler_squadqa_4096`` (the REFINE
-reference's first-line rule, the paper's) and ``ruler_squadqa_string_match_part_4096``
+``niah_multikey_8192``. RULER QA has two metrics: ``ruler_squadqa_4096`` (upstream
+ReFINE's first-line rule, the paper's) and ``ruler_squadqa_string_match_part_4096``
 (RULER's official); both get columns, and the table says which is which. A LongBench-E
 task's ``"<task>_e_by_length": {"0-4k": .., "4-8k": .., "8k+": ..}`` object gets its own
 table beside the task's overall ``<task>_e`` score. The LongBench rule that scored a run
@@ -167,11 +167,11 @@ def longbench_e_table(results: Sequence[Result], digits: int = 1) -> str:
 
 _LB_LEGEND = ("Columns: " + ", ".join(f"{PAPER_ABBREV[t]} = {t}" for t in PAPER_TASKS) + " (each with "
               "LongBench's metric for it); Avg = their mean. Rule = the LongBench scorer: `thudm` (LongBench's "
-              "eval.py) or `refine` (the REFINE reference's, which gave the paper's numbers); `?` = not recorded. "
+              "eval.py) or `refine` (upstream ReFINE's, which gave the paper's numbers); `?` = not recorded. "
               "`–` = missing; `*` = average over the tasks present only. Scores 0-100; see docs/evaluation.md.")
 _RULER_LEGEND = ("Columns: `<task> <length>` = the score at that context length in tokens (K = 1024); "
                  "`<task> avg` = its mean over the lengths shown (`*`: over fewer lengths). `squadqa` / "
-                 "`hotpotqa` = RULER QA with the REFINE reference's first-line rule (the paper's tables), "
+                 "`hotpotqa` = RULER QA with upstream ReFINE's first-line rule (the paper's tables), "
                  "`<task>_string_match_part` = the same answers under RULER's own QA metric over the whole "
                  "response; `niah_*` = RULER's NIAH tasks under RULER's `string_match_all`. `–` = missing.")
 

@@ -6,10 +6,10 @@ REFINE (``mode='refine'``: NTP + GRPO, the paper's "TTT ReFINE") or NTP only
 (``mode='ntp'``: "TTT SFT"), then answer each prompt greedily with
 :func:`refine_ray.models.generation.generate`.
 
-Decisions vs the reference:
+Decisions vs upstream ReFINE:
   * **Reset by default.** After each batch the weights AND the optimizer state are
     restored to what they were before it, so every prompt is adapted from the same
-    model and the score does not depend on test-set order. The reference never
+    model and the score does not depend on test-set order. Upstream ReFINE never
     resets (TTT accumulates over the whole test set); ``accumulate: true`` keeps that
     behaviour explicitly.
   * The sampling RNG is re-seeded with ``ttt.seed`` at every batch, so a prompt's

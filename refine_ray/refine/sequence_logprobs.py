@@ -2,7 +2,7 @@
 
 Two ways to get the same numbers, chosen by ``refine.prefix_sharing``:
 
-* ``reencode`` (the reference's method): every row is the prefix ``ids[:c]``
+* ``reencode`` (upstream ReFINE's method): every row is the prefix ``ids[:c]``
   followed by its continuation, run from scratch. Costs n·G full prefix passes.
 * ``shared``: one trunk pass over the document that yields the state at every
   cut (DeltaNet family: one call with ``keep_states_at=cuts``; other models: the
@@ -50,7 +50,7 @@ def document_logprobs(model, ids: torch.Tensor, cuts: torch.Tensor, responses: t
     Returns :class:`DocumentLogprobs` with ``logprobs [n*G, k]`` float32 under the tempered
     full distribution (``algo.logprobs_from_logits``, the sampler's own function) and, with
     ``with_ntp``, the document's mean NTP loss (nats). ``shared``: one trunk pass (prefix
-    sharing) or re-encode every prefix (the reference); same numbers up to float rounding.
+    sharing) or re-encode every prefix (upstream ReFINE); same numbers up to float rounding.
     ``ntp_head_calls``: the NTP loss calls the LM head at least this many times (ZeRO-3).
     ``ntp_targets``: ``[L]`` bool, the tokens the NTP loss counts (None: all but the first)."""
     ntp = ntp_head_calls if with_ntp else None

@@ -3,18 +3,18 @@
 Checkpoint layout: ``model.embeddings``, ``model.layers.{i}.{attn_norm,attn,mlp_norm,mlp}``,
 ``model.norm``, ``lm_head`` (fla / upstream LaCT naming; see layer.py for ``attn.*``).
 
-Deliberate differences from the reference implementation:
+Deliberate differences from upstream LaCT:
   * Padding never reaches the model's recurrences: ``forward_segment`` takes
     unpadded rows, and ``forward`` accepts only *right* padding (left padding
     raises). With right padding every real position only depends on earlier real
     tokens (causal attention; a chunk's update is read only by later tokens), so
     real-position outputs are identical whatever the padding; pad labels are
-    ignored by the loss. The reference lets left pads enter the fast-weight
+    ignored by the loss. Upstream LaCT lets left pads enter the fast-weight
     updates and shifts chunk phase / RoPE positions with the padding.
   * A real generation cache: the state (fast weights after the last completed
     chunk, momentum, pending partial chunk, window KV, offset) lets decoding run
     one token at a time through ``forward_segment``, and transformers' ``generate``
-    through the same state (:mod:`..hf_generate`); the reference re-runs the whole
+    through the same state (:mod:`..hf_generate`); upstream LaCT re-runs the whole
     sequence per generated token.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ Update of one chunk (k, v, lr over its tokens), written out by hand, no autograd
     dW  += m * dW_prev   (m = chunk mean of the sigmoid momentum gate; dW_prev = last dW)
     W   += dW;  each row of W is rescaled to the norm its row had in the *initial* W.
 
-Everything here runs in float32 (the reference keeps "fp32 states" too); callers
+Everything here runs in float32 (upstream LaCT keeps "fp32 states" too); callers
 upcast. All functions are differentiable w.r.t. every input, so gradients flow
 through carried states into earlier segments.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROW_NORM_EPS = 1e-5  # as the reference: W / (||W_row|| + eps) * ||W0_row||
+ROW_NORM_EPS = 1e-5  # as upstream LaCT: W / (||W_row|| + eps) * ||W0_row||
 
 
 def swiglu_apply(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
