@@ -23,8 +23,8 @@ Variants (same warm-started weights, same documents, same seeds, AdamW):
 
 Where it measures. TRAINED cuts: ``n_chunks`` per document, entropy-selected afresh every step
 (the product's rule), or with ``fixed_cuts`` drawn once (uniform, keyed by the run seed and
-:data:`TRAIN_CUT_STEP`) and held, the samples fresh every step. Every step logs at its own cuts
-``before/p_truth`` / ``after/p_truth`` (mean over cuts of the probability of the whole true k-token
+:data:`TRAIN_CUT_STEP`) and held (``LocalRefineStep.collect(cuts=...)``), the samples fresh every
+step. Every step logs at its own cuts ``before/p_truth`` / ``after/p_truth`` (mean over cuts of the probability of the whole true k-token
 continuation, teacher-forced, temperature 1, before / after the step; ``*/p_truth_token`` per
 token), ``sampled_match`` (fraction of sampled tokens equal to the true ones) and
 ``zero_adv_groups`` (fraction of cuts whose G rewards are all equal: advantage 0, no gradient).
@@ -60,15 +60,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from refine_ray.algo import gather_targets, grpo_advantages, make_group_ids
+from refine_ray.algo import gather_targets
 from refine_ray.config import RefineConfig
 from refine_ray.data import load_tokenizer
 from refine_ray.models import registry
-from refine_ray.refine.frozen_reference import reference_hidden
 from refine_ray.refine.heldout import EVAL_STEP, eval_config, evaluate_fixed_cuts
-from refine_ray.refine.local_step import Experience, LocalRefineStep
-from refine_ray.refine.rewarding import reward_metrics
-from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
+from refine_ray.refine.local_step import LocalRefineStep
 from refine_ray.refine.scoring import score_document
 from refine_ray.refine.seeding import cut_seed
 from refine_ray.refine.sequence_logprobs import document_logprobs
@@ -162,34 +159,6 @@ def cuts_keyed_by(model, docs: list[torch.Tensor], cfg: RefineConfig, seed: int,
 
 
 @torch.no_grad()
-def collect_at_fixed_cuts(step: LocalRefineStep, docs: list[torch.Tensor]) -> Experience:
-    """:meth:`LocalRefineStep.collect` for every document with the cuts held fixed: the same pipeline
-    calls (score_document, sample_at_cuts, the step's rewarder and frozen reference, grpo_advantages),
-    but the cut generator is keyed by :data:`TRAIN_CUT_STEP` instead of the step counter (with
-    ``cut_strategy='uniform'`` the same cuts at every step); the samples stay keyed by the step counter."""
-    cfg, model, G = step.cfg, step.model, step.cfg.samples_per_prefix
-    scores, conts = [], []
-    for i, ids in enumerate(docs):
-        gen = torch.Generator().manual_seed(cut_seed(step.seed, TRAIN_CUT_STEP, i))
-        score = score_document(model, ids, cfg, generator=gen, with_states=True)
-        seeds = continuation_seeds(step.seed, step.step_index, i, score.cuts.numel(), G)
-        conts.append(sample_at_cuts(model, score.cut_states, score.cut_hidden, cfg.response_length, G, cfg.temperature,
-                                    cfg.top_p, seeds))
-        scores.append(score)
-    tokens = torch.cat([c.tokens for c in conts])
-    if step.reference is not None:      # reward_source=frozen: both sides from the frozen reference
-        pairs = [reference_hidden(step.reference, ids, s.cuts, c.tokens, G) for ids, s, c in zip(docs, scores, conts)]
-        response_hidden, true_hidden = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    else:
-        response_hidden, true_hidden = torch.cat([c.hidden for c in conts]), torch.cat([s.gt_hidden for s in scores])
-    rewards = step.rewarder(tokens, torch.cat([s.gt_ids for s in scores]), response_hidden, true_hidden)
-    adv = grpo_advantages(rewards.rewards, make_group_ids(len(docs), cfg.n_chunks, G),
-                          normalize_std=cfg.normalize_adv_std)
-    return Experience(list(range(len(docs))), [s.cuts for s in scores], tokens,
-                      torch.cat([c.logprobs for c in conts]).float(), adv, reward_metrics(rewards))
-
-
-@torch.no_grad()
 def truth_logprobs(model, docs: list[torch.Tensor], cuts: list[torch.Tensor], k: int) -> torch.Tensor:
     """``[sum n, k]`` float32 log-probs (temperature 1, teacher-forced) of the true k tokens after every cut."""
     rows = []
@@ -243,7 +212,7 @@ def run_variant(setup: Setup, variant: str, docs: list[torch.Tensor], vocab: int
         if VARIANTS[variant][4] == "ntp":
             history["train"].append({"step": s, **step.step(docs, mode="ntp")})
             continue
-        exp = collect_at_fixed_cuts(step, docs) if setup.fixed_cuts else step.collect(docs, range(len(docs)))
+        exp = step.collect(docs, range(len(docs)), cuts=trained_cuts)     # trained_cuts None: drawn per step
         truth = torch.cat([gather_targets(ids, None, c, k)[0] for ids, c in zip(docs, exp.cuts)])
         metrics = truth_metrics(truth_logprobs(model, docs, exp.cuts, k), "before/")
         metrics.update(step.update(docs, exp))

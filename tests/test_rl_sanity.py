@@ -31,7 +31,7 @@ def harness():
 
 def test_fixed_cuts_hold_the_cuts_and_resample(harness):
     """One command line gives the fixed-cut setup; two steps train the same cuts (those drawn by
-    the fixed key) with different samples; ``truth_logprobs`` is log softmax of the full forward
+    the fixed key, given to ``LocalRefineStep.collect``) with different samples; ``truth_logprobs`` is log softmax of the full forward
     pass at the position before each cut (k=1)."""
     setup, out = harness.parse_args(["--fixed-cuts", "--k", "1", "--samples", "16", "--model", "llama",
                                      "--variants", "pg_exact", "--out", "somewhere"])
@@ -44,11 +44,11 @@ def test_fixed_cuts_hold_the_cuts_and_resample(harness):
     model = registry.build_model("delta_net", seed=0, vocab_size=vocab)
     cfg = harness.refine_config(setup, "pg_exact")
     step = LocalRefineStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), cfg, seed=3)
-    first = harness.collect_at_fixed_cuts(step, docs)
+    expected = harness.cuts_keyed_by(model, docs, cfg, 3, harness.TRAIN_CUT_STEP)
+    first = step.collect(docs, range(2), cuts=expected)     # what run_variant does with fixed cuts
     step.update(docs, first)
     step.step_index += 1
-    second = harness.collect_at_fixed_cuts(step, docs)
-    expected = harness.cuts_keyed_by(model, docs, cfg, 3, harness.TRAIN_CUT_STEP)
+    second = step.collect(docs, range(2), cuts=expected)
     for a, b, c in zip(first.cuts, second.cuts, expected):
         assert a.tolist() == b.tolist() == c.tolist()
     assert first.responses.shape == second.responses.shape == (2 * cfg.n_chunks * 16, 1)
