@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from refine_ray.config import RefineConfig
 from refine_ray.models.registry import build_model
 from refine_ray.refine.local_step import LocalRefineStep
 from refine_ray.refine.rewarding import advantage_metrics
-from refine_ray.config import RefineConfig
 
 V = 61
 CFG = RefineConfig(n_chunks=2, response_length=3, samples_per_prefix=2, min_prefix=8)
