@@ -185,7 +185,7 @@ def _train(args) -> int:
     # nothing heavy (torch, Ray) is imported before preflight has checked the paths
     from refine_ray.data import DataError
     from refine_ray.preflight import PreflightError
-    from refine_ray.system.checkpoint import CheckpointError
+    from refine_ray.transport.checkpoint import CheckpointError
     from refine_ray.system.run_dir import RunDirError
     from refine_ray.train import TrainingInterrupted, run_training
 

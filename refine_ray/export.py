@@ -45,7 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_dict, upgrade_stored_config
 from refine_ray.models import registry
 from refine_ray.preflight import error_line

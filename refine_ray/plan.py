@@ -168,14 +168,15 @@ def make_plan(cfg: ExperimentConfig, vocab_size: Optional[int], gpu_memory: Opti
     if r.prefix_sharing:
         notes["scorer"] += (f"; one document's cut states on the GPU, the batch's in host memory "
                             f"({gib(share['scorer'] * cut)})")
+        notes["rollout"] = (f"{share['rollout']} document(s) per actor; one document's cut states on the GPU "
+                            f"at a time, the batch's in host memory")
     if cfg.rollout.backend == "vllm":
         frac = float(os.environ.get("REFINE_VLLM_MEM", "0.2"))
         actors["rollout"] = {"vllm": int(frac * gpu_memory) if gpu_memory else 0}
         notes["rollout"] = f"vLLM takes gpu_memory_utilization={frac:g} of its GPU (REFINE_VLLM_MEM)"
     else:
         actors["rollout"] = {"weights": weights,
-                             "states": share["rollout"] * cut + (n * G * shape.state_bytes if G > 1 else 0)
-                             if r.prefix_sharing else 0,
+                             "states": cut + (n * G * shape.state_bytes if G > 1 else 0) if r.prefix_sharing else 0,
                              "prefill": 0 if r.prefix_sharing else no_grad_pass_bytes,
                              "logits": n * G * shape.vocab * 4}
     if r.reward_source == "frozen" and r.reward != "exact":

@@ -55,7 +55,7 @@ from typing import Optional
 
 import numpy as np
 
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.system import run_dir
 from refine_ray.config import ConfigError, ExperimentConfig, resolve_input_path, to_dict
 from refine_ray.data import Corpus, DataCursor, DataError, data_files, load_tokenizer
@@ -418,6 +418,17 @@ def check_dtype(cfg: ExperimentConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_weight_sync(cfg: ExperimentConfig) -> None:
+    """``system.weight_sync`` names a backend of :data:`refine_ray.transport.weight_sync.BACKENDS`
+    (the one place backends are listed); raises ConfigError with one line."""
+    from refine_ray.transport.weight_sync import backend
+
+    try:
+        backend(cfg.system.weight_sync)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _as_val_path(e: DataError) -> DataError:
     """A corpus error about ``train.val_path``: the message names the value itself, under the key that holds it."""
     msg = str(e)
@@ -452,6 +463,7 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
 
     check_resources(cfg)
     check_dtype(cfg)
+    check_weight_sync(cfg)
     need = min_document_tokens(cfg.refine)
     if cfg.data.max_length < need:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} is below the {need} tokens a document needs "

@@ -33,7 +33,7 @@ def run_training(cfg: ExperimentConfig) -> list[dict]:
     try:
         return _run(cfg, reached)
     except KeyboardInterrupt:
-        from refine_ray.system import checkpoint as ckpt
+        from refine_ray.transport import checkpoint as ckpt
 
         latest = ckpt.latest_checkpoint(cfg.train.output_dir) if Path(cfg.train.output_dir).is_dir() else None
         where = f"at step {reached[-1]} of {cfg.train.steps}" if reached else "while starting"
@@ -47,7 +47,7 @@ def _run(cfg: ExperimentConfig, reached: list[int]) -> list[dict]:
 
     check_trackers(cfg.train.loggers)   # a tracker asked for but not installed: one line, nothing started
     report = preflight(cfg)   # bad inputs stop here, one line, before Ray or any file is touched
-    from refine_ray.system import checkpoint as ckpt
+    from refine_ray.transport import checkpoint as ckpt
     from refine_ray.system import run_log
     from refine_ray.system.controller import RefineController
     from refine_ray.system.metrics_log import MetricsLogger

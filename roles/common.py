@@ -1,11 +1,13 @@
-"""What every inference role shares: process set-up and versioned weights."""
+"""What the roles share: process set-up and versioned weights."""
 from __future__ import annotations
 
 import os
 import warnings
 
-import numpy as np
 import torch
+
+from refine_ray.config import SystemConfig
+from refine_ray.transport import weight_sync
 
 
 def setup_process(seed: int = 0) -> torch.device:
@@ -26,50 +28,37 @@ def setup_process(seed: int = 0) -> torch.device:
 class VersionedWeights:
     """Mixin: a role whose model follows the learner's published weight versions.
 
-    Ray runs an actor's calls one at a time, so an update queued behind a request applies
-    after it: a role switches weights between requests, never mid-sample, and stamps every
-    output with the version it used. The receiving halves of the weight-sync backends
-    (refine_ray.system.weight_sync) do the copying; this mixin only orders versions.
-    Subclasses set ``self.model`` (or override :meth:`_weight_module` / :meth:`_load_weights`).
+    Ray runs an actor's calls one at a time, in the order the driver sent them, so an update
+    queued behind a request applies after it: a role switches weights between requests, never
+    mid-sample, and stamps every output with the version it used. The receiver of the run's
+    weight-sync backend (refine_ray.transport.weight_sync) does the loading; this mixin holds it
+    and the version. Subclasses call :meth:`init_weight_sync` and set ``self.model`` (or
+    override :meth:`weight_target`).
     """
 
     version: int = 0
 
-    def update_weights(self, version: int, weights: dict[str, np.ndarray], replay: bool = False) -> int:
-        """Object-store backend: load ``weights`` (``{name: ndarray}``, the weight-sync tensor set)
-        as ``version``; an older version arriving late is ignored, unless ``replay`` (the controller
-        redoing lost work with the version it was launched with, then giving the current one back).
-        Returns the version now held. Raises KeyError when ``weights`` lacks tensors of this model."""
-        if version < self.version and not replay:
-            return self.version
-        self._load_weights(weights)
+    def init_weight_sync(self, system: SystemConfig, model_dtype: str) -> None:
+        """Build the receiver of the backend ``system.weight_sync`` names."""
+        self.weight_receiver = weight_sync.backend(system.weight_sync).receiver(system, model_dtype)
+
+    def connect_weights(self, group, rank: int) -> bool:
+        """Join the publisher's ``group`` (collective backends) as member ``rank``."""
+        self.weight_receiver.connect(group, rank)
+        return True
+
+    def receive_weights(self, version: int, payload) -> int:
+        """Load one publication (``payload``: the backend's, e.g. the object-store dict) as ``version``,
+        also an older one (the controller redoing lost work with the version it was launched with,
+        then giving the current one back). Returns the version now held. Raises KeyError when the
+        weights lack tensors of this model."""
+        self.weight_receiver.receive(self.weight_target(), payload)
         self.version = version
         return version
 
-    def join_weight_group(self, host: str, port: int, world: int, rank: int, group_id: int,
-                          timeout_s: float = 120.0) -> bool:
-        """Collective backend: join broadcast group ``group_id`` as member ``rank`` of ``world``."""
-        from refine_ray.system.weight_sync.collective import WeightGroup
-
-        self.weight_group = WeightGroup(host, port, world, rank, group_id, timeout_s)
-        return True
-
-    def receive_weights(self, version: int, model_dtype: str, bucket_mb: float) -> int:
-        """Collective backend: receive one broadcast as ``version`` (same ordering rules as
-        :meth:`update_weights`); returns the version now held."""
-        from refine_ray.system.weight_sync.collective import receive_weights
-
-        receive_weights(self._weight_module(), self.weight_group, model_dtype, bucket_mb)
-        self.version = max(self.version, version)
-        return self.version
-
-    def _weight_module(self) -> torch.nn.Module:
+    def weight_target(self):
+        """What the receiver loads into: the role's module (or an engine that loads itself)."""
         return self.model
-
-    def _load_weights(self, weights: dict[str, np.ndarray]) -> None:
-        from refine_ray.system.weight_sync.object_store import load_weights
-
-        load_weights(self._weight_module(), weights)
 
     def get_version(self) -> int:
         """The weight version this actor holds (0: the initial weights)."""

@@ -1,4 +1,5 @@
-"""One DeepSpeed rank of the learner: NTP + GRPO/PPO losses and the optimizer steps.
+"""The learner role: one DeepSpeed rank (gloo on CPU, NCCL on GPU) of N; NTP + GRPO/PPO losses
+and the optimizer steps. The Ray actor is this class itself.
 
 Each rank owns whole documents (a document's trunk pass is never split across
 ranks). Every document is one DeepSpeed micro-batch, so gradient accumulation
@@ -8,8 +9,8 @@ tokens) + c_kl * KL`` (``w`` = 1, or the token-mean weight of ``refine.ntp_loss_
 
 Optimizer steps: one per ``refine.ppo_mini_batch_size`` documents (default: the whole
 batch). A rank's documents split into consecutive mini-batches of ``ppo_mini_batch_size /
-num_ranks``, as verl splits each GPU's share (the reference: 4 steps per 128-document step).
-Post-training's task SFT then takes one step over the whole batch, as the reference's.
+num_ranks``, as verl splits each GPU's share (upstream ReFINE: 4 steps per 128-document step).
+Post-training's task SFT then takes one step over the whole batch, as upstream ReFINE's.
 The learning-rate schedule counts training steps, whatever the number of optimizer steps.
 
 Every optimizer step checks the gradient norm before it is applied: a non-finite norm
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from collections import defaultdict
 from datetime import timedelta
@@ -37,12 +39,16 @@ import numpy as np
 import torch
 
 from refine_ray.algo import head_calls
-from refine_ray.system.batches import DocBatch, LearnBatch
+from refine_ray.transport.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.models.dtypes import compute_dtype
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.loss import cross_entropy_weights, document_loss
 from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
+from refine_ray.transport.checkpoint import weights_only_loading
+from refine_ray.transport.weight_sync import backend
+from refine_ray.transport.weight_sync.base import gather_weights
+from roles.common import setup_process
 
 
 # The loss terms checked for finiteness, in the order a failure names them.
@@ -69,21 +75,38 @@ def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) ->
     }
 
 
-class RefineLearner:
-    """A DeepSpeed engine around the policy; call on every rank in lockstep."""
+class LearnerRankRole:
+    """Rank ``rank`` of the DeepSpeed learner. It reads most config sections (model, data, refine,
+    optim, learner, train, system), so it takes the whole config. Every method except
+    ``address``/``ping`` must be called on every rank in lockstep (the controller's actor group
+    does), each rank with its own documents."""
 
-    def __init__(self, cfg: ExperimentConfig, vocab_size: int):
-        """Join the process group (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from the environment;
-        NCCL on GPU, gloo on CPU; ``learner.collective_timeout_s``), build the policy, AdamW and
-        the linear warm-up schedule, and wrap them in a DeepSpeed engine."""
+    def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int):
+        """Nothing heavy here: the engine is built by :meth:`init` once every rank's process is up."""
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's reachable IP and a free port (rank 0's serve the rendezvous)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init(self, master_addr: str, master_port: int, vocab_size: int) -> bool:
+        """Join the process group at ``master_addr:master_port`` (NCCL on GPU, gloo on CPU; waits at
+        most ``learner.collective_timeout_s`` for the other ranks), build the policy, AdamW and the
+        linear warm-up schedule, wrap them in a DeepSpeed engine, and the weight-sync sender."""
         import deepspeed
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
-        self.cfg = cfg
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        on_gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        os.environ.update({"RANK": str(self.rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(self.world),
+                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        cfg = self.cfg
+        self.device = setup_process(cfg.train.seed)
+        on_gpu = self.device.type == "cuda"
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                    timeout=timedelta(seconds=cfg.learner.collective_timeout_s))
         model = build_policy(cfg.model, vocab_size)
@@ -95,7 +118,7 @@ class RefineLearner:
         self.mini_per_rank = (cfg.refine.ppo_mini_batch_size or cfg.data.batch_size) // self.world
         # DeepSpeed steps the scheduler at every optimizer step: one per mini-batch, plus
         # post-training's task SFT step. Counting training steps keeps the schedule per step
-        # (the reference stepped it once per update call: twice per post-training step).
+        # (upstream ReFINE stepped it once per update call: twice per post-training step).
         updates = self.docs_per_rank // self.mini_per_rank + (cfg.train.task_update == "sft")
         sched = torch.optim.lr_scheduler.LambdaLR(
             optim, lambda n: min(1.0, (n // updates + 1) / warmup) if warmup > 0 else 1.0)
@@ -106,6 +129,9 @@ class RefineLearner:
         # at ZeRO-0 fp32 it clips with the bare torch optimizer and records neither.
         self.records_norm = hasattr(self.engine.optimizer, "_global_grad_norm")
         self.zero_optimizer = isinstance(self.engine.optimizer, ZeROOptimizer)
+        self.weight_sender = backend(cfg.system.weight_sync).sender(
+            self.engine.module, self.rank, cfg.learner.zero_stage == 3, cfg.system, cfg.model.dtype)
+        return True
 
     @property
     def module(self):
@@ -230,7 +256,7 @@ class RefineLearner:
 
     def _task_sft(self, batch: LearnBatch) -> dict[str, float]:
         """Post-training's outer update: CE on the answer after the prompt, one optimizer step over
-        the whole batch (the reference's task SFT), pooled as ``refine.ntp_loss_agg_mode`` says."""
+        the whole batch (upstream ReFINE's task SFT), pooled as ``refine.ntp_loss_agg_mode`` says."""
         if batch.answers is None:
             raise ValueError("train.task_update=sft but the batch carries no answers (data.answer_column)")
         weights = cross_entropy_weights([len(batch.answers.doc(d)) for d in range(len(batch.docs))],
@@ -273,27 +299,20 @@ class RefineLearner:
         self.engine.train()
         return total, count
 
-    def gather_weights(self) -> Optional[dict[str, np.ndarray]]:
-        """The weight-sync tensor set as ``{name: float32 ndarray}`` on rank 0 (None elsewhere);
-        every rank must call it under ZeRO-3 (the gathers are collective). See weight_sync.object_store."""
-        from refine_ray.system.weight_sync.object_store import gather_weights
+    def connect_weights(self, group) -> bool:
+        """Weight sync: join the publisher's ``group`` (collective backends; rank 0 is its sender)."""
+        self.weight_sender.connect(group)
+        return True
 
+    def send_weights(self):
+        """Weight sync: send the tensor set (every rank, in lockstep: ZeRO-3 gathers are collective);
+        returns the backend's payload (the object store's ``{name: ndarray}`` on rank 0)."""
+        return self.weight_sender.send()
+
+    def full_weights(self) -> Optional[dict[str, np.ndarray]]:
+        """The tensor set as ``{name: float32 ndarray}`` on rank 0, None elsewhere, whatever the
+        backend (checks and exports; every rank calls it under ZeRO-3)."""
         return gather_weights(self.engine.module, self.cfg.learner.zero_stage == 3, self.rank)
-
-    def join_weight_group(self, host: str, port: int, world: int, rank: int, group_id: int,
-                          timeout_s: float) -> None:
-        """Rank 0 joins the weight-broadcast group as its sender (``rank`` 0 of that group)."""
-        from refine_ray.system.weight_sync.collective import WeightGroup
-
-        self.weight_group = WeightGroup(host, port, world, rank, group_id, timeout_s)
-
-    def send_weights(self, model_dtype: str, bucket_mb: float) -> int:
-        """Broadcast the tensor set to the weight group in buckets; returns bytes sent (0 off rank 0).
-        Every learner rank calls this (ZeRO-3 gathers are collective). See weight_sync.collective."""
-        from refine_ray.system.weight_sync.collective import send_weights
-
-        group = self.weight_group if self.rank == 0 else None
-        return send_weights(self.engine.module, group, self.cfg.learner.zero_stage == 3, model_dtype, bucket_mb)
 
     def save(self, path: str, client_state: dict) -> None:
         """DeepSpeed checkpoint of this rank (weights, optimizer, scheduler) under ``path``, tag ``ds``."""
@@ -302,11 +321,14 @@ class RefineLearner:
     def load(self, path: str) -> dict:
         """Load this rank's checkpoint from ``path`` (weights-only unpickling: a pickled object
         outside tensors and DeepSpeed's allow-list raises pickle.UnpicklingError); returns the client state."""
-        from refine_ray.system.checkpoint import weights_only_loading
-
         with weights_only_loading():        # a checkpoint from elsewhere must not run code here
             _, client_state = self.engine.load_checkpoint(path, tag="ds")
         return client_state or {}
+
+
+    def ping(self) -> bool:
+        """Liveness probe used by the actor group."""
+        return True
 
 
 def _first_non_finite(metrics: dict[str, float], doc_id: int) -> Optional[tuple]:

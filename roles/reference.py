@@ -1,10 +1,11 @@
-"""Reference role: log-probs of the sampled continuations under the frozen initial policy (KL term)."""
+"""Reference role: log-probs of the sampled continuations under the reference model (the frozen initial
+policy), for the KL term."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from refine_ray.system.batches import RolloutBatch, ScoredBatch
+from refine_ray.transport.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import ModelConfig, RefineConfig
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.sequence_logprobs import document_logprobs
@@ -16,7 +17,7 @@ class ReferenceRole:
 
     def __init__(self, model: ModelConfig, refine: RefineConfig, vocab_size: int, run_seed: int,
                  actor_index: int = 0):
-        """``model``: the policy's section (the reference is the policy at version 0);
+        """``model``: the policy's section (the reference model is the policy at version 0);
         ``actor_index``: this actor's index in its group."""
         self.device = setup_process(run_seed + actor_index)
         self.refine = refine

@@ -1,4 +1,4 @@
-"""Reward role: self-supervised sequence rewards (frozen reference or policy hidden states, frozen encoder,
+"""Reward role: self-supervised sequence rewards (reference-model or policy hidden states, frozen encoder,
 exact match)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from refine_ray.system.batches import RewardBatch, RolloutBatch, ScoredBatch
+from refine_ray.transport.batches import RewardBatch, RolloutBatch, ScoredBatch
 from refine_ray.config import ModelConfig, RefineConfig, RewardConfig, TokenizerConfig
 from refine_ray.data import load_tokenizer
 from refine_ray.refine.frozen_reference import reference_hidden
@@ -23,15 +23,15 @@ class RewardRole:
                  actor_index: int = 0, model: Optional[ModelConfig] = None, vocab_size: int = 0):
         """``refine.reward``/``refine.reward_source`` choose the reward; ``tokenizer`` decodes tokens
         for the frozen encoder (``reward.encoder``); ``actor_index``: this actor's index in its group;
-        ``model``/``vocab_size``: the policy's section, built here as the frozen reference (the
+        ``model``/``vocab_size``: the policy's section, built here as the reference model (the
         policy's initial weights; this role never receives weight syncs) for ``reward_source=frozen``.
         Raises ValueError when the frozen source gets no ``model``."""
         self.device = setup_process(run_seed + actor_index)
-        self.refine, self.reference = refine, None
+        self.refine, self.reference_model = refine, None
         if refine.reward_source == "frozen" and refine.reward != "exact":
             if model is None:
                 raise ValueError("refine.reward_source=frozen: the reward role needs the model section")
-            self.reference = build_policy(model, vocab_size, self.device).eval()
+            self.reference_model = build_policy(model, vocab_size, self.device).eval()
         # the frozen encoder runs on the GPU when the role was given one (reward.gpus_per_actor > 0)
         self.rewarder = SequenceRewarder(refine.reward, refine.reward_source,
                                          tokenizer=load_tokenizer(tokenizer.path), encoder_path=reward.encoder,
@@ -42,9 +42,9 @@ class RewardRole:
         ``rewards [N]`` float32 and every computed component; ``compute_s`` in seconds. Raises
         ValueError when the policy-hidden reward gets a rollout without hidden states (vLLM)."""
         t0 = time.perf_counter()
-        if self.reference is not None:      # both sides of the cosine from the frozen reference
+        if self.reference_model is not None:   # both sides of the cosine from the reference model
             per_doc = scored.n_chunks * rollout.samples_per_prefix
-            pairs = [reference_hidden(self.reference, torch.from_numpy(scored.docs.doc(d)),
+            pairs = [reference_hidden(self.reference_model, torch.from_numpy(scored.docs.doc(d)),
                                       torch.from_numpy(scored.cuts[d]),
                                       torch.from_numpy(rollout.tokens[d * per_doc:(d + 1) * per_doc]),
                                       rollout.samples_per_prefix, self.refine.state_stride)

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import torch
 
-from refine_ray.system.batches import DocBatch, ScoredBatch
-from refine_ray.config import DataConfig, ModelConfig, RefineConfig, TokenizerConfig
+from refine_ray.config import DataConfig, ModelConfig, RefineConfig, SystemConfig, TokenizerConfig
 from refine_ray.data import Corpus, load_tokenizer
 from refine_ray.refine.heldout import evaluate_fixed_cuts
 from refine_ray.refine.seeding import cut_seed
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.scoring import score_document
+from refine_ray.transport.batches import DocBatch, ScoredBatch
 from roles.common import VersionedWeights, setup_process
 
 
@@ -27,15 +27,17 @@ class ScorerRole(VersionedWeights):
     """Tokenises corpus rows, scores them with the current policy weights and picks their cuts."""
 
     def __init__(self, model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig, refine: RefineConfig,
-                 run_seed: int, actor_index: int = 0):
+                 system: SystemConfig, run_seed: int, actor_index: int = 0):
         """``run_seed``: ``train.seed`` (keys the cut draws); ``actor_index``: this actor's index
-        in its group. Raises DataError for an unreadable ``data.path``."""
+        in its group; ``system`` chooses the weight-sync receiver. Raises DataError for an
+        unreadable ``data.path``."""
         self.device = setup_process(run_seed + actor_index)
+        self.init_weight_sync(system, model.dtype)
         self.refine, self.data, self.run_seed = refine, data, run_seed
         tok = load_tokenizer(tokenizer.path)
         self.corpus = Corpus(data, tok)
         self.model = build_policy(model, len(tok), self.device).eval()
-        self.model_cfg, self.vocab_size, self.reference = model, len(tok), None
+        self.model_cfg, self.vocab_size, self.reference_model = model, len(tok), None
 
     def lengths(self) -> np.ndarray:
         """Token count per corpus row, ``[rows]`` int64 (after truncation to data.max_length), from the
@@ -55,12 +57,12 @@ class ScorerRole(VersionedWeights):
     def heldout_nsp(self, docs: DocBatch, num_cuts: int) -> dict[str, float]:
         """Fixed-cut next-sequence metrics ``val/*`` of the current weights on held-out ``docs``
         (:func:`refine_ray.refine.heldout.evaluate_fixed_cuts`, ``num_cuts`` = ``train.val_cuts``),
-        with the frozen reference (the initial weights, built on first use) for ``val/nsp_cosine_frozen``."""
-        if self.reference is None:
-            self.reference = build_policy(self.model_cfg, self.vocab_size, self.device).eval()
+        with the reference model (the initial weights, built on first use) for ``val/nsp_cosine_frozen``."""
+        if self.reference_model is None:
+            self.reference_model = build_policy(self.model_cfg, self.vocab_size, self.device).eval()
         ids = [torch.from_numpy(docs.doc(i)).to(self.device) for i in range(len(docs))]
         return evaluate_fixed_cuts(self.model, ids, self.refine, seed=self.run_seed, num_cuts=num_cuts,
-                                   reference=self.reference, with_ntp=False)   # the learner has val/ntp_loss
+                                   reference=self.reference_model, with_ntp=False)   # the learner has val/ntp_loss
 
     def score(self, docs: DocBatch, step: int) -> ScoredBatch:
         """Score documents with the current weights and choose their cuts (REFINE steps 1-2).

@@ -99,7 +99,8 @@ def phase(args) -> dict:
     elif args.phase == "scorer":
         from roles.scorer import ScorerRole
 
-        scorer = ScorerRole(cfg.model, cfg.tokenizer, cfg.data, cfg.refine, cfg.train.seed)
+        scorer = ScorerRole(model=cfg.model, tokenizer=cfg.tokenizer, data=cfg.data, refine=cfg.refine, system=cfg.system,
+                            run_seed=cfg.train.seed)
         out["built_s"] = time.perf_counter() - t1
         rows = [3, len(scorer.corpus) - 1]
         t2 = time.perf_counter()

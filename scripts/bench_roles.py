@@ -6,7 +6,7 @@ steps of :class:`refine_ray.system.controller.RefineController` and splits each 
 * role compute: the ``task:execute`` span of every role call in the step's window, read
   from Ray's own task profile (``ray.timeline()``): scorer, rollout, reward, reference,
   learner (``train_step``, slowest rank), weight gather (``gather_weights``), and weight
-  load in the receivers (``update_weights``);
+  load in the receivers (``receive_weights``);
 * data movement measured inside the step: the ``task:deserialize_arguments`` (fetch +
   unpickle of argument objects) and ``task:store_outputs`` (return values into the object
   store) spans of the same calls;
@@ -55,13 +55,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from refine_ray.system.batches import LearnBatch  # noqa: E402
+from refine_ray.transport.batches import LearnBatch  # noqa: E402
 from refine_ray.config import load_config  # noqa: E402
 from refine_ray.data import load_tokenizer  # noqa: E402
 
 ROLE_CALLS = {"scorer": "ScorerRole.score_rows", "rollout": "RolloutRole.generate", "reward": "RewardRole.score",
               "reference": "ReferenceRole.logprobs", "learner": "LearnerRankRole.train_step",
-              "gather": "LearnerRankRole.gather_weights", "load_w": "update_weights"}
+              "gather": "LearnerRankRole.send_weights", "load_w": "receive_weights"}
 
 
 # ------------------------------------------------------------------ Ray task profile
@@ -175,7 +175,7 @@ def run_mode(config: str, overrides: list[str], warmup: int, steps: int, reps: i
                            samples_per_prefix=exp.rollout.samples_per_prefix,
                            ref_logprobs=exp.ref_logprobs)
         payloads = {"LearnBatch": learn, "ScoredBatch": exp.scored, "RolloutBatch": exp.rollout,
-                    "weights": controller.learners.call_all("gather_weights")[0]}
+                    "weights": controller.learners.call_all("full_weights")[0]}
         store = object_store_cost(payloads, reps)
         time.sleep(2.5)                 # task profile events reach the GCS once a second
         spans = task_spans(ray.timeline())
@@ -309,7 +309,7 @@ TABLE = [  # key, label, how it is measured
     ("learn", "= learner phase", "driver time/learn_s"),
     ("c_gather", "weight gather (state_dict)", "timeline execute, rank 0"),
     ("gather", "weight gather + driver get + put", "driver time/weight_gather_s"),
-    ("c_load_w", "weight load in receivers", "timeline execute update_weights, busiest"),
+    ("c_load_w", "weight load in receivers", "timeline execute receive_weights, busiest"),
     ("io_weights", "weights (de)serialise in actors", "timeline, gather store + receivers fetch"),
     ("acks", "wait for acks", "publish_s - weight_gather_s (sync only)"),
     ("publish", "= weight publication", "driver time/publish_s"),

@@ -43,7 +43,7 @@ GPU_PRESET = dict(model_type="delta_net", hidden_size=2048, layers=24, heads=16,
 
 
 def _batch(docs: int, prefix: int, cuts: int, k: int, vocab: int, step: int):
-    from refine_ray.system.batches import DocBatch, ScoredBatch
+    from refine_ray.transport.batches import DocBatch, ScoredBatch
 
     rng = np.random.default_rng(step)
     ids = [rng.integers(0, vocab, prefix + k) for _ in range(docs)]
@@ -119,8 +119,10 @@ def main() -> None:
     settings = ([(G, a.k, a.cuts, P) for G in (1, 4) for P in a.prefix]
                 + [(1, L, 1, P) for L in a.long for P in a.prefix])
     base = cfg(4, longest)
-    engines = {"vllm+cache": VLLMRollout(base, a.vocab, prefix_caching=True),
-               "vllm": VLLMRollout(base, a.vocab, prefix_caching=False)}
+    engines = {"vllm+cache": VLLMRollout(base.model, base.refine, base.data.max_length, a.vocab, base.train.seed,
+                                         prefix_caching=True),
+               "vllm": VLLMRollout(base.model, base.refine, base.data.max_length, a.vocab, base.train.seed,
+                                   prefix_caching=False)}
     policy = build_policy(base.model, a.vocab).eval()
     device = next(policy.parameters()).device
     print(f"# {a.model_type} hidden {a.hidden_size}, {a.layers} layers, {a.heads} heads, {a.dtype}, vocab {a.vocab}, "

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.cli import main
 from refine_ray.config import load_config
 from refine_ray.models import registry
@@ -109,6 +109,8 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
         return argv, ["refine.n_chunks=three"]
     if name == "bad_config_value":
         return argv, ["refine.top_p=1.5"]
+    if name == "unknown_weight_sync_backend":
+        return argv, ["system.weight_sync=nccl"]
     if name == "unknown_config_key":
         return argv, ["refine.n_chunk=2"]
     if name == "max_length_below_need":
@@ -250,6 +252,8 @@ TRAIN_CASES = {
     "bad_answer_values": ["data.answer_column: row 1 of 'answers'", "expected a string or a non-empty list"],
     "bad_config_type": ["config error: refine.n_chunks: expected an integer, got 'three'"],
     "bad_config_value": ["config error: refine.top_p: 1.5 is not in (0, 1]"],
+    "unknown_weight_sync_backend": ["system.weight_sync: 'nccl' is not a weight-sync backend; expected one of "
+                                    "object_store, collective"],
     "unknown_config_key": ["config error: unknown config key 'refine.n_chunk'", "did you mean 'n_chunks'"],
     "max_length_below_need": ["data.max_length: 8 is below the 12 tokens"],
     "unknown_model_type": ["config error: model.type: 'mamba2' is not one of 'delta_net'"],

@@ -2,35 +2,28 @@
 
 Low to high: ``algo`` (pure tensor functions) -> ``models`` (ops -> layers -> families, registry)
 -> ``config``/``data`` (typed configuration, corpus) -> ``refine`` (the single-process REFINE
-pipeline) -> the system layer's libraries that roles use (``system.batches`` transport,
-``system.weight_sync``, ``system.learner``, ``system.checkpoint``) -> ``serving`` (vLLM) ->
-``roles`` (thin Ray actors) -> the rest of ``system`` (controller, experience, actor groups,
-placement, run dirs, metrics sinks, KubeRay checks); ``eval`` sits beside the roles (it uses the
-pipeline and models, never Ray); the entry modules (cli, train, export, preflight, plan) sit on top.
-Only the controller imports ``roles``. Every import counts, also those inside functions.
+pipeline) -> ``transport`` (batches, weight sync, checkpoint files) -> ``serving`` (rollout
+engines, vLLM) -> ``roles`` (the Ray actors) and ``eval`` -> ``system`` (the driver: controller,
+experience, actor groups, placement, run dirs, metrics) -> the entry modules (cli, train, export,
+preflight, plan). A module's layer is its top-level folder; every import counts, also those
+inside functions.
 """
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SYSTEM_LIBRARIES = {"batches", "weight_sync", "learner", "checkpoint"}
-RANK = {"algo": 0, "models": 1, "config": 2, "data": 2, "refine": 3, "system-lib": 4, "serving": 5,
-        "roles": 6, "eval": 6, "system": 7, "entry": 8}
-ENTRY = {"cli", "train", "export", "preflight", "plan"}
+ORDER = [{"algo"}, {"models"}, {"config", "data"}, {"refine"}, {"transport"}, {"serving"}, {"roles", "eval"},
+         {"system"}, {"cli", "train", "export", "preflight", "plan", "__init__"}]
+RANK = {name: rank for rank, names in enumerate(ORDER) for name in names}
 
 
 def layer_of(module: str) -> str:
+    """``roles.x`` -> roles; ``refine_ray.<top>...`` -> top; ``refine_ray`` -> __init__."""
     parts = module.split(".")
     if parts[0] == "roles":
         return "roles"
-    if len(parts) == 1:                      # refine_ray/__init__.py
-        return "entry"
-    top = parts[1]
-    if top == "system":
-        return "system-lib" if len(parts) > 2 and parts[2] in SYSTEM_LIBRARIES else "system"
-    if top in ENTRY:
-        return "entry"
+    top = parts[1] if len(parts) > 1 else "__init__"
     if top not in RANK:
         raise AssertionError(f"{module}: a module outside the known layers; add it to tests/test_layers.py")
     return top
@@ -55,8 +48,8 @@ def imports_of(path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            # `from refine_ray import config` / `from refine_ray.system import checkpoint` name modules
-            names = [f"{target}.{a.name}" for a in node.names] if target.count(".") <= 1 else [target]
+            # `from pkg import x`: x may be a submodule, so both pkg and pkg.x count
+            names = ([target] if target != "refine_ray" else []) + [f"{target}.{a.name}" for a in node.names]
         else:
             continue
         out.update(n for n in names if n.split(".")[0] in ("refine_ray", "roles"))
@@ -67,27 +60,42 @@ def sources():
     return sorted(list((ROOT / "refine_ray").rglob("*.py")) + list((ROOT / "roles").rglob("*.py")))
 
 
+def test_every_module_has_a_layer():
+    for path in sources():
+        layer_of(module_name(path))
+
+
 def test_imports_only_go_down():
     upward = []
     for path in sources():
         src = module_name(path)
         for target in imports_of(path):
-            try:
-                dst_layer = layer_of(target)
-            except AssertionError:            # `from refine_ray.x import name`: x is the module
-                dst_layer = layer_of(target.rsplit(".", 1)[0])
-            if RANK[dst_layer] > RANK[layer_of(src)]:
-                upward.append(f"{src} ({layer_of(src)}) imports {target} ({dst_layer})")
+            if RANK[layer_of(target)] > RANK[layer_of(src)]:
+                upward.append(f"{src} ({layer_of(src)}) imports {target} ({layer_of(target)})")
     assert not upward, "upward imports:\n" + "\n".join(upward)
-
-
-def test_only_the_controller_imports_roles():
-    importers = sorted({module_name(p) for p in sources() if not module_name(p).startswith("roles")
-                        and any(t.split(".")[0] == "roles" for t in imports_of(p))})
-    assert importers == ["refine_ray.system.controller"]
 
 
 def test_roles_hold_only_actors():
     """roles/: one module per role plus their shared process set-up, nothing else."""
     names = sorted(p.stem for p in (ROOT / "roles").glob("*.py"))
     assert names == ["__init__", "common", "learner", "reference", "reward", "rollout", "scorer"]
+
+
+def test_the_driver_is_imported_only_by_the_entry_points():
+    """system/ is the top of the library: no role, engine or transport module reaches into it."""
+    importers = sorted({module_name(p) for p in sources()
+                        if layer_of(module_name(p)) != "system"
+                        and any(layer_of(t) == "system" for t in imports_of(p))})
+    assert all(RANK[layer_of(m)] == RANK["cli"] for m in importers), importers
+
+
+def test_weight_sync_backends_are_chosen_in_one_place():
+    """Only transport/weight_sync/__init__.py (the BACKENDS registry) imports a backend's module:
+    roles and driver reach a backend through the registry, so a new backend is its file plus
+    one registry line."""
+    backends = {f"refine_ray.transport.weight_sync.{p.stem}"
+                for p in (ROOT / "refine_ray" / "transport" / "weight_sync").glob("*.py")
+                if p.stem not in ("__init__", "base")}
+    importers = sorted({module_name(p) for p in sources() if module_name(p) not in backends
+                        and any(t in backends or t.rsplit(".", 1)[0] in backends for t in imports_of(p))})
+    assert importers == ["refine_ray.transport.weight_sync"], importers

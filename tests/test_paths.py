@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_PATHS = ["model.path=m", "tokenizer.path=t", "data.path=[a.parquet, b.parquet]", "train.output_dir=o",
              "train.resume_from=r", "train.val_path=v.parquet", "reward.encoder=e"]
 NOT_PATHS = {"name", "model.type", "data.text_column", "data.answer_column", "system.ray_address", "eval.backend",
-             "train.project"}
+             "train.project", "system.weight_sync"}
 
 
 def _set_every_path(tmp_path):
@@ -163,7 +163,7 @@ def test_config_json_that_cannot_be_read_is_left_to_preflight(tmp_path):
 def test_resume_accepts_a_checkpoint_that_stored_paths_relative(tmp_path, monkeypatch):
     """Runs written before paths were made absolute stored model.path as written: still the same model."""
     from refine_ray.preflight import PreflightError, check_output
-    from refine_ray.system import checkpoint as ckpt
+    from refine_ray.transport import checkpoint as ckpt
 
     monkeypatch.chdir(tmp_path)
     for name in ("model", "other"):

@@ -242,7 +242,8 @@ class SystemConfig:
     num_cpus: Optional[int] = None        # local cluster only
     num_gpus: Optional[int] = None        # local cluster only; logical GPUs let placement run on CPU
     dashboard: bool = False               # local cluster only: the Ray dashboard on 127.0.0.1 (token auth)
-    weight_sync: Literal["object_store", "collective"] = "object_store"  # collective: gloo (CPU) / NCCL (GPU)
+    weight_sync: str = "object_store"     # a name in transport.weight_sync.BACKENDS (checked by preflight);
+                                          # collective: gloo (CPU) / NCCL (GPU)
     weight_bucket_mb: float = 256.0       # collective: size of each broadcast bucket
     weight_sync_timeout_s: float = 120.0
     wait_timeout_s: float = 0.0           # a replacement actor without a node for this long: stop (resumable);

@@ -2,7 +2,7 @@
 
 One training step of REFINE (next-sequence RL on top of next-token training) for one
 document ``ids [L]``, each concern written once and shared by the Ray roles (which only
-convert to and from the transport batches of refine_ray.system.batches), the DeepSpeed
+convert to and from the transport batches of refine_ray.transport.batches), the DeepSpeed
 learner, the single-process step of test-time training and the benchmarks:
 
 1. ``scoring.score_document(model, ids, cfg, generator, with_states) -> DocumentScore``:

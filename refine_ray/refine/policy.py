@@ -1,5 +1,5 @@
 """Build the policy (and the reference model) from the ``model`` config section (weight sync lives in
-refine_ray.system.weight_sync)."""
+refine_ray.transport.weight_sync)."""
 from __future__ import annotations
 
 import torch

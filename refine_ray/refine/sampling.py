@@ -95,7 +95,7 @@ class FastWeightRollout:
     :func:`sample_at_cuts`, from the scorer's cut states (prefix sharing) or from a prefill
     of each prefix ``ids[:cut]`` (re-encode; one row at a time, so no padding enters a
     state). Seeds: ``(seed, step, doc_id, cut index, sample index)``, see the module docstring.
-    Weights are loaded into ``model`` by the weight-sync backends (refine_ray.system.weight_sync).
+    Weights are loaded into ``model`` by the weight-sync backends (refine_ray.transport.weight_sync).
     """
 
     def __init__(self, model, cfg: RefineConfig, seed: int = 0):

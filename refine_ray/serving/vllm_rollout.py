@@ -12,7 +12,7 @@ Deliberate decisions:
     (:mod:`refine_ray.serving.vllm_plugin`, fla's checkpoint layout); the types are
     ``registry.VLLM_TYPES``. vLLM has no LaCT, and the error says so.
   * No tokenizer: ``skip_tokenizer_init=True`` and token-id prompts.
-  * Requests: G per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.system.batches`),
+  * Requests: G per prefix ``doc[:cut]`` (row order of :mod:`refine_ray.transport.batches`),
     each ``n=1`` with exactly k tokens (``max_tokens=k``, ``ignore_eos=True``). No
     ``min_tokens``: its logits processor masks EOS before sampling, which would change the
     returned log-probs.
@@ -65,10 +65,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from refine_ray.system.batches import RolloutBatch, ScoredBatch
-from refine_ray.refine.seeding import sample_seed
+from refine_ray.config import ModelConfig, RefineConfig
 from refine_ray.models.dtypes import compute_dtype
 from refine_ray.models.registry import VLLM_TYPES, family  # our model types whose checkpoints vLLM can serve
+from refine_ray.refine.seeding import sample_seed
+from refine_ray.serving.rollout_engine import RolloutEngine
+from refine_ray.transport.batches import RolloutBatch, ScoredBatch
 WEIGHTS_FILE = "model.safetensors"
 MAX_NUM_SEQS = 256   # vLLM's CPU default for the LLM class
 INSTALL_HINT = "pip install 'refine-ray[vllm]' (or bash scripts/setup_vllm.sh for .venv-vllm)"
@@ -91,9 +93,9 @@ def enforce_eager(platform=None) -> bool:
     return platform.is_cpu()
 
 
-def _engine_dtype(cfg) -> torch.dtype:
+def _engine_dtype(model_dtype: str) -> torch.dtype:
     """The learner's dtype (policy.build_policy's rule: bfloat16 only when asked for and on a GPU)."""
-    return compute_dtype(cfg.model.dtype)
+    return compute_dtype(model_dtype)
 
 
 
@@ -103,21 +105,27 @@ def shutdown_engine(llm) -> None:
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
 
-class VLLMRollout:
-    """RolloutEngine on vllm.LLM: ``generate(ScoredBatch, version)``, ``load_weights(dict)``."""
+class VLLMRollout(RolloutEngine):
+    """The rollout engine on vllm.LLM; weights arrive as the object-store dict (:meth:`load_weights`)."""
 
-    def __init__(self, cfg, vocab_size: int, model_dir: Optional[str] = None, prefix_caching: bool = True):
+    def __init__(self, model: ModelConfig, refine: RefineConfig, max_length: int, vocab_size: int, seed: int,
+                 model_dir: Optional[str] = None, prefix_caching: bool = True):
+        """``model``/``refine``: the config sections; ``max_length``: ``data.max_length`` (the longest
+        prefix, so the engine's context is ``max_length + refine.response_length``); ``seed``:
+        ``train.seed`` (keys the samples); ``model_dir``: serve this directory instead of a private
+        copy of the policy. Raises ValueError for refine.top_p < 1, a model type vLLM cannot serve,
+        or a checkpoint with too few positions."""
         vllm = import_vllm()
         from refine_ray.refine.policy import build_policy
 
-        r = cfg.refine
+        r = refine
         if r.top_p < 1.0:
             raise ValueError(f"refine.top_p: {r.top_p} < 1 is not supported with rollout.backend=vllm (vLLM returns "
                              "log-probs of the truncated distribution, the learner compares full-distribution ones)")
-        self.cfg = cfg
-        self.seed = cfg.train.seed
-        self.dtype = _engine_dtype(cfg)
-        policy = build_policy(cfg.model, vocab_size, "cpu")
+        self.refine, self.max_length = refine, int(max_length)
+        self.seed = seed
+        self.dtype = _engine_dtype(model.dtype)
+        policy = build_policy(model, vocab_size, "cpu")
         model_type = policy.config.model_type
         if model_type not in VLLM_TYPES:
             raise ValueError(f"model.type: vLLM cannot serve model_type {model_type!r}; use "
@@ -130,7 +138,7 @@ class VLLMRollout:
         self._check_positions()
         self.param_names = [n for n, _ in policy.named_parameters()]
         del policy
-        self.max_model_len = int(cfg.data.max_length) + int(r.response_length)
+        self.max_model_len = self.max_length + int(r.response_length)
         self.llm = vllm.LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=self.dtype,
                             gpu_memory_utilization=float(os.environ.get("REFINE_VLLM_MEM", "0.2")),
                             enforce_eager=enforce_eager(), seed=self.seed, max_model_len=self.max_model_len,
@@ -171,18 +179,18 @@ class VLLMRollout:
             conf = json.load(f)
         if "max_position_embeddings" not in conf and family(conf["model_type"]).offset_free_state:
             return
-        need = int(self.cfg.data.max_length) + int(self.cfg.refine.response_length)
+        need = self.max_length + int(self.refine.response_length)
         if conf.get("max_position_embeddings", 0) < need:
             raise ValueError(f"model: max_position_embeddings={conf.get('max_position_embeddings')} < "
                              f"data.max_length + refine.response_length = {need}")
 
-    # ------------------------------------------------------------------ RolloutEngine
+    # ------------------------------------------------------------------ the RolloutEngine interface
     def generate(self, batch: ScoredBatch, version: int) -> RolloutBatch:
         """k sampled tokens per (prefix, sample): ``RolloutBatch`` with tokens [P*G, k] int64,
         behaviour log-probs [P*G, k] float32 (log_softmax(logits / T) of each token), versions
         [P*G] int64 (= ``version``); rows p * G + g over the prefixes doc[:cut] in batch order.
         Raises RuntimeError if vLLM returns another shape."""
-        r = self.cfg.refine
+        r = self.refine
         G, k = int(r.samples_per_prefix), batch.k
         prompts, params = [], []
         for d in range(len(batch.docs)):
@@ -246,6 +254,10 @@ class VLLMRollout:
                 os.remove(tmp)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.model_dir})
         self.llm.reset_prefix_cache()
+
+    def weight_target(self) -> "VLLMRollout":
+        """The engine itself: its weights live in vLLM's processes, loaded by :meth:`load_weights`."""
+        return self
 
     def close(self) -> None:
         """Shut the engine down and remove the private model dir."""

@@ -51,25 +51,25 @@ def document_shards(n_docs: int, n_parts: int) -> list[list[int]]:
 
 class ActorGroup:
     """``size`` actors of one role class, created with ``ray.remote(cls).options(**options_for(i))``
-    and constructor arguments ``args_for(i)``.
+    and the constructor's keyword arguments ``kwargs_for(i)``.
 
     ``failure_hint()`` completes :meth:`call_all`'s error line (e.g. the checkpoint to resume from);
     ``timeout_setting`` = (config key, seconds) names the collective timeout a rank may have hit.
     """
 
-    def __init__(self, role: str, cls, args_for: Callable[[int], tuple], options_for: Callable[[int], dict],
+    def __init__(self, role: str, cls, kwargs_for: Callable[[int], dict], options_for: Callable[[int], dict],
                  size: int, failure_hint: Callable[[], str] = lambda: "",
                  timeout_setting: Optional[tuple[str, float]] = None):
         """Create the ``size`` actors (not yet waited for: see :meth:`ready`)."""
         self.role, self.cls = role, cls
-        self.args_for, self.options_for = args_for, options_for
+        self.kwargs_for, self.options_for = kwargs_for, options_for
         self.failure_hint, self.timeout_setting = failure_hint, timeout_setting
         self.actors = [self._create(i, options_for(i)) for i in range(size)]
         self.fixed = size                  # actors [0, fixed) sit in the placement group
         self.starting: list[int] = []      # replacements not yet seen answering (wait_started)
 
     def _create(self, index: int, options: dict):
-        return ray.remote(self.cls).options(**options).remote(*self.args_for(index))
+        return ray.remote(self.cls).options(**options).remote(**self.kwargs_for(index))
 
     def __len__(self) -> int:
         return len(self.actors)

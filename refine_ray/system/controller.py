@@ -1,6 +1,6 @@
 """The single controller of a REFINE run. One training step reads like the algorithm:
 
-    score -> rollout -> reward (+ reference) -> advantages -> learn -> publish weights
+    score -> rollout -> reward (+ reference model) -> advantages -> learn -> publish weights
 
 Every role is a group of Ray actors (:class:`~refine_ray.system.actor_group.ActorGroup`);
 batches move between them as object refs (:mod:`refine_ray.system.experience`). In ``sync``
@@ -34,16 +34,16 @@ from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ExperimentConfig, to_dict
 from refine_ray.data import DataCursor
 from refine_ray.refine.collapse import step_collapse_metrics
-from refine_ray.refine.rewarding import reward_metrics
+from refine_ray.refine.rewarding import advantage_metrics, reward_metrics
 from refine_ray.refine.scoring import min_document_tokens
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.system.actor_group import (ActorGroup, ClusterWaitTimeout, LearnerFailure, document_shards,
                                            elastic_options, elastic_shortfall, wait_started)
-from refine_ray.system.batches import DocBatch, LearnBatch
+from refine_ray.transport.batches import DocBatch, LearnBatch
 from refine_ray.system.experience import PENDING_TYPES, Experience, ExperienceMaker, Generation
 from refine_ray.system.placement import Placement
 from refine_ray.system.run_log import worker_runtime_env
-from refine_ray.system.weight_sync import make_weight_sync
+from refine_ray.transport.weight_sync import backend
 from roles.learner import LearnerRankRole
 from roles.reference import ReferenceRole
 from roles.reward import RewardRole
@@ -119,7 +119,7 @@ class RefineController:
         self.published = None   # async: the object-store ref of the current version (Generation.weights)
         self.experience = ExperienceMaker(self.groups, self.heal, cfg.train.max_retries,
                                           weights=lambda: (self.version, self.published))
-        self.sync = make_weight_sync(cfg.system, cfg.model, self.learners.actors)
+        self.sync = backend(cfg.system.weight_sync).publisher(self.learners.actors, cfg.system, cfg.model.dtype)
         self.pending: Optional[Generation] = None
         self.last_experience: Optional[Experience] = None
         self.heldout_docs: Optional[DocBatch] = None
@@ -254,12 +254,12 @@ class RefineController:
             metrics.update(self.heldout_loss())
         metrics["time/learner_compute_s"] = max(m["time/learner_compute_s"] for m in per_rank)  # slowest rank
         metrics.update(reward_metrics(exp.rewards))
+        metrics.update(advantage_metrics(adv))
         metrics.update(step_collapse_metrics(torch.from_numpy(exp.scored.gt_hidden),
                                              torch.from_numpy(exp.scored.cut_entropy),
                                              torch.from_numpy(exp.rollout.tokens)))   # cut_entropy + collapse/*
         step_s = t["end"] - t["start"]
         metrics.update({
-            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(np.abs(adv).mean()),
             "staleness": float(staleness),
             "stale_regenerated": float(regenerated), "docs_skipped_total": float(self.cursor.skipped),
             "actor_failures_total": float(self.failures), "rollout_actors": float(len(self.groups["rollout"])),
@@ -298,25 +298,30 @@ class RefineController:
 
     def _learner_group(self) -> ActorGroup:
         world, opts = self.cfg.learner.num_ranks, self.placement.options
-        return ActorGroup("learner", LearnerRankRole, lambda r: (self.cfg, r, world), lambda r: opts("learner", r),
-                          world, failure_hint=self._resume_hint,
+        return ActorGroup("learner", LearnerRankRole, lambda r: dict(cfg=self.cfg, rank=r, world_size=world),
+                          lambda r: opts("learner", r), world, failure_hint=self._resume_hint,
                           timeout_setting=("learner.collective_timeout_s", self.cfg.learner.collective_timeout_s))
 
     def _inference_groups(self, vocab_size: int) -> dict[str, ActorGroup]:
         c, opts = self.cfg, self.placement.options
-        seed = c.train.seed
+        common = dict(model=c.model, refine=c.refine, run_seed=c.train.seed)    # every role's
         groups = {
-            "scorer": ActorGroup("scorer", ScorerRole, lambda i: (c.model, c.tokenizer, c.data, c.refine, seed, i),
+            "scorer": ActorGroup("scorer", ScorerRole,
+                                 lambda i: dict(common, tokenizer=c.tokenizer, data=c.data, system=c.system,
+                                                actor_index=i),
                                  lambda i: opts("scorer", i), c.scorer.num_actors),
             "rollout": ActorGroup("rollout", RolloutRole,
-                                  lambda i: (c.model, c.data, c.refine, c.rollout, vocab_size, seed, i),
+                                  lambda i: dict(common, data=c.data, rollout=c.rollout, system=c.system,
+                                                 vocab_size=vocab_size, actor_index=i),
                                   lambda i: opts("rollout", min(i, c.rollout.num_actors - 1)), c.rollout.num_actors),
             "reward": ActorGroup("reward", RewardRole,
-                                 lambda i: (c.refine, c.tokenizer, c.reward, seed, i, c.model, vocab_size),
+                                 lambda i: dict(common, tokenizer=c.tokenizer, reward=c.reward, vocab_size=vocab_size,
+                                                actor_index=i),
                                  lambda i: opts("reward", i), c.reward.num_actors),
         }
         if c.reference.enabled:
-            groups["reference"] = ActorGroup("reference", ReferenceRole, lambda i: (c.model, c.refine, vocab_size, seed, i),
+            groups["reference"] = ActorGroup("reference", ReferenceRole,
+                                             lambda i: dict(common, vocab_size=vocab_size, actor_index=i),
                                              lambda i: opts("reference", i), c.reference.num_actors)
         return groups
 

@@ -1,4 +1,5 @@
-"""Experience: launch, collect, retry and staleness of one step's score -> rollout -> reward (+ reference) chains.
+"""Experience: launch, collect, retry and staleness of one step's chains of role calls
+(score -> rollout -> reward, + reference model).
 
 A step's documents are split into shards of whole documents, one chain of calls per
 shard: scorer ``score_rows`` -> rollout ``generate`` -> reward ``score`` (and reference
@@ -24,7 +25,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from refine_ray.system.actor_group import ActorGroup, document_shards
-from refine_ray.system.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
+from refine_ray.transport.batches import DocBatch, RewardBatch, RolloutBatch, ScoredBatch
 
 log = logging.getLogger("refine_ray")
 
@@ -156,7 +157,7 @@ class ExperienceMaker:
     def _redo_shard(self, gen: Generation, shard: Shard) -> Shard:
         """Issue a lost shard again: same rows and seeds, on the weight version ``gen`` was launched
         with. When that is older than the current one, the shard's scorer and rollout load it
-        first (``update_weights(..., replay=True)``) and the current version after the shard."""
+        first (``receive_weights``) and the current version after the shard."""
         version, current = self.weights()
         receivers = [self.groups["scorer"][shard.index], self.groups["rollout"][shard.index]]
         older = gen.version != version
@@ -167,11 +168,11 @@ class ExperienceMaker:
             older = False
         if older:
             for actor in receivers:
-                actor.update_weights.remote(gen.version, gen.weights, replay=True)
+                actor.receive_weights.remote(gen.version, gen.weights)
         redone = self._launch_shard(shard.index, shard.rows, gen.step)
         if older:
             for actor in receivers:
-                actor.update_weights.remote(version, current)
+                actor.receive_weights.remote(version, current)
         return redone
 
     def collect(self, gen: Generation) -> Experience:

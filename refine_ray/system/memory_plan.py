@@ -284,7 +284,7 @@ def learner_activations(config, length: int, n: int, G: int, k: int, dtype: torc
 
     * ``trunk``: without checkpointing every block's ``A`` plus the embedding's and final norm's
       saves; with it each block's input ``[L, D]`` instead. Prefix sharing runs one trunk over the
-      document; re-encoding (the reference) the NTP pass plus G rows of every prefix with its
+      document; re-encoding (upstream ReFINE) the NTP pass plus G rows of every prefix with its
       continuation, at the mean cut (length / 2), all kept until the one backward;
     * ``cut_states``: the n states the trunk returns (n*G rows once repeated for G > 1);
     * ``branches``: the n*G continuations of k - 1 tokens from those states, saved as the trunk is;

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.system.run_log import RUN_LOG
 from refine_ray.system.trackers import STATE_FILE as TRACKERS_STATE
 

@@ -17,7 +17,7 @@ import torch
 from refine_ray.config import DataConfig, ExperimentConfig, LearnerConfig, ModelConfig, OptimConfig, RefineConfig
 from refine_ray.refine.local_step import LocalRefineStep
 from refine_ray.refine.policy import build_policy
-from refine_ray.system.batches import DocBatch, LearnBatch
+from refine_ray.transport.batches import DocBatch, LearnBatch
 
 V = 89
 REFINE = RefineConfig(n_chunks=3, response_length=4, samples_per_prefix=3, min_prefix=8, temperature=0.8)
@@ -31,8 +31,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def learner():
-    """A one-rank RefineLearner (DeepSpeed ZeRO 0 over gloo) in this process."""
-    from refine_ray.system.learner import RefineLearner
+    """A one-rank learner (DeepSpeed ZeRO 0 over gloo) in this process."""
+    from roles.learner import LearnerRankRole
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0"}
@@ -41,7 +41,9 @@ def learner():
     cfg = ExperimentConfig(model=ModelConfig(type="delta_net", seed=3), data=DataConfig(batch_size=2),
                            refine=REFINE, learner=LearnerConfig(num_ranks=1, zero_stage=0),
                            optim=OptimConfig(lr=1e-3, grad_clip=1e6))
-    yield RefineLearner(cfg, V)
+    learner = LearnerRankRole(cfg, rank=0, world_size=1)
+    learner.init(env["MASTER_ADDR"], int(env["MASTER_PORT"]), V)
+    yield learner
     torch.distributed.destroy_process_group()
     for k, v in saved.items():
         if v is None:

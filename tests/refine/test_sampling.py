@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from refine_ray.config import DataConfig, ModelConfig, RefineConfig, RolloutConfig
+from refine_ray.config import DataConfig, ModelConfig, RefineConfig, RolloutConfig, SystemConfig
 from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
 from refine_ray.refine.scoring import score_document
 from refine_ray.refine.seeding import cut_seed
-from refine_ray.system.batches import DocBatch, ScoredBatch
+from refine_ray.transport.batches import DocBatch, ScoredBatch
 from roles.rollout import RolloutRole
 
 V, RUN_SEED, STEP = 97, 7, 3
@@ -29,7 +29,7 @@ def _docs():
 
 def _scored(role, docs, doc_ids, cfg, step=STEP) -> ScoredBatch:
     """What the scorer role sends for ``doc_ids`` (cuts keyed by run seed, step and document)."""
-    scores = [score_document(role.engine.model, docs[d], cfg, torch.Generator().manual_seed(cut_seed(RUN_SEED, step, d)),
+    scores = [score_document(role.weight_target(), docs[d], cfg, torch.Generator().manual_seed(cut_seed(RUN_SEED, step, d)),
                              with_states=cfg.prefix_sharing) for d in doc_ids]
     return ScoredBatch.from_scores(DocBatch.from_lists(doc_ids, [docs[d].numpy() for d in doc_ids]), scores, step)
 
@@ -44,7 +44,8 @@ def _by_doc(scored, rollout):
 @pytest.mark.parametrize("shared", [True, False], ids=["prefix_sharing", "reencode"])
 def test_samples_do_not_depend_on_request_grouping(model_type, shared):
     cfg = RefineConfig(n_chunks=3, response_length=4, samples_per_prefix=3, min_prefix=8, prefix_sharing=shared)
-    role = RolloutRole(ModelConfig(type=model_type), DataConfig(), cfg, RolloutConfig(), V, RUN_SEED)
+    role = RolloutRole(model=ModelConfig(type=model_type), data=DataConfig(), refine=cfg, rollout=RolloutConfig(),
+                       system=SystemConfig(), vocab_size=V, run_seed=RUN_SEED)
     docs = _docs()
     whole = _scored(role, docs, DOC_IDS, cfg)
     one = _by_doc(whole, role.generate(whole))
@@ -65,9 +66,9 @@ def test_samples_do_not_depend_on_request_grouping(model_type, shared):
     # and, from the same cut states, they are sample_at_cuts' rows under that key (the local step's)
     if not shared:
         return
-    score = score_document(role.engine.model, docs[d0], cfg,
+    score = score_document(role.weight_target(), docs[d0], cfg,
                            torch.Generator().manual_seed(cut_seed(RUN_SEED, STEP, int(d0))), with_states=True)
-    local = sample_at_cuts(role.engine.model, score.cut_states, score.cut_hidden, cfg.response_length,
+    local = sample_at_cuts(role.weight_target(), score.cut_states, score.cut_hidden, cfg.response_length,
                            cfg.samples_per_prefix, cfg.temperature, cfg.top_p,
                            continuation_seeds(RUN_SEED, STEP, int(d0), cfg.n_chunks, cfg.samples_per_prefix))
     assert torch.equal(local.tokens, torch.from_numpy(tokens))

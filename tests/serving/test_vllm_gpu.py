@@ -143,7 +143,7 @@ def test_rollout_engine_on_cuda(checkpoint):
 
     from refine_ray.config import DataConfig, ExperimentConfig, ModelConfig, RefineConfig
     from refine_ray.serving.vllm_rollout import VLLMRollout
-    from refine_ray.system.batches import DocBatch, ScoredBatch
+    from refine_ray.transport.batches import DocBatch, ScoredBatch
 
     model_type, checkpoint = checkpoint
     G, K, T = 3, 4, 0.7
@@ -154,7 +154,7 @@ def test_rollout_engine_on_cuda(checkpoint):
     docs, cuts = [rng.integers(0, V, 200), rng.integers(0, V, 150)], np.array([[40, 170], [7, 120]])
     batch = ScoredBatch(docs=DocBatch.from_lists([0, 1], docs), cuts=cuts, gt_ids=np.zeros((4, K), np.int64),
                         gt_hidden=np.zeros((4, K, 1), np.float32), cut_entropy=np.zeros(4, np.float32), step=0)
-    engine = VLLMRollout(cfg, V)
+    engine = VLLMRollout(cfg.model, cfg.refine, cfg.data.max_length, V, cfg.train.seed)
     try:
         assert engine.llm.llm_engine.vllm_config.compilation_config.cudagraph_mode.name != "NONE"
         out = engine.generate(batch, version=0)

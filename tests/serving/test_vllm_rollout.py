@@ -18,7 +18,7 @@ from reencode_reference import reencode_logprobs
 
 vllm = pytest.importorskip("vllm", reason="vLLM not installed: bash scripts/setup_vllm.sh, then run with .venv-vllm")
 
-from refine_ray.system.batches import DocBatch, ScoredBatch  # noqa: E402
+from refine_ray.transport.batches import DocBatch, ScoredBatch  # noqa: E402
 from refine_ray.config import DataConfig, ExperimentConfig, ModelConfig, RefineConfig  # noqa: E402
 from refine_ray.models import registry  # noqa: E402
 from refine_ray.refine.policy import build_policy  # noqa: E402
@@ -26,6 +26,10 @@ from refine_ray.serving.vllm_rollout import VLLMRollout  # noqa: E402
 
 V, G, K, T = 101, 3, 4, 0.7
 ATOL = 1e-4
+
+
+def _engine(cfg: ExperimentConfig) -> VLLMRollout:
+    return VLLMRollout(cfg.model, cfg.refine, cfg.data.max_length, V, cfg.train.seed)
 
 
 def _cfg(model_type: str = "llama", **refine) -> ExperimentConfig:
@@ -51,7 +55,7 @@ def _reference_logprobs(model, batch: ScoredBatch, tokens: np.ndarray, temperatu
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = VLLMRollout(_cfg(), V)
+    eng = _engine(_cfg())
     yield eng
     eng.close()
 
@@ -102,9 +106,9 @@ def test_load_weights_switches_the_served_model(engine, policy):
 
 def test_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="top_p"):
-        VLLMRollout(_cfg(top_p=0.9), V)
+        _engine(_cfg(top_p=0.9))
     with pytest.raises(ValueError, match="vLLM cannot serve model_type 'lact'"):
-        VLLMRollout(_cfg("lact"), V)
+        _engine(_cfg("lact"))
 
 
 @pytest.mark.slow
@@ -122,15 +126,16 @@ def test_rollout_role_actor_with_vllm_backend(tmp_path):
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
              runtime_env={"env_vars": {"REFINE_VLLM_MEM": os.environ.get("REFINE_VLLM_MEM", "0.2")}})
     try:
-        actor = ray.remote(num_cpus=1, num_gpus=1)(RolloutRole).remote(cfg.model, cfg.data, cfg.refine, cfg.rollout,
-                                                                     vocab, cfg.train.seed)
+        actor = ray.remote(num_cpus=1, num_gpus=1)(RolloutRole).remote(
+            model=cfg.model, data=cfg.data, refine=cfg.refine, rollout=cfg.rollout, system=cfg.system, vocab_size=vocab,
+            run_seed=cfg.train.seed)
         out = ray.get(actor.generate.remote(batch), timeout=600)
         assert out.tokens.shape == (batch.cuts.size * G, K) and (out.versions == 0).all()
         local = build_policy(cfg.model, vocab, "cpu").eval()
         np.testing.assert_allclose(out.logprobs, _reference_logprobs(local, batch, out.tokens, T), atol=ATOL, rtol=0)
         new = registry.build_model("llama", seed=7, vocab_size=vocab, num_heads=4)
         weights = {n: p.detach().numpy().copy() for n, p in new.named_parameters()}
-        assert ray.get(actor.update_weights.remote(1, weights)) == 1
+        assert ray.get(actor.receive_weights.remote(1, weights)) == 1
         out2 = ray.get(actor.generate.remote(batch), timeout=600)
         assert (out2.versions == 1).all()
         np.testing.assert_allclose(out2.logprobs, _reference_logprobs(new, batch, out2.tokens, T), atol=ATOL, rtol=0)

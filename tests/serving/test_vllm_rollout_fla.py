@@ -22,10 +22,14 @@ vllm = pytest.importorskip("vllm", reason="vLLM not installed: bash scripts/setu
 from refine_ray.config import DataConfig, ExperimentConfig, ModelConfig, RefineConfig  # noqa: E402
 from refine_ray.refine.policy import build_policy  # noqa: E402
 from refine_ray.serving.vllm_rollout import VLLMRollout  # noqa: E402
-from refine_ray.system.batches import DocBatch, ScoredBatch  # noqa: E402
+from refine_ray.transport.batches import DocBatch, ScoredBatch  # noqa: E402
 
 V, G, K, T = 101, 3, 4, 0.7
 ATOL = 1e-4
+
+
+def _engine(cfg: ExperimentConfig) -> VLLMRollout:
+    return VLLMRollout(cfg.model, cfg.refine, cfg.data.max_length, V, cfg.train.seed)
 
 
 def _cfg(model_type: str = "gated_deltanet") -> ExperimentConfig:
@@ -54,7 +58,7 @@ def _reference_logprobs(model, batch: ScoredBatch, tokens: np.ndarray) -> np.nda
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = VLLMRollout(_cfg(), V)
+    eng = _engine(_cfg())
     yield eng
     eng.close()
 
@@ -92,7 +96,7 @@ def test_load_weights_in_place(engine, policy):
         np.testing.assert_allclose(after.logprobs, _reference_logprobs(new, batch, after.tokens), atol=ATOL, rtol=0)
         # the weight-sync receiver against an engine started from those weights: the same samples; the
         # log-probs agree to float32 rounding (not bitwise: measured 4.8e-7 apart on this CPU)
-        fresh = VLLMRollout(dataclasses.replace(_cfg(), model=dataclasses.replace(_cfg().model, seed=123)), V)
+        fresh = _engine(dataclasses.replace(_cfg(), model=dataclasses.replace(_cfg().model, seed=123)))
         try:
             again = fresh.generate(batch, version=1)
         finally:

@@ -7,7 +7,7 @@ import pytest
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
 from refine_ray.system.actor_group import ActorGroup, document_shards
-from refine_ray.system.batches import DocBatch, LearnBatch
+from refine_ray.transport.batches import DocBatch, LearnBatch
 from refine_ray.system.experience import ExperienceMaker
 from roles.reward import RewardRole
 from roles.rollout import RolloutRole
@@ -40,11 +40,16 @@ def _experience(cfg, vocab: int, rollout_actors: int, rows: list[int]):
     """One step's experience on fresh real actors, with ``rollout_actors`` rollout actors."""
     c, seed, cpu = cfg, cfg.train.seed, (lambda i: {"num_cpus": 0.25})
     groups = {
-        "scorer": ActorGroup("scorer", ScorerRole, lambda i: (c.model, c.tokenizer, c.data, c.refine, seed, i), cpu, 1),
-        "rollout": ActorGroup("rollout", RolloutRole, lambda i: (c.model, c.data, c.refine, c.rollout, vocab, seed, i),
+        "scorer": ActorGroup("scorer", ScorerRole, lambda i: dict(model=c.model, tokenizer=c.tokenizer, data=c.data,
+                                                                  refine=c.refine, system=c.system, run_seed=seed,
+                                                                  actor_index=i), cpu, 1),
+        "rollout": ActorGroup("rollout", RolloutRole, lambda i: dict(model=c.model, data=c.data, refine=c.refine,
+                                                                    rollout=c.rollout, system=c.system,
+                                                                    vocab_size=vocab, run_seed=seed, actor_index=i),
                               cpu, rollout_actors),
-        "reward": ActorGroup("reward", RewardRole, lambda i: (c.refine, c.tokenizer, c.reward, seed, i, c.model, vocab),
-                             cpu, 1),
+        "reward": ActorGroup("reward", RewardRole, lambda i: dict(refine=c.refine, tokenizer=c.tokenizer, reward=c.reward,
+                                                                 run_seed=seed, actor_index=i, model=c.model,
+                                                                 vocab_size=vocab), cpu, 1),
     }
     try:
         for g in groups.values():

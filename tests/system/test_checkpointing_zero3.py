@@ -1,6 +1,6 @@
 """Activation checkpointing under DeepSpeed ZeRO-3 with 2 ranks (issue 23 point 1).
 
-Two real learner ranks (``RefineLearner``: DeepSpeed ZeRO-3 over gloo), each in its own spawned
+Two real learner ranks (``roles.learner.LearnerRankRole``: DeepSpeed ZeRO-3 over gloo), each in its own spawned
 process, run one ``train_step`` on their own document with ``model.gradient_checkpointing`` off
 and on. Every rank's loss and the gradient shard its optimizer steps on (ZeRO-3's fp32 shard of
 every parameter's gradient, reduced over both ranks) are equal: bitwise in practice (the
@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 def _batch(rank: int, n: int, G: int, k: int):
     """Rank ``rank``'s one-document LearnBatch."""
-    from refine_ray.system.batches import DocBatch, LearnBatch
+    from refine_ray.transport.batches import DocBatch, LearnBatch
 
     g = np.random.default_rng(10 + rank)
     L = 150 + 40 * rank                                     # ranks with documents of different lengths
@@ -51,7 +51,7 @@ def _rank(rank: int, world: int, port: int, out: str, cases: list) -> None:
     torch.set_num_threads(1)
     from refine_ray.config import (DataConfig, ExperimentConfig, LearnerConfig, ModelConfig, OptimConfig,
                                    RefineConfig)
-    from refine_ray.system.learner import RefineLearner
+    from roles.learner import LearnerRankRole
 
     refine_cfg = RefineConfig(n_chunks=3, response_length=4, samples_per_prefix=2)
     results = {}
@@ -61,7 +61,8 @@ def _rank(rank: int, world: int, port: int, out: str, cases: list) -> None:
                 model=ModelConfig(type=model_type, seed=3, gradient_checkpointing=ckpt),
                 data=DataConfig(batch_size=world), refine=replace(refine_cfg, prefix_sharing=shared),
                 learner=LearnerConfig(num_ranks=world, zero_stage=3), optim=OptimConfig(lr=1e-3, grad_clip=1e6))
-            learner = RefineLearner(cfg, V)
+            learner = LearnerRankRole(cfg, rank, world)
+            learner.init("127.0.0.1", port, V)
             shards: list[torch.Tensor] = []
             learner.optimizer.optimizer.register_step_pre_hook(    # ZeRO-3's fp32 shards, before AdamW
                 lambda opt, *_: shards.extend(p.grad.detach().clone() for g in opt.param_groups for p in g["params"]))

@@ -83,7 +83,7 @@ def test_replacement_without_a_node_is_reported_bounded_and_counted_once(nodes, 
     options = {"num_cpus": 0.5, "resources": {"refine_aux": 1},
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
                                                                        placement_group_bundle_index=0)}
-    group = ActorGroup("reference", ReferenceRole, lambda i: (cfg.model, cfg.refine, vocab, 0, i),
+    group = ActorGroup("reference", ReferenceRole, lambda i: dict(model=cfg.model, refine=cfg.refine, vocab_size=vocab, run_seed=0, actor_index=i),
                        lambda i: options, 1)
     try:
         group.ready()

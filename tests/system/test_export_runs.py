@@ -28,7 +28,7 @@ def test_export_equals_live_learner_weights(cluster, tmp_path, zero, ranks):
     try:
         controller.step()
         step_dir = controller.save()
-        live = controller.learners.call_all("gather_weights")[0]   # collective under ZeRO-3: every rank takes part
+        live = controller.learners.call_all("full_weights")[0]   # collective under ZeRO-3: every rank takes part
     finally:
         controller.shutdown()
     fresh = registry.build_model("delta_net", seed=0, vocab_size=len(load_tokenizer()))

@@ -4,7 +4,7 @@ ZeRO-3 gathers a module's weights with a collective when backward reaches the mo
 rank must reach the modules in the same order. LaCT's chunked fast-weight scan and its window /
 pending-chunk state gave backward a data-dependent graph, so ranks with documents of different
 lengths gathered in different orders and gloo aborted ("Received data size doesn't match expected
-size"). Two real learner ranks (``RefineLearner``: DeepSpeed ZeRO-3 over gloo, spawned processes)
+size"). Two real learner ranks (``roles.learner.LearnerRankRole``: DeepSpeed ZeRO-3 over gloo, spawned processes)
 train one REFINE step (prefix-shared trunk split at the cuts, branches, NTP loss) on documents of
 150 and 190 tokens whose cuts fall at different chunk phases; the full gradient each rank's
 optimizer steps on must equal the mean of the two documents' gradients computed in one process
@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 def _batch(rank: int):
     """Rank ``rank``'s one-document LearnBatch: 150 + 40 * rank tokens, 3 cuts, G=2, k=4."""
-    from refine_ray.system.batches import DocBatch, LearnBatch
+    from refine_ray.transport.batches import DocBatch, LearnBatch
 
     g = np.random.default_rng(10 + rank)
     L, n, G, k = 150 + 40 * rank, 3, 2, 4
@@ -63,9 +63,10 @@ def _rank(rank: int, world: int, port: int, out: str, shared: bool, checkpointin
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_grad
 
-    from refine_ray.system.learner import RefineLearner
+    from roles.learner import LearnerRankRole
 
-    learner = RefineLearner(_config(world, shared, checkpointing), V)
+    learner = LearnerRankRole(_config(world, shared, checkpointing), rank, world)
+    learner.init("127.0.0.1", port, V)
     grads = {}
     learner.optimizer.optimizer.register_step_pre_hook(lambda *_: grads.update(
         (name, safe_get_full_grad(p).detach().clone()) for name, p in learner.module.named_parameters()))

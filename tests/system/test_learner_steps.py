@@ -28,8 +28,8 @@ from refine_ray.data import load_tokenizer
 from refine_ray.refine.loss import document_loss
 from refine_ray.refine.policy import build_policy
 from refine_ray.system.actor_group import ActorGroup, LearnerFailure, document_shards
-from refine_ray.system.batches import DocBatch, LearnBatch
-from refine_ray.system.weight_sync.object_store import gather_weights
+from refine_ray.transport.batches import DocBatch, LearnBatch
+from refine_ray.transport.weight_sync.base import gather_weights
 from roles.learner import LearnerRankRole
 
 LENGTHS = [40, 160, 64, 100, 48, 120, 80, 56]      # 8 documents, 4 per rank, uneven token counts
@@ -63,7 +63,7 @@ def batch(shared_data):
 
 def _learners(cfg, vocab: int) -> ActorGroup:
     """The learner ranks as the controller starts them (RefineController._learner_group), without placement."""
-    group = ActorGroup("learner", LearnerRankRole, lambda r: (cfg, r, WORLD), lambda r: {"num_cpus": 0.5}, WORLD)
+    group = ActorGroup("learner", LearnerRankRole, lambda r: dict(cfg=cfg, rank=r, world_size=WORLD), lambda r: {"num_cpus": 0.5}, WORLD)
     group.ready()
     addr, port = ray.get(group[0].address.remote())
     group.call_all("init", addr, port, vocab)
@@ -130,10 +130,10 @@ def test_mini_batch_steps_grad_norm_resume_and_non_finite_loss(cluster, batch, r
     shards = document_shards(len(batch.docs), WORLD)
     resumed = None
     try:
-        before = group.call_all("gather_weights")[0]
+        before = group.call_all("full_weights")[0]
         assert all(np.array_equal(before[k], start[k]) for k in start)      # the same initial policy
         per_rank = group.call_all("train_step", per_actor=[(batch.select(s),) for s in shards])
-        after = group.call_all("gather_weights")[0]
+        after = group.call_all("full_weights")[0]
         # point 7: the norm before clipping of each of the two steps, as torch computes it
         assert len(norms) == 2 and all(n > cfg.optim.grad_clip for n in norms)    # clipping was active
         for m in per_rank:
@@ -154,7 +154,7 @@ def test_mini_batch_steps_grad_norm_resume_and_non_finite_loss(cluster, batch, r
         second = group.call_all("train_step", per_actor=[(batch.select(s),) for s in shards])
         assert [m["optimizer_steps"] for m in second] == [4, 4]
         assert second[0]["lr"] == pytest.approx(2 * cfg.optim.lr / WARMUP)      # warm-up per training step
-        after = group.call_all("gather_weights")[0]
+        after = group.call_all("full_weights")[0]
         # point 10: a NaN advantage on rank 1's second document: one line, the step not applied
         bad = replace(batch, advantages=batch.advantages.copy())
         bad.advantages[5 * N_CHUNKS * G] = np.nan
@@ -164,7 +164,7 @@ def test_mini_batch_steps_grad_norm_resume_and_non_finite_loss(cluster, batch, r
         assert "\n" not in line and "FloatingPointError" in line, line
         assert "pg_loss is nan on document 105 of the corpus (learner rank 1)" in line, line
         assert "the optimizer step was not applied" in line, line
-        unchanged = group.call_all("gather_weights")[0]
+        unchanged = group.call_all("full_weights")[0]
         assert all(np.array_equal(unchanged[k], after[k]) for k in after)
         if zero == 0:        # one unsharded state file; the sharded stages are the ones worth the time
             return
@@ -174,7 +174,7 @@ def test_mini_batch_steps_grad_norm_resume_and_non_finite_loss(cluster, batch, r
         again = resumed.call_all("train_step", per_actor=[(batch.select(s),) for s in shards])
         for key in ("loss", "ntp_loss", "pg_loss", "grad_norm", "lr", "optimizer_steps"):
             assert [m[key] for m in again] == pytest.approx([m[key] for m in second], rel=1e-6), key
-        final = resumed.call_all("gather_weights")[0]
+        final = resumed.call_all("full_weights")[0]
         for k in after:
             np.testing.assert_allclose(final[k], after[k], rtol=1e-6, atol=1e-9, err_msg=k)
     finally:

@@ -105,6 +105,19 @@ def test_scorer_holds_one_documents_cut_states():
     assert "the batch's in host memory (40.55)" in plan.notes["scorer"]
 
 
+def test_rollout_holds_one_documents_cut_states():
+    """The fast-weight rollout engine keeps a batch's cut states in host memory and moves one
+    document's to its GPU at a time (serving.rollout_engine.FastWeightEngine): its figure is one
+    document's n states plus the n*G sampling states, and the LaCT-760M mid preset fits 80 GiB."""
+    cfg = load_config(ROOT / "configs" / "paper_mid_lact_760m.yaml", [f"model.path={SHAPES / 'lact-760m'}"])
+    plan = make_plan(cfg, None, 80 * mp.GIB, on_gpu=True, with_deepspeed=False)
+    shape = mp.model_shape(mp.model_config(cfg.model, None), torch.bfloat16)
+    n, G = cfg.refine.n_chunks, cfg.refine.samples_per_prefix
+    assert cfg.data.batch_size // cfg.rollout.num_actors == 16
+    assert plan.actors["rollout"]["states"] == (n + (n * G if G > 1 else 0)) * shape.state_bytes
+    assert plan.fits
+
+
 def test_plan_command_bad_inputs(capsys, tmp_path):
     """A model path that does not exist, or one without a config.json, and a bad --gpu-memory: one line each."""
     base = ["plan", "--config", str(ROOT / "configs" / "paper_mid_deltanet_1.3b.yaml")]

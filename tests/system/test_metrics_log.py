@@ -201,7 +201,7 @@ def test_one_step_numbering_everywhere(cluster, tracker_env, capsys):
     from mlflow.tracking import MlflowClient
 
     from refine_ray.cli import main
-    from refine_ray.system import checkpoint as ckpt
+    from refine_ray.transport import checkpoint as ckpt
 
     run = tracker_env
     assert main(["train", *TINY, f"train.output_dir={run}", "train.steps=2"]) == 0

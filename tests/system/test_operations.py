@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray
 
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
 from refine_ray.system.controller import LearnerFailure, RefineController

@@ -15,7 +15,7 @@ from refine_ray.system.controller import RefineController
 
 def _weights(controller):
     # every rank takes part: under ZeRO-3 the gather is collective; rank 0 returns the dict
-    return controller.learners.call_all("gather_weights")[0]
+    return controller.learners.call_all("full_weights")[0]
 
 
 def _check_experience(controller, cfg, expected_version):
@@ -135,7 +135,7 @@ def test_collective_weight_sync_over_gloo(cluster, tmp_path):
             for role in ("scorer", "rollout"):
                 actor = controller.groups[role].actors[0]
                 held = ray.get(actor.__ray_call__.remote(
-                    lambda self: {n: p.detach().numpy().copy() for n, p in self._weight_module().named_parameters()}))
+                    lambda self: {n: p.detach().numpy().copy() for n, p in self.weight_target().named_parameters()}))
                 assert held.keys() <= learner.keys() and len(held) > 10
                 for name, value in held.items():
                     np.testing.assert_array_equal(value, learner[name], err_msg=f"{role} {name}")

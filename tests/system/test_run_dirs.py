@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refine_ray.system import checkpoint as ckpt
+from refine_ray.transport import checkpoint as ckpt
 from refine_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,9 +18,10 @@ import torch
 from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
 from refine_ray.models import registry
-from refine_ray.system.weight_sync import weight_tensors
-from refine_ray.system.weight_sync.collective import WeightGroup, receive_weights, send_weights
-from refine_ray.system.weight_sync.object_store import gather_weights, load_weights
+from refine_ray.transport.weight_sync import weight_tensors
+from refine_ray.transport.weight_sync.collective import WeightGroup, receive_weights, send_weights
+from refine_ray.transport.weight_sync.base import gather_weights
+from refine_ray.transport.weight_sync.object_store import load_weights
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the helpers below run inside actors
 
@@ -106,12 +107,12 @@ def test_collective_send_and_receive_are_bit_identical():
 
 def _held(actor) -> dict:
     return ray.get(actor.__ray_call__.remote(
-        lambda self: {n: t.detach().cpu().numpy().copy() for n, t in weight_tensors(self._weight_module())}))
+        lambda self: {n: t.detach().cpu().numpy().copy() for n, t in weight_tensors(self.weight_target())}))
 
 
 def _scramble_and_add_buffers(actor, seed: int) -> None:
     def scramble(self):
-        module = self._weight_module()
+        module = self.weight_target()
         with torch.no_grad():
             for p in module.parameters():
                 p.normal_()
@@ -130,14 +131,14 @@ def test_every_backend_leaves_receivers_bit_identical_to_a_zero3_learner(cluster
         "learner.num_ranks=2", "data.max_length=160", "refine.n_chunks=2", f"train.output_dir={tmp_path}"])
     controller = RefineController(cfg, len(load_tokenizer()))
     try:
-        ray.get([r.__ray_call__.remote(lambda self: _add_buffers(self.learner.engine.module, 7))
+        ray.get([r.__ray_call__.remote(lambda self: _add_buffers(self.engine.module, 7))
                  for r in controller.learners.actors])
         receivers = controller.groups["scorer"].actors + controller.groups["rollout"].actors
         for i, actor in enumerate(receivers):
             _scramble_and_add_buffers(actor, 100 + i)
         controller.version = 5
         controller.publish(wait=True)
-        learner = controller.learners.call_all("gather_weights")[0]
+        learner = controller.learners.call_all("full_weights")[0]
         assert learner["lm_head.probe"].shape == (3, 5) and learner["lm_head.count"].dtype == np.int64
         for actor in receivers:
             _assert_identical(_held(actor), learner)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refine_ray.system.batches import DocBatch
+from refine_ray.transport.batches import DocBatch
 from refine_ray.config import load_config
 from refine_ray.data import Corpus, load_tokenizer
 from refine_ray.system.controller import LearnerFailure, RefineController

@@ -1,26 +1,44 @@
-"""Versioned weight publication from the learner to the inference roles, one interface, backends side by side.
+"""Versioned weight publication from the learner to the inference roles, backends side by side.
 
-* :mod:`.base`: the tensor set every backend moves (parameters + persistent buffers),
-  :class:`Publication` and the :class:`WeightSync` interface.
-* :mod:`.object_store`: ``system.weight_sync=object_store`` (default; any hardware).
-* :mod:`.collective`: ``system.weight_sync=collective`` (bucketed broadcast, gloo / NCCL).
+A backend is one file with its three parts (:mod:`.base`): the learner rank's sender, the
+inference actor's receiver and the driver's publisher. :data:`BACKENDS` maps each
+``system.weight_sync`` name to its parts; it is the one place a backend is chosen, so a new
+backend is a new file and one line here.
 
-The vLLM rollout engine receives the object-store dict (``{name: ndarray}`` of the same
-tensor set) and reloads it from a safetensors file (refine_ray.serving.vllm_rollout).
+* :mod:`.object_store`: ``object_store`` (default; any hardware).
+* :mod:`.collective`: ``collective`` (bucketed broadcast, gloo / NCCL).
+
+Every backend moves the same tensor set (:func:`.base.weight_tensors`).
 """
 from __future__ import annotations
 
-from refine_ray.config import ModelConfig, SystemConfig
-from refine_ray.system.weight_sync.base import Publication, WeightSync, weight_tensors
-from refine_ray.system.weight_sync.collective import CollectiveWeightSync
-from refine_ray.system.weight_sync.object_store import ObjectStoreWeightSync
+from typing import NamedTuple
 
-__all__ = ["Publication", "WeightSync", "weight_tensors", "CollectiveWeightSync", "ObjectStoreWeightSync",
-           "make_weight_sync"]
+from refine_ray.transport.weight_sync import collective, object_store
+from refine_ray.transport.weight_sync.base import (Publication, WeightPublisher, WeightReceiver, WeightSender,
+                                                   weight_tensors)
+
+__all__ = ["BACKENDS", "Backend", "backend", "Publication", "WeightPublisher", "WeightReceiver", "WeightSender",
+           "weight_tensors"]
 
 
-def make_weight_sync(system: SystemConfig, model: ModelConfig, learners: list) -> WeightSync:
-    """The backend ``system.weight_sync`` names, sending from the learner rank actors ``learners``."""
-    if system.weight_sync == "collective":
-        return CollectiveWeightSync(learners, model.dtype, system.weight_bucket_mb, system.weight_sync_timeout_s)
-    return ObjectStoreWeightSync(learners)
+class Backend(NamedTuple):
+    """A weight-sync backend's three parts (classes)."""
+    sender: type[WeightSender]
+    receiver: type[WeightReceiver]
+    publisher: type[WeightPublisher]
+
+
+BACKENDS: dict[str, Backend] = {
+    "object_store": Backend(object_store.ObjectStoreSender, object_store.ObjectStoreReceiver,
+                            object_store.ObjectStorePublisher),
+    "collective": Backend(collective.CollectiveSender, collective.CollectiveReceiver, collective.CollectivePublisher),
+}
+
+
+def backend(name: str) -> Backend:
+    """The backend ``system.weight_sync`` names. Raises ValueError (one line) for an unknown name."""
+    if name not in BACKENDS:
+        raise ValueError(f"system.weight_sync: {name!r} is not a weight-sync backend; expected one of "
+                         f"{', '.join(BACKENDS)}")
+    return BACKENDS[name]

@@ -1,5 +1,9 @@
 """What every weight-sync backend shares: the tensor set it moves, the wire dtype, the interface.
 
+A backend is one file with its three parts: the learner rank's :class:`WeightSender`, the
+inference actor's :class:`WeightReceiver` and the driver's :class:`WeightPublisher`, registered
+under its ``system.weight_sync`` name in :data:`refine_ray.transport.weight_sync.BACKENDS`.
+
 The tensor set is the same for every backend (object store, collective, and the vLLM
 engine's file reload, which receives the object-store dict): the module's parameters
 (``named_parameters()``: tied weights once, under their first name) followed by its
@@ -14,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import ray
 import torch
 
@@ -50,6 +55,22 @@ def gathered(tensors: list[torch.Tensor], zero3: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def gather_weights(module: torch.nn.Module, zero3: bool, rank: int) -> Optional[dict[str, np.ndarray]]:
+    """Learner side: the tensor set as ``{name: ndarray}`` on rank 0, None on other ranks.
+
+    Floating tensors travel as float32 (exact for float32 and bfloat16 weights), others in
+    their own dtype. Under ZeRO-3 every rank must call this (each parameter's gather is a
+    collective).
+    """
+    out = {}
+    for name, t in weight_tensors(module):
+        with gathered([t], zero3):
+            if rank == 0:
+                value = t.detach().float() if t.is_floating_point() else t.detach()
+                out[name] = value.cpu().numpy().copy()
+    return out if rank == 0 else None
+
+
 def wire_dtype(t: torch.Tensor, model_dtype: str) -> torch.dtype:
     """The dtype a tensor travels in: floating tensors in the inference dtype (bfloat16 only when
     the model runs in bfloat16 on a GPU, else float32); integer/bool buffers in their own dtype."""
@@ -65,10 +86,10 @@ class Publication:
     ``acks``: object refs that resolve once each receiver (and, for collectives, each
     learner rank) has finished its part; sync mode waits on them, async mode lets them land
     while the next rollout runs. ``gather_s``: seconds the driver spent starting the
-    publication (the learner's gather and ``ray.put`` for the object store). ``weights``: the
-    object-store ref of the published tensor set (object-store backend; None for the
-    collective one, which keeps no copy): holding it keeps this version available, e.g. to
-    redo work launched with it after a newer version was published.
+    publication (the learner's gather and ``ray.put`` for the object store). ``weights``: a
+    payload a receiver can load without the sender, when the backend keeps one (the
+    object store's dict ref; None for the collective, which keeps no copy): holding it keeps
+    this version available, e.g. to redo work launched with it after a newer version.
     """
 
     acks: list = field(default_factory=list)
@@ -76,16 +97,56 @@ class Publication:
     weights: Optional[ray.ObjectRef] = None
 
 
-class WeightSync:
-    """Interface: move the learner's weight tensor set to every receiver as version ``version``.
+class WeightSender:
+    """Learner side of a backend: one per learner rank, around that rank's module.
+
+    Built by the learner rank (``roles.learner``) from ``system`` and ``model.dtype``; every
+    rank calls :meth:`send` in lockstep (ZeRO-3 gathers are collectives)."""
+
+    def __init__(self, module: torch.nn.Module, rank: int, zero3: bool, system, model_dtype: str):
+        self.module, self.rank, self.zero3 = module, rank, zero3
+        self.system, self.model_dtype = system, model_dtype
+
+    def connect(self, group) -> None:
+        """Join whatever the backend's publisher set up (its ``group``); nothing by default."""
+
+    def send(self):
+        """Send the tensor set; returns the backend's payload (what its publisher hands the receivers)."""
+        raise NotImplementedError
+
+
+class WeightReceiver:
+    """Inference side of a backend: one per actor that holds policy weights (``roles.common``).
+
+    ``target``: the module to load into, or an engine that loads a ``{name: ndarray}`` dict
+    itself (``load_weights``: vLLM, whose weights live in its own processes)."""
+
+    def __init__(self, system, model_dtype: str):
+        self.system, self.model_dtype = system, model_dtype
+
+    def connect(self, group, rank: int) -> None:
+        """Join the publisher's ``group`` as member ``rank``; nothing by default."""
+
+    def receive(self, target, payload) -> None:
+        """Load one publication (``payload``: what the publisher passed) into ``target``."""
+        raise NotImplementedError
+
+
+class WeightPublisher:
+    """Driver side of a backend: starts one publication from the learner rank actors to the
+    receivers (actor handles with ``connect_weights``/``send_weights`` on the learner ranks,
+    ``connect_weights``/``receive_weights`` on the inference actors).
 
     Ray runs an actor's calls one at a time, so an update queued behind a request is applied
     after it: receivers switch weights between requests, never mid-sample (as in verl's and
     OpenRLHF's weight broadcast, the switch is a call on the inference actor).
     """
 
+    def __init__(self, learners: list, system, model_dtype: str):
+        """``learners``: the learner rank actors; ``system``: the system section; ``model_dtype``: ``model.dtype``."""
+        self.learners, self.system, self.model_dtype = learners, system, model_dtype
+
     def publish(self, version: int, receivers: list) -> Publication:
-        """Start publishing version ``version`` to ``receivers`` (actor handles with the
-        :class:`roles.common.VersionedWeights` methods); raises ``ray.exceptions.RayActorError``
-        when a learner rank is dead."""
+        """Start publishing version ``version`` to ``receivers``; raises
+        ``ray.exceptions.RayActorError`` when a learner rank is dead."""
         raise NotImplementedError

@@ -6,19 +6,22 @@ process group (the same idea as verl's and OpenRLHF's NCCL weight-update group).
 tensor set (:func:`base.weight_tensors`) travels in flat buckets of ``bucket_mb``: one
 collective per bucket instead of one per tensor, and no more than one bucket of extra
 memory on either side. Both sides walk the same architecture's tensor set in the same
-order, so only the buckets travel. Send (:func:`send_weights`), receive
-(:func:`receive_weights`) and the driver's :class:`CollectiveWeightSync` live here.
+order, so only the buckets travel. The sender (learner ranks), the receiver (inference
+actors) and the driver's publisher, which forms the group, live here.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import ray
 import torch
 import torch.distributed as dist
 
-from refine_ray.system.weight_sync.base import Publication, WeightSync, full_numel, gathered, weight_tensors, wire_dtype
+from refine_ray.transport.weight_sync.base import (Publication, WeightPublisher, WeightReceiver, WeightSender, full_numel,
+                                                   gathered, weight_tensors, wire_dtype)
 
 
 def bucket_plan(numels: list[int], dtypes: list[torch.dtype], bucket_mb: float) -> list[list[int]]:
@@ -104,7 +107,48 @@ def receive_weights(module: torch.nn.Module, group: WeightGroup, model_dtype: st
                 offset += t.numel()
 
 
-class CollectiveWeightSync(WeightSync):
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where a broadcast group meets: learner rank 0's ``host:port`` (it hosts the TCPStore),
+    ``world`` members, ``group_id`` (a re-formed group never meets an old one's keys) and the
+    join ``timeout_s``."""
+    host: str
+    port: int
+    world: int
+    group_id: int
+    timeout_s: float
+
+
+class CollectiveSender(WeightSender):
+    """Learner rank side: rank 0 joins the group as its member 0 and broadcasts; the other ranks
+    only take part in the ZeRO-3 gathers."""
+
+    group: WeightGroup | None = None
+
+    def connect(self, group: GroupAddress) -> None:
+        if self.rank == 0:
+            self.group = WeightGroup(group.host, group.port, group.world, 0, group.group_id, group.timeout_s)
+
+    def send(self) -> int:
+        """Broadcast the tensor set; returns the bytes sent (0 on ranks other than 0)."""
+        return send_weights(self.module, self.group, self.zero3, self.model_dtype, self.system.weight_bucket_mb)
+
+
+class CollectiveReceiver(WeightReceiver):
+    group: WeightGroup | None = None
+
+    def connect(self, group: GroupAddress, rank: int) -> None:
+        self.group = WeightGroup(group.host, group.port, group.world, rank, group.group_id, group.timeout_s)
+
+    def receive(self, target, payload=None) -> None:
+        """Take part in one broadcast into module ``target``. Raises TypeError for an engine that
+        holds its weights elsewhere (vLLM: the config refuses that pairing before the run)."""
+        if not isinstance(target, torch.nn.Module):
+            raise TypeError(f"system.weight_sync=collective cannot load into {type(target).__name__}")
+        receive_weights(target, self.group, self.model_dtype, self.system.weight_bucket_mb)
+
+
+class CollectivePublisher(WeightPublisher):
     """Driver side: (re)forms the group when the receivers change, then starts one broadcast.
 
     The group is formed again whenever the set of receivers changes (a replaced or elastic
@@ -112,22 +156,15 @@ class CollectiveWeightSync(WeightSync):
     finishes, so the switch still happens between requests.
     """
 
-    def __init__(self, learners: list, model_dtype: str, bucket_mb: float, timeout_s: float):
-        """``learners``: the learner rank actors; ``model_dtype``: ``model.dtype``; ``bucket_mb``:
-        ``system.weight_bucket_mb``; ``timeout_s``: ``system.weight_sync_timeout_s``."""
-        self.learners = learners
-        self.model_dtype, self.bucket_mb, self.timeout_s = model_dtype, bucket_mb, timeout_s
-        self.members: list = []
-        self.group_id = 0
+    members: Optional[list] = None
+    group_id: int = 0
 
     def _form(self, receivers: list) -> None:
         self.group_id += 1
         host, port = ray.get(self.learners[0].address.remote())
-        world = len(receivers) + 1
-        joins = [self.learners[0].join_weight_group.remote(host, port, world, 0, self.group_id, self.timeout_s)]
-        joins += [a.join_weight_group.remote(host, port, world, i + 1, self.group_id, self.timeout_s)
-                  for i, a in enumerate(receivers)]
-        ray.get(joins)
+        group = GroupAddress(host, port, len(receivers) + 1, self.group_id, self.system.weight_sync_timeout_s)
+        ray.get([r.connect_weights.remote(group) for r in self.learners]
+                + [a.connect_weights.remote(group, i + 1) for i, a in enumerate(receivers)])
         self.members = [a._actor_id for a in receivers]
 
     def publish(self, version: int, receivers: list) -> Publication:
@@ -136,6 +173,6 @@ class CollectiveWeightSync(WeightSync):
         t0 = time.perf_counter()
         if [a._actor_id for a in receivers] != self.members:
             self._form(receivers)
-        sends = [r.send_weights.remote(self.model_dtype, self.bucket_mb) for r in self.learners]
-        acks = [a.receive_weights.remote(version, self.model_dtype, self.bucket_mb) for a in receivers]
+        sends = [r.send_weights.remote() for r in self.learners]
+        acks = [a.receive_weights.remote(version, None) for a in receivers]
         return Publication(acks + sends, time.perf_counter() - t0)
