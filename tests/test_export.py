@@ -131,7 +131,7 @@ DS_SCRIPT = textwrap.dedent("""
     from refine_ray.config import ModelConfig
     from refine_ray.refine.policy import build_policy
     deepspeed.init_distributed(dist_backend="gloo")
-    model = build_policy(ModelConfig(), int(sys.argv[2]), device="cpu")   # as RefineLearner builds it
+    model = build_policy(ModelConfig(), int(sys.argv[2]), device="cpu")   # as the learner rank builds it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9})

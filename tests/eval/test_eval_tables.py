@@ -42,7 +42,7 @@ def test_main_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "| lact_refine | 96.0 | 96.0 | 45.5 | 25.5 | 35.5 |" in lines
     assert "| deltanet | – | – | – | – | – |" in lines
     # every table has a legend of its codes
-    assert "NQ = narrativeqa, QR = qasper" in md and "RP = repobench-p" in md and "`refine` (the REFINE" in md
+    assert "NQ = narrativeqa, QR = qasper" in md and "RP = repobench-p" in md and "`refine` (upstream ReFINE's" in md
     assert "`<task> <length>` = the score at that context length" in md and "`niah_*` = RULER's NIAH" in md
     assert "compare rows with the same Rule only" in md        # a refine row beside an unrecorded one
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
