@@ -125,6 +125,9 @@ def _eval(args) -> int:
     from refine_ray.eval.data import DataError as EvalDataError
     from refine_ray.eval.evaluate import EvalError, build_eval_model, load_eval_sets, run_eval
     from refine_ray.eval.summary import default_run_name, summary_line
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()         # loading a model dir: the eval's own bar is the one to watch
 
     # Flags are shorthands for eval.* overrides; everything lands in one typed config.
     flags = {"eval.limit": args.limit, "eval.max_gen_tokens": args.max_gen_tokens,
@@ -148,6 +151,10 @@ def _eval(args) -> int:
         return 2
     except (EvalError, DataError, EvalDataError) as e:
         print(f"refine-ray: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:           # a TTT step went non-finite: not applied, answers so far kept
+        kept = f"the answers given so far are saved for --out '{out}'" if out else "no answer yet"
+        print(f"refine-ray: {e}; {kept}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                 # answers are saved after every batch; the same --out resumes
         kept = f"the answers given so far are saved for --out '{out}'" if out else "no answer yet"

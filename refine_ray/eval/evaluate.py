@@ -189,9 +189,10 @@ def scorer_of(s: EvalSet, key: str, rule: str) -> dict[str, str]:
 
 def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[str] = None):
     """``tiny:TYPE`` (random model shaped by ``cfg.model``) or a local HF dir; returns (model, tokenizer).
-    Raises ConfigError for ``model.dtype=bfloat16`` without CUDA, EvalError for a bad ``spec``."""
+    Raises ConfigError for ``model.dtype=bfloat16`` without CUDA, EvalError for a bad ``spec`` or
+    weights holding a NaN or inf."""
     from refine_ray.data import load_tokenizer
-    from refine_ray.models.dtypes import compute_dtype
+    from refine_ray.models.dtypes import compute_dtype, non_finite_tensor
     from refine_ray.refine.policy import build_policy
 
     try:
@@ -221,6 +222,10 @@ def build_eval_model(spec: str, cfg: ExperimentConfig, tokenizer_path: Optional[
         model = build_policy(mcfg, len(tok))
     except (ValueError, ImportError) as e:
         raise EvalError(f"--model {spec!r}: {str(e).splitlines()[0]}") from None
+    bad = non_finite_tensor(model.state_dict().items())
+    if bad:   # it would surface as a sampling error deep in generation or TTT
+        raise EvalError(f"--model {spec!r}: tensor '{bad[0]}' holds {bad[1]} non-finite value"
+                        f"{'s' if bad[1] > 1 else ''} (NaN or inf) of {bad[2]}; the weights are broken")
     return model, tok
 
 

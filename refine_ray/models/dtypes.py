@@ -7,6 +7,9 @@ training on a local cluster, ``refine-ray eval``). Deliberate: a ``bfloat16`` re
 there is no GPU stops with one line instead of running in another dtype. CPU bf16 matmuls are
 slow, our pure-PyTorch kernels are written for fp32, and a silent fp32 run would publish
 numbers for a dtype that never ran (the defect of issue 23 point 5).
+
+:func:`non_finite_tensor` is the one check that loaded weights hold no NaN or inf (preflight for
+training, ``refine-ray eval`` for the model it evaluates).
 """
 from __future__ import annotations
 
@@ -62,3 +65,18 @@ def check_roles_dtype(name: str, gpu_shares: dict[str, float], local_cluster: bo
         if share <= 0:
             raise ValueError(f"{key}: {share:g} puts that role on CPU, but model.dtype=bfloat16 needs a CUDA GPU "
                              f"(give it a GPU share or use model.dtype=float32)")
+
+
+def non_finite_tensor(items) -> Optional[tuple[str, int, int]]:
+    """(name, non-finite count, size) of the first floating tensor of ``(name, tensor)`` items that
+    holds a NaN or inf, else None.
+
+    A NaN or inf element makes the sum non-finite, so a finite sum clears the tensor in one
+    memory-bound pass (on this CPU ~20x faster than ``isfinite``); elements are counted only
+    when the sum is not finite (so a float16 sum that merely overflowed is cleared too)."""
+    for key, t in items:
+        if torch.is_tensor(t) and t.is_floating_point():
+            bad = 0 if torch.isfinite(t.sum()) else int((~torch.isfinite(t)).sum())
+            if bad:
+                return key, bad, t.numel()
+    return None

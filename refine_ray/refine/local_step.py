@@ -31,11 +31,11 @@ Seeds are keyed like the distributed pipeline's (refine_ray.refine.seeding), by
 """
 from __future__ import annotations
 
+import copy
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
-
-import copy
 
 import torch
 
@@ -116,7 +116,9 @@ class LocalRefineStep:
         ``grad_norm`` (before clipping; mean over the optimizer steps), ``optimizer_steps``, the
         reward metrics, ``refine_docs``, ``ntp_only_docs``, ``skipped_docs`` and ``stepped`` (0
         when no document was usable).
-        Raises ValueError for an unknown ``mode``.
+        Raises ValueError for an unknown ``mode``; FloatingPointError (one line naming the first
+        non-finite loss term and its document; that optimizer step not applied) for a non-finite
+        gradient norm.
         """
         if mode not in ("refine", "ntp"):
             raise ValueError(f"mode must be 'refine' or 'ntp', got {mode!r}")
@@ -199,7 +201,7 @@ class LocalRefineStep:
         weights = cross_entropy_weights(counts, cfg, size)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         sums: dict[str, float] = defaultdict(float)
-        norms = []
+        norms, bad = [], None
         for start in range(0, len(docs), size):
             mini = range(start, min(start + size, len(docs)))
             self.optimizer.zero_grad(set_to_none=True)
@@ -216,11 +218,19 @@ class LocalRefineStep:
                 else:
                     ntp = weights[i] * document_ntp_loss(self.model, docs[i], targets=targets)
                     loss = (cfg.ntp_coef or 1.0) * ntp
-                    sums["loss"] += float(loss.detach())
-                    sums["ntp_loss"] += float(ntp.detach())
+                    doc_metrics = {"loss": float(loss.detach()), "ntp_loss": float(ntp.detach())}
+                    sums["loss"] += doc_metrics["loss"]
+                    sums["ntp_loss"] += doc_metrics["ntp_loss"]
+                bad = bad or _first_non_finite(doc_metrics, i)
                 (loss / len(mini)).backward()
             with_grad = [p for p in params if p.grad is not None]
             norms.append(float(torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip)) if with_grad else 0.0)
+            if not math.isfinite(norms[-1]):
+                self.optimizer.zero_grad(set_to_none=True)
+                where = (f"{bad[1]} is {bad[2]} on document {bad[0]} of the batch, so " if bad else
+                         "the losses are finite but ")
+                raise FloatingPointError(f"non-finite local REFINE step: {where}the gradient norm is {norms[-1]}; "
+                                         f"the optimizer step was not applied")
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         n_refine = len(experience.refine_docs)
@@ -232,3 +242,12 @@ class LocalRefineStep:
         metrics.update(grad_norm=sum(norms) / len(norms), optimizer_steps=float(len(norms)),
                        refine_docs=float(n_refine), ntp_only_docs=float(len(docs) - n_refine), stepped=1.0)
         return metrics
+
+
+def _first_non_finite(metrics: dict[str, float], doc: int) -> Optional[tuple[int, str, float]]:
+    """``(doc, term, value)`` of the first non-finite loss term among ``loss``, ``ntp_loss``,
+    ``pg_loss``, ``kl``; None when all are finite."""
+    for term in ("loss", "ntp_loss", "pg_loss", "kl"):
+        if term in metrics and not math.isfinite(metrics[term]):
+            return doc, term, metrics[term]
+    return None

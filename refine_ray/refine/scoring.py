@@ -59,7 +59,9 @@ def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optio
     Source: the REFINE paper's entropy-weighted cut sampling; see ``refine_ray.algo.cuts``.
     Raises DocumentTooShort (refine_ray.algo) when ``ids`` has fewer than
     :func:`min_document_tokens` tokens; ValueError when given ``cuts`` are not ``n_chunks`` cuts
-    with at least one token before and ``response_length`` tokens after each.
+    with at least one token before and ``response_length`` tokens after each; FloatingPointError
+    (one line) when the entropy is not finite (NaN or inf weights or activations), which would
+    otherwise fail inside the cut sampler.
     """
     stride = resolve_state_stride(model, state_stride)
     if with_states:
@@ -68,6 +70,11 @@ def score_document(model, ids: torch.Tensor, cfg: RefineConfig, generator: Optio
         hidden = model.forward_segment(ids[None], None, return_logits=False).hidden[0]
     head = model.lm_head
     entropy = token_entropy_from_hidden(hidden, head.weight, lm_head_bias=getattr(head, "bias", None))
+    if not torch.isfinite(entropy).all():
+        bad = int((~torch.isfinite(entropy)).sum())
+        raise FloatingPointError(f"the model's next-token entropy is not finite at {bad} of {entropy.numel()} "
+                                 f"positions of a {ids.numel()}-token document (NaN or inf in the weights or "
+                                 f"activations); nothing was sampled or applied")
     if cuts is None:
         cuts = sample_cuts(entropy, cfg.n_chunks, cfg.response_length, cfg.cut_strategy, cfg.min_prefix,
                            generator=generator)
