@@ -10,8 +10,10 @@
    silently), and the items of an ``x-kubernetes-list-type: map`` list have unique keys. Not
    evaluated: the CRDs' CEL rules (``x-kubernetes-validations``: ``managedBy``, a RayJob's
    ``deletionStrategy``) and ``format`` ranges (int32).
-2. Run. The operator's spec check (ValidateRayClusterSpec) mirrored for what these manifests use:
-   no group puts ``labels`` in ``rayStartParams`` (KubeRay >= 1.5.0 refuses the spec; the group's
+2. Run. The cluster's ``rayVersion``, when given, is a Ray version within refine-ray's pin
+   (pyproject.toml's ``ray`` requirement: the image runs that Ray; KubeRay reads ``rayVersion`` to
+   pick what it configures). The operator's spec check (ValidateRayClusterSpec) mirrored for what
+   these manifests use: no group puts ``labels`` in ``rayStartParams`` (KubeRay >= 1.5.0 refuses the spec; the group's
    ``labels`` field is the place). Worker groups have distinct names and ``minReplicas <=
    maxReplicas`` (KubeRay would silently run ``maxReplicas`` pods), a ``rayStartParams.resources``
    that is a JSON mapping of amounts and a ``num-gpus`` at most the Ray container's
@@ -19,7 +21,8 @@
    ``refine-ray train --config /app/FILE key=value ...``: FILE is in this repo (the image,
    deploy/docker/Dockerfile, holds it at /app), the config loads with those overrides, and each
    placement bundle it asks for (``refine_ray.system.placement``) fits a worker group that
-   advertises its custom resources, their totals within the groups' ``maxReplicas`` nodes. The
+   advertises its custom resources, their totals within the groups' ``maxReplicas`` nodes (not
+   checked when a worker group has a problem already: it would only repeat it). The
    shared PersistentVolumeClaim (core ``v1``: no KubeRay schema; ``kubectl apply --dry-run=server``
    checks it) must allow ReadWriteMany, since pods on several nodes mount it.
 
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from packaging.requirements import Requirement
 from jsonschema import Draft4Validator, ValidationError, validators
 
 from refine_ray.config import ConfigError, load_config
@@ -143,6 +147,22 @@ def _ray_resources(raw: str) -> dict | None:
     return {str(k): float(x) for k, x in v.items()} if ok else None
 
 
+def ray_pin() -> Requirement:
+    """refine-ray's ``ray`` requirement (pyproject.toml's ``ray[default]>=2.60,<2.61``), as installed."""
+    from importlib.metadata import requires
+
+    return next(r for r in map(Requirement, requires("refine-ray") or []) if r.name == "ray" and not r.marker)
+
+
+def _ray_version_problems(cluster: dict, where: str) -> list[str]:
+    """``rayVersion``, when given, lies within refine-ray's Ray pin."""
+    version, pin = cluster.get("rayVersion"), ray_pin()
+    if version is None or pin.specifier.contains(str(version), prereleases=True):
+        return []
+    return [f"{where}.rayVersion: expected the Ray version refine-ray pins (ray{pin.specifier}, pyproject.toml), "
+            f"got {_short(version)}"]
+
+
 def _groups(cluster: dict, where: str, problems: list[str]) -> list[dict]:
     """Each worker group's name, GPUs, advertised custom resources and maxReplicas; problems appended."""
     labels = "expected the group's own labels field (KubeRay >= 1.5.0 refuses the spec with rayStartParams labels)"
@@ -184,8 +204,9 @@ def _groups(cluster: dict, where: str, problems: list[str]) -> list[dict]:
     return groups
 
 
-def _entrypoint_problems(entrypoint: str, groups: list[dict], where: str) -> list[str]:
-    """The training config the entrypoint names loads, and its placement bundles fit the worker groups."""
+def _entrypoint_problems(entrypoint: str, groups: list[dict] | None, where: str) -> list[str]:
+    """The training config the entrypoint names loads, and its placement bundles fit the worker groups
+    (``groups`` None: not checked)."""
     argv = shlex.split(entrypoint)
     if argv[:3] != TRAIN or len(argv) < 4 or not argv[3].startswith(f"{APP}/"):
         return [f"{where}: expected 'refine-ray train --config {APP}/<config in this repo> key=value ...', "
@@ -197,6 +218,8 @@ def _entrypoint_problems(entrypoint: str, groups: list[dict], where: str) -> lis
         bundles = [b for spec in bundle_specs(plan_slots(load_config(config, argv[4:]))).values() for b in spec]
     except ConfigError as e:
         return [f"{where}: {e}"]
+    if groups is None:
+        return []
     unfit, totals = [], {}
     for b in bundles:
         custom = {k: v for k, v in b.items() if k not in ("CPU", "GPU")}
@@ -228,10 +251,13 @@ def run_problems(doc: dict) -> list[str]:
         return [] if "ReadWriteMany" in modes else [
             f"spec.accessModes: expected ReadWriteMany among {modes} (Ray pods on several nodes mount the claim)"]
     cluster, where = (spec, "spec") if kind == "RayCluster" else (spec.get("rayClusterSpec"), "spec.rayClusterSpec")
-    problems: list[str] = []
-    groups = _groups(cluster, where, problems) if cluster is not None else None
-    if kind == "RayJob" and groups is not None:
-        problems += _entrypoint_problems(spec["entrypoint"], groups, "spec.entrypoint")
+    if cluster is None:
+        return []
+    group_problems: list[str] = []
+    groups = _groups(cluster, where, group_problems)
+    problems = _ray_version_problems(cluster, where) + group_problems
+    if kind == "RayJob":           # a group with a problem: the placement fit would only repeat it
+        problems += _entrypoint_problems(spec["entrypoint"], None if group_problems else groups, "spec.entrypoint")
     return problems
 
 

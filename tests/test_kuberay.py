@@ -153,3 +153,29 @@ def test_schema_is_read_as_the_api_server_reads_it():
     assert closed["properties"]["metadata"] == {"type": "object"}                  # ObjectMeta: the server's
     raw = json.loads((KUBERAY / "schemas" / "raycluster.json").read_text())["openAPIV3Schema"]
     assert "additionalProperties" not in raw["properties"]["spec"]["properties"]["workerGroupSpecs"]["items"]
+
+
+@pytest.mark.parametrize("manifest,where", [(CLUSTER, "spec"), (JOB, "spec.rayClusterSpec")])
+def test_ray_version_outside_the_pin_fails(tmp_path, capsys, manifest, where):
+    """The image runs the Ray that pyproject.toml pins; a manifest naming another release is one line."""
+    doc = copy.deepcopy(_raw(manifest))
+    (doc["spec"] if manifest == CLUSTER else doc["spec"]["rayClusterSpec"])["rayVersion"] = "2.9.0"
+    path = tmp_path / manifest.name
+    path.write_text(yaml.safe_dump(doc))
+    assert check_kuberay.main([str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: {where}.rayVersion: expected the Ray version refine-ray pins (ray<2.61,>=2.60, pyproject.toml), "
+        f"got '2.9.0'"]
+
+
+def test_a_failed_worker_group_gives_no_follow_on_line(tmp_path, capsys):
+    """A RayJob whose learner group asks for more GPUs than its container has: that one line, not also
+    the placement fit against the group as if it advertised no GPU."""
+    doc = copy.deepcopy(_raw(JOB))
+    _job_worker(doc, 0)["rayStartParams"]["num-gpus"] = "16"
+    path = tmp_path / JOB.name
+    path.write_text(yaml.safe_dump(doc))
+    assert check_kuberay.main([str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: spec.rayClusterSpec.workerGroupSpecs[0].rayStartParams.num-gpus: expected a number <= the Ray "
+        f"container's nvidia.com/gpu limit 8, got '16'"]
