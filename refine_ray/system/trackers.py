@@ -14,9 +14,12 @@ with ``WANDB_MODE=offline``: ``wandb sync <run>/wandb/offline-run-*`` uploads la
 directory), experiment ``train.project``. The run's name is the config's ``name``.
 
 Resume: the W&B run id and the MLflow run id are kept in ``<run>/trackers.json``; a resumed run
-continues the same tracker runs. TensorBoard drops the events past the checkpoint (``purge_step``);
-W&B and MLflow cannot delete points, so the steps between the last checkpoint and a crash appear
-twice there (``metrics.jsonl`` and TensorBoard keep one). W&B plots against our ``step`` (its own
+continues the same tracker runs. TensorBoard's event files are rewritten without the events past the
+checkpoint (:func:`drop_events_after`), so every step is in them once and readers see no restart
+(``SummaryWriter(purge_step=...)`` alone would leave the old points in the old file for readers to
+purge, with a warning, or to show twice). W&B and MLflow cannot delete points, so the steps between
+the last checkpoint and a crash appear twice there, the old value and the resumed one at the same
+step (``metrics.jsonl`` and TensorBoard keep one). W&B plots against our ``step`` (its own
 ``_step`` counter would refuse to go back). MLflow params are written when its run is created
 (they are immutable): a resumed run with changed settings keeps the first ones there.
 """
@@ -59,15 +62,41 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def drop_events_after(folder: Path, step: int) -> None:
+    """Rewrite each TensorBoard event file in ``folder`` without its events of steps > ``step`` (logged
+    after the checkpoint a run resumes from); each file is written beside itself and renamed over it,
+    files with nothing to drop are left alone. A record cut short by a crash ends its file's events.
+    Raises OSError when a file cannot be read or written."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for stale in folder.glob("*.partial"):          # a rewrite cut short: TensorBoard would read it too
+        stale.unlink()
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if Event.FromString(r).step <= step]
+        if len(kept) == len(records):
+            continue
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as f:
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+        partial.replace(path)
+
+
 class TensorBoardTracker:
-    """Scalars in ``<run>/tensorboard``; the config as a text summary on a fresh run."""
+    """Scalars in ``<run>/tensorboard``; the config as a text summary on a fresh run. A resumed run
+    (``resume_step``: its checkpoint's step) first drops the events logged past that step."""
 
     def __init__(self, run_dir: Path, config: Optional[dict], resume_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: events at steps > resume_step (logged after the checkpoint, before a crash) are dropped
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        folder = run_dir / "tensorboard"
+        if resume_step is not None and folder.is_dir():
+            drop_events_after(folder, resume_step)
+        self.writer = SummaryWriter(str(folder))
         if config is not None and resume_step is None:
             text = json.dumps(config, indent=2)
             self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
@@ -77,7 +106,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(name, value, step)
 
     def state(self) -> dict:
-        return {}                           # nothing to resume by: purge_step handles it
+        return {}                           # nothing to resume by: the event files are cut at the checkpoint
 
     def close(self, finished: bool) -> None:
         self.writer.close()

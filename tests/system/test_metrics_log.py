@@ -45,6 +45,31 @@ def test_resume_drops_rows_past_the_checkpoint_in_jsonl_and_tensorboard(tmp_path
     assert (tmp_path / "summary.png").is_file()
 
 
+def test_resume_leaves_each_step_once_in_the_event_files(tmp_path, caplog):
+    """Ctrl-C after step 17, the last checkpoint step 16: the resumed run logs 17 again. Every event file
+    read record by record holds each step once (no file keeps the old 17), and TensorBoard's reader
+    finds nothing to purge (it warned "Detected out of order event.step ... Purging" when the old 17
+    stayed in the first file behind a purge_step marker)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    first = MetricsLogger(tmp_path, name="r")
+    for step in range(1, 18):
+        first.log(step, _row(step, 10.0 + step))
+    first.close(finished=False)
+    second = MetricsLogger(tmp_path, resume_step=16, name="r")
+    for step in (17, 18):
+        second.log(step, _row(step, 20.0 + step))
+    second.close()
+    files = sorted((tmp_path / "tensorboard").iterdir())
+    assert len(files) == 2 and all(f.name.startswith("events.out.tfevents.") for f in files)
+    steps = [e.step for f in files for e in EventFileLoader(str(f)).Load()
+             for v in e.summary.value if v.tag == "loss"]
+    assert steps == list(range(1, 19))
+    with caplog.at_level("WARNING", logger="tensorboard"):
+        assert _tensorboard(tmp_path, "loss")[-3:] == [(16, 26.0), (17, 37.0), (18, 38.0)]
+    assert not [r for r in caplog.records if "Purging" in r.getMessage()]
+
+
 def test_summary_is_a_grid_of_labelled_panels_with_plain_tick_labels(tmp_path):
     """Values that draw offset notation by default (entropy 10.3134-10.3153, a PG loss of 1e-8)
     get their own written-out tick labels; every panel has a title, a unit and a step axis."""
