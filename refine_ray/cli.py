@@ -94,7 +94,8 @@ def _add_plan(sub) -> None:
     pl = sub.add_parser("plan", help="the memory plan of a config per actor and per GPU, and whether it fits")
     pl.add_argument("--config", required=True, help="experiment YAML, e.g. configs/paper_mid_deltanet_1.3b.yaml")
     pl.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: this machine's GPU; required without CUDA)")
-    pl.add_argument("--ttt", action="store_true", help="plan `refine-ray eval --ttt` (one process, one GPU) instead")
+    pl.add_argument("--ttt", action="store_true", help="plan `refine-ray eval --ttt` (one process, one GPU) instead "
+                    "(without it too for a config whose eval.ttt.mode is not none)")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=8192")
 
 
@@ -225,6 +226,14 @@ def _train(args) -> int:
     return 0
 
 
+def _not_noise(record) -> bool:
+    """DeepSpeed's logger prints to stdout, a command's output: its known noise ("Setting accelerator to
+    CPU", :data:`refine_ray.system.run_log.NOISE`) is dropped there."""
+    from refine_ray.system.run_log import is_noise
+
+    return not is_noise(record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     """``refine-ray train|eval|export|generate|plan``: returns the exit status (0 done; 2 bad input or run dir/checkpoint
     problem, one line on stderr; 3 a learner rank failed; 130 interrupted by Ctrl-C, one line).
@@ -247,11 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        import logging
         import warnings
 
         # fla warns on import on every CPU machine; the pure-PyTorch ops are the intended CPU path
         # (train keeps the warning in its run log instead: refine_ray.system.run_log)
         warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+        logging.getLogger("DeepSpeed").addFilter(_not_noise)        # once: addFilter skips a filter it has
         return {"eval": _eval, "export": _export, "generate": _generate, "plan": _plan}[args.command](args)
     except KeyboardInterrupt:                    # before a command's own handling (imports, config)
         print("\nrefine-ray: interrupted; nothing was started; run the same command to start", file=sys.stderr)

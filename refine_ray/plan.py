@@ -259,9 +259,11 @@ def per_gpu(cfg: ExperimentConfig, need: dict[str, int]) -> list[tuple[list[str]
 
 
 def run_plan_command(config: str, overrides: list[str], gpu_memory_gib: Optional[float], ttt: bool = False) -> int:
-    """``refine-ray plan``: print the plan (``ttt``: of ``refine-ray eval --ttt``, :func:`make_ttt_plan`); exit
-    status 0 fits, 1 does not fit, 2 bad input (one line on stderr: the config, the layout, a ``model.path``
-    without a usable ``config.json``, no ``--gpu-memory`` without CUDA)."""
+    """``refine-ray plan``: print the plan (``ttt``: of ``refine-ray eval --ttt``, :func:`make_ttt_plan`; so
+    too, with a note line under the first, for a test-time-training config, one whose ``eval.ttt.mode`` is
+    not none: the ``configs/paper_ttt_*.yaml`` presets); exit status 0 fits, 1 does not fit, 2 bad input
+    (one line on stderr: the config, the layout, a ``model.path`` without a usable ``config.json``, no
+    ``--gpu-memory`` without CUDA)."""
     import sys
 
     from refine_ray.config import ConfigError, load_config
@@ -279,14 +281,19 @@ def run_plan_command(config: str, overrides: list[str], gpu_memory_gib: Optional
             from refine_ray.data import load_tokenizer
 
             vocab = len(load_tokenizer(cfg.tokenizer.path))
-        plan = make_ttt_plan(cfg, vocab, gpu) if ttt else make_plan(cfg, vocab, gpu, on_gpu=True)
+        as_ttt = not ttt and cfg.eval.ttt.mode != "none"      # a TTT preset: what `eval` would run
+        plan = make_ttt_plan(cfg, vocab, gpu) if ttt or as_ttt else make_plan(cfg, vocab, gpu, on_gpu=True)
     except ConfigError as e:
         print(f"refine-ray: config error: {e}", file=sys.stderr)
         return 2
     except (PlanError, OSError) as e:
         print(f"refine-ray: {e}", file=sys.stderr)
         return 2
-    print("\n".join(plan.lines()))
+    lines = plan.lines()
+    if as_ttt:
+        lines.insert(1, f"  (a test-time-training config, eval.ttt.mode={cfg.eval.ttt.mode}: planned as "
+                        f"`refine-ray eval --ttt {cfg.eval.ttt.mode}`, as --ttt would)")
+    print("\n".join(lines))
     return 0 if plan.fits else 1
 
 

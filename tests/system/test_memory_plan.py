@@ -142,3 +142,35 @@ def test_startup_line_of_the_main_job():
     assert line.startswith("memory plan (GiB per actor): learner ") and "scorer" in line and "rollout" in line
     if not torch.cuda.is_available():
         assert fits is None and "no CUDA GPU" in line
+
+
+@pytest.mark.parametrize("preset,shape", [("paper_ttt_lact_760m", "lact-760m"),
+                                          ("paper_ttt_deltanet_1.3b", "delta_net-1.3B-100B")])
+def test_plan_command_plans_a_ttt_preset_as_eval_ttt(capsys, preset, shape):
+    """A test-time-training preset (eval.ttt.mode=refine) without --ttt: the plan of `refine-ray eval --ttt`
+    with a note saying so, the same figures as with --ttt (without it, the preset's 4 learner ranks were
+    planned as a colocated training layout: "config error: ... GPU shares on bundle 0 add up to 2 > 1")."""
+    args = ["plan", "--config", str(ROOT / "configs" / f"{preset}.yaml"), f"model.path={SHAPES / shape}",
+            "--gpu-memory", "80"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert captured.err == "" and out[0].startswith("memory plan: refine-ray eval --ttt (reward exact)")
+    assert out[1] == ("  (a test-time-training config, eval.ttt.mode=refine: planned as `refine-ray eval --ttt "
+                      "refine`, as --ttt would)")
+    assert cli.main(args + ["--ttt"]) == 0
+    assert capsys.readouterr().out.splitlines() == out[:1] + out[2:]
+    assert out[-1].startswith("fits: fullest GPU")
+
+
+def test_plan_command_prints_only_its_own_lines():
+    """In a fresh process (DeepSpeed imported for the first time, on a machine without CUDA it announces
+    "Setting accelerator to CPU" on stdout), stdout is the plan alone: its first line is the summary."""
+    proc = subprocess.run([sys.executable, "-m", "refine_ray.cli", "plan", "--config",
+                           str(ROOT / "configs" / "paper_mid_deltanet_1.3b.yaml"),
+                           f"model.path={SHAPES / 'delta_net-1.3B-100B'}", "--gpu-memory", "80"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.splitlines()
+    assert out[0].startswith("memory plan: paper-mid-deltanet-1.3b: delta_net"), out[:2]
+    assert out[-1].startswith("fits: fullest GPU") and not [line for line in out if line.startswith("[")]
