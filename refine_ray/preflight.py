@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,6 +415,24 @@ def check_weight_sync(cfg: ExperimentConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_vllm(cfg: ExperimentConfig) -> None:
+    """``rollout.backend=vllm`` needs a vLLM in the supported range in this environment (read from
+    the package metadata, nothing imported): ConfigError with one line, before Ray starts an actor."""
+    if cfg.rollout.backend != "vllm":
+        return
+    from refine_ray.serving.vllm_plugin import check_vllm_version, installed_vllm
+    from refine_ray.serving.vllm_rollout import INSTALL_HINT
+
+    installed = installed_vllm()
+    if installed is None:
+        raise ConfigError(f"rollout.backend=vllm needs vLLM, which is not installed in this environment "
+                          f"({sys.executable}): {INSTALL_HINT}, or use rollout.backend=fast_weight")
+    try:
+        check_vllm_version(installed)
+    except RuntimeError as e:
+        raise ConfigError(f"rollout.backend=vllm: {e}") from None
+
+
 def _as_val_path(e: DataError) -> DataError:
     """A corpus error about ``train.val_path``: the message names the value itself, under the key that holds it."""
     msg = str(e)
@@ -449,6 +468,7 @@ def preflight(cfg: ExperimentConfig) -> PreflightReport:
     check_resources(cfg)
     check_dtype(cfg)
     check_weight_sync(cfg)
+    check_vllm(cfg)
     need = min_document_tokens(cfg.refine)
     if cfg.data.max_length < need:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} is below the {need} tokens a document needs "

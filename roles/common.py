@@ -25,7 +25,15 @@ def setup_process(seed: int = 0) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-class VersionedWeights:
+class Role:
+    """What every role's actor answers: the actor group's liveness probe."""
+
+    def ping(self) -> bool:
+        """Liveness probe used by the actor group."""
+        return True
+
+
+class VersionedWeights(Role):
     """Mixin: a role whose model follows the learner's published weight versions.
 
     Ray runs an actor's calls one at a time, in the order the driver sent them, so an update
@@ -63,7 +71,3 @@ class VersionedWeights:
     def get_version(self) -> int:
         """The weight version this actor holds (0: the initial weights)."""
         return self.version
-
-    def ping(self) -> bool:
-        """Liveness probe used by the actor group."""
-        return True

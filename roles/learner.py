@@ -47,8 +47,8 @@ from refine_ray.refine.loss import cross_entropy_weights, document_loss
 from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
 from refine_ray.transport.checkpoint import weights_only_loading
 from refine_ray.transport.weight_sync import backend
-from refine_ray.transport.weight_sync.base import gather_weights
-from roles.common import setup_process
+from refine_ray.transport.weight_sync.base import gather_tensor_set
+from roles.common import Role, setup_process
 
 
 # The loss terms checked for finiteness, in the order a failure names them.
@@ -75,7 +75,7 @@ def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) ->
     }
 
 
-class LearnerRankRole:
+class LearnerRankRole(Role):
     """Rank ``rank`` of the DeepSpeed learner. It reads most config sections (model, data, refine,
     optim, learner, train, system), so it takes the whole config. Every method except
     ``address``/``ping`` must be called on every rank in lockstep (the controller's actor group
@@ -312,7 +312,7 @@ class LearnerRankRole:
     def full_weights(self) -> Optional[dict[str, np.ndarray]]:
         """The tensor set as ``{name: float32 ndarray}`` on rank 0, None elsewhere, whatever the
         backend (checks and exports; every rank calls it under ZeRO-3)."""
-        return gather_weights(self.engine.module, self.cfg.learner.zero_stage == 3, self.rank)
+        return gather_tensor_set(self.engine.module, self.cfg.learner.zero_stage == 3, self.rank)
 
     def save(self, path: str, client_state: dict) -> None:
         """DeepSpeed checkpoint of this rank (weights, optimizer, scheduler) under ``path``, tag ``ds``."""
@@ -324,11 +324,6 @@ class LearnerRankRole:
         with weights_only_loading():        # a checkpoint from elsewhere must not run code here
             _, client_state = self.engine.load_checkpoint(path, tag="ds")
         return client_state or {}
-
-
-    def ping(self) -> bool:
-        """Liveness probe used by the actor group."""
-        return True
 
 
 def _first_non_finite(metrics: dict[str, float], doc_id: int) -> Optional[tuple]:

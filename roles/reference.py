@@ -9,10 +9,10 @@ from refine_ray.transport.batches import RolloutBatch, ScoredBatch
 from refine_ray.config import ModelConfig, RefineConfig
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.sequence_logprobs import document_logprobs
-from roles.common import setup_process
+from roles.common import Role, setup_process
 
 
-class ReferenceRole:
+class ReferenceRole(Role):
     """The frozen initial policy: log-probs of the sampled continuations for the KL penalty."""
 
     def __init__(self, model: ModelConfig, refine: RefineConfig, vocab_size: int, run_seed: int,
@@ -38,7 +38,3 @@ class ReferenceRole:
                                     with_ntp=False)
             out.append(res.logprobs.float().cpu().numpy())
         return np.concatenate(out)
-
-    def ping(self) -> bool:
-        """Liveness probe used by the actor group."""
-        return True

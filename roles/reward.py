@@ -13,10 +13,10 @@ from refine_ray.data import load_tokenizer
 from refine_ray.refine.frozen_reference import reference_hidden
 from refine_ray.refine.policy import build_policy
 from refine_ray.refine.rewarding import SequenceRewarder
-from roles.common import setup_process
+from roles.common import Role, setup_process
 
 
-class RewardRole:
+class RewardRole(Role):
     """Scores every sampled continuation against the true next k tokens (REFINE's sequence reward)."""
 
     def __init__(self, refine: RefineConfig, tokenizer: TokenizerConfig, reward: RewardConfig, run_seed: int,
@@ -57,7 +57,3 @@ class RewardRole:
                             response_hidden, true_hidden)
         return RewardBatch(rewards=out.rewards.numpy(), components={k: v.numpy() for k, v in out.components.items()},
                            compute_s=time.perf_counter() - t0)
-
-    def ping(self) -> bool:
-        """Liveness probe used by the actor group."""
-        return True

@@ -5,7 +5,7 @@ steps of :class:`refine_ray.system.controller.RefineController` and splits each 
 
 * role compute: the ``task:execute`` span of every role call in the step's window, read
   from Ray's own task profile (``ray.timeline()``): scorer, rollout, reward, reference,
-  learner (``train_step``, slowest rank), weight gather (``gather_weights``), and weight
+  learner (``train_step``, slowest rank), weight gather (``send_weights`` on the learner ranks), and weight
   load in the receivers (``receive_weights``);
 * data movement measured inside the step: the ``task:deserialize_arguments`` (fetch +
   unpickle of argument objects) and ``task:store_outputs`` (return values into the object
@@ -308,7 +308,7 @@ TABLE = [  # key, label, how it is measured
     ("learn_overhead", "learner put + dispatch + result", "learn_s - compute - fetch"),
     ("learn", "= learner phase", "driver time/learn_s"),
     ("c_gather", "weight gather (state_dict)", "timeline execute, rank 0"),
-    ("gather", "weight gather + driver get + put", "driver time/weight_gather_s"),
+    ("gather", "weight gather, until rank 0 holds it", "driver time/weight_gather_s"),
     ("c_load_w", "weight load in receivers", "timeline execute receive_weights, busiest"),
     ("io_weights", "weights (de)serialise in actors", "timeline, gather store + receivers fetch"),
     ("acks", "wait for acks", "publish_s - weight_gather_s (sync only)"),

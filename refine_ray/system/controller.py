@@ -186,7 +186,8 @@ class RefineController:
 
     def publish(self, wait: bool) -> float:
         """Publish the learner's weights as ``self.version`` to the scorers and rollouts; with ``wait``,
-        until every receiver holds them. Returns the learner gather time in s."""
+        until every receiver holds them. Returns :attr:`Publication.gather_s` (seconds; what it
+        covers depends on the backend)."""
         receivers = self.groups["scorer"].actors + self.groups["rollout"].actors
         try:
             pub = self.sync.publish(self.version, receivers)

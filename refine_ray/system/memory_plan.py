@@ -6,7 +6,7 @@ Nothing is loaded: the model is built on the meta device from ``model.path``'s `
 the random-model fields), as preflight's ``check_weights`` does, and every activation figure comes
 from running the model's own code there, where tensors have shapes and no storage.
 
-Per learner rank (one document at a time, as ``system.learner`` runs them):
+Per learner rank (one document at a time, as the learner rank, ``roles.learner``, runs them):
 
 * **model states** by ZeRO stage and dtype (:func:`model_states`), DeepSpeed's accounting; its
   own estimators (``estimate_zero2/3_model_states_mem_needs``) assume 16-bit parameters and are
@@ -239,7 +239,7 @@ def _saved_per_block(config, rows: int, tokens: int, dtype: torch.dtype, backend
 def model_states(params: int, largest_layer: int, dtype_bytes: int, zero_stage: int, ranks: int) -> dict[str, int]:
     """Bytes per learner rank of ``params`` parameters: ``params``, ``grads`` and ``optimizer`` (AdamW).
 
-    DeepSpeed's accounting for our engine (``system.learner.deepspeed_config``): weights and
+    DeepSpeed's accounting for our engine (``roles.learner.deepspeed_config``): weights and
     gradients in the compute dtype (``dtype_bytes``: 2 bf16, 4 fp32); every ZeRO optimizer keeps
     fp32 master weights, their fp32 gradients and Adam's m and v (16 bytes per parameter),
     partitioned over the ranks. ZeRO-0: bf16 through DeepSpeed's bf16 wrapper (the same 16 bytes,

@@ -36,7 +36,7 @@ NOISE = re.compile("|".join((
     r"Triton is not supported on current platform",          # fla, on import, on every CPU process
     r"Setting accelerator to CPU",                            # DeepSpeed's accelerator detection
     r"deepspeed_shm_comm_op built successfully",              # DeepSpeed's CPU comm op, loaded every run
-    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",   # torch, called by DeepSpeed ZeRO
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",   # torch, by ZeRO
     r"Token authentication is enabled for this Ray cluster",  # Ray start-up (auth stays on)
     r"Generated new authentication token",
     r"Started a local Ray instance",

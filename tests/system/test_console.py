@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -153,3 +154,22 @@ def test_ctrl_c_during_eval_keeps_the_answers_and_the_same_command_resumes(tmp_p
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["meta"]["resumed_rows"] == len(kept)
     assert len((tmp_path / "r.predictions.jsonl").read_text().splitlines()) == 6
+
+
+def test_torch_deprecation_warnings_that_zero_triggers_are_noise(tmp_path):
+    """ZeRO-2/3 call torch.distributed.all_gather_into_tensor and reduce_scatter_tensor, which warn
+    (FutureWarning) in every learner rank: both warnings, as torch emits them, go to the run log only."""
+    script = (
+        "import warnings, torch, torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    dist.all_gather_into_tensor(torch.zeros(2), torch.ones(2))\n"
+        "    dist.reduce_scatter_tensor(torch.zeros(2), torch.ones(2))\n"
+        "for w in seen:\n"
+        "    print(repr(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    texts = [eval(line) for line in out.stdout.splitlines()]
+    assert len(texts) == 2 and all("is deprecated" in t for t in texts), texts
+    assert all(is_noise(t) for t in texts), texts

@@ -29,7 +29,7 @@ from refine_ray.refine.loss import document_loss
 from refine_ray.refine.policy import build_policy
 from refine_ray.system.actor_group import ActorGroup, LearnerFailure, document_shards
 from refine_ray.transport.batches import DocBatch, LearnBatch
-from refine_ray.transport.weight_sync.base import gather_weights
+from refine_ray.transport.weight_sync.base import gather_tensor_set
 from roles.learner import LearnerRankRole
 
 LENGTHS = [40, 160, 64, 100, 48, 120, 80, 56]      # 8 documents, 4 per rank, uneven token counts
@@ -77,7 +77,7 @@ def _reference_steps(cfg, vocab: int, batch: LearnBatch):
     Returns (initial weights, final weights, norms before clipping)."""
     torch.manual_seed(0)
     model = build_policy(cfg.model, vocab, device="cpu").train()
-    start = gather_weights(model, False, 0)
+    start = gather_tensor_set(model, False, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr / WARMUP, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -109,7 +109,7 @@ def _reference_steps(cfg, vocab: int, batch: LearnBatch):
         total.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
         opt.step()
-    return start, gather_weights(model, False, 0), norms
+    return start, gather_tensor_set(model, False, 0), norms
 
 
 @pytest.fixture(scope="module")

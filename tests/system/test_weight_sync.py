@@ -19,9 +19,9 @@ from refine_ray.config import load_config
 from refine_ray.data import load_tokenizer
 from refine_ray.models import registry
 from refine_ray.transport.weight_sync import weight_tensors
-from refine_ray.transport.weight_sync.collective import WeightGroup, receive_weights, send_weights
-from refine_ray.transport.weight_sync.base import gather_weights
-from refine_ray.transport.weight_sync.object_store import load_weights
+from refine_ray.transport.weight_sync.collective import WeightGroup, broadcast_tensor_set, receive_tensor_set
+from refine_ray.transport.weight_sync.base import gather_tensor_set
+from refine_ray.transport.weight_sync.object_store import load_tensor_set
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # the helpers below run inside actors
 
@@ -65,13 +65,13 @@ def test_tensor_set_is_parameters_then_persistent_buffers():
 def test_object_store_send_and_receive_are_bit_identical():
     sender, receiver = _pair()
     derived = receiver.lm_head.derived.clone()
-    load_weights(receiver, gather_weights(sender, zero3=False, rank=0))
+    load_tensor_set(receiver, gather_tensor_set(sender, zero3=False, rank=0))
     _assert_identical(_snapshot(receiver), _snapshot(sender))
     assert torch.equal(receiver.lm_head.derived, derived)      # non-persistent: not sent, not touched
     with pytest.raises(KeyError, match="weight sync: 1 tensors missing"):
-        weights = gather_weights(sender, zero3=False, rank=0)
+        weights = gather_tensor_set(sender, zero3=False, rank=0)
         del weights["lm_head.probe"]
-        load_weights(receiver, weights)
+        load_tensor_set(receiver, weights)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the group is NCCL, whose two ranks cannot share "
@@ -88,9 +88,9 @@ def test_collective_send_and_receive_are_bit_identical():
             group = WeightGroup("127.0.0.1", port, 2, rank, 1, timeout_s=60)
             groups[rank] = group
             if rank == 0:   # buckets of 0.01 MiB: many buckets, int buffers in their own
-                groups["sent"] = send_weights(sender, group, False, "float32", 0.01)
+                groups["sent"] = broadcast_tensor_set(sender, group, False, "float32", 0.01)
             else:
-                receive_weights(receiver, group, "float32", 0.01)
+                receive_tensor_set(receiver, group, "float32", 0.01)
         except Exception as e:   # surfaced below
             errors.append(e)
 

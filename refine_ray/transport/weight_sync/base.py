@@ -55,7 +55,7 @@ def gathered(tensors: list[torch.Tensor], zero3: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def gather_weights(module: torch.nn.Module, zero3: bool, rank: int) -> Optional[dict[str, np.ndarray]]:
+def gather_tensor_set(module: torch.nn.Module, zero3: bool, rank: int) -> Optional[dict[str, np.ndarray]]:
     """Learner side: the tensor set as ``{name: ndarray}`` on rank 0, None on other ranks.
 
     Floating tensors travel as float32 (exact for float32 and bfloat16 weights), others in
@@ -85,8 +85,9 @@ class Publication:
 
     ``acks``: object refs that resolve once each receiver (and, for collectives, each
     learner rank) has finished its part; sync mode waits on them, async mode lets them land
-    while the next rollout runs. ``gather_s``: seconds the driver spent starting the
-    publication (the learner's gather and ``ray.put`` for the object store). ``weights``: a
+    while the next rollout runs. ``gather_s``: seconds the driver waited before the receivers
+    could start (object store: until every learner rank finished its gather; collective: only
+    forming the group, if needed, and issuing the calls, as the gather overlaps the broadcast). ``weights``: a
     payload a receiver can load without the sender, when the backend keeps one (the
     object store's dict ref; None for the collective, which keeps no copy): holding it keeps
     this version available, e.g. to redo work launched with it after a newer version.

@@ -70,7 +70,7 @@ class WeightGroup:
         self.pg.broadcast(flat, 0).wait()
 
 
-def send_weights(module: torch.nn.Module, group: WeightGroup | None, zero3: bool, model_dtype: str,
+def broadcast_tensor_set(module: torch.nn.Module, group: WeightGroup | None, zero3: bool, model_dtype: str,
                  bucket_mb: float) -> int:
     """Learner side: broadcast the tensor set bucket by bucket; returns the bytes sent.
 
@@ -91,7 +91,7 @@ def send_weights(module: torch.nn.Module, group: WeightGroup | None, zero3: bool
     return sent
 
 
-def receive_weights(module: torch.nn.Module, group: WeightGroup, model_dtype: str, bucket_mb: float) -> None:
+def receive_tensor_set(module: torch.nn.Module, group: WeightGroup, model_dtype: str, bucket_mb: float) -> None:
     """Receiver side: receive the buckets into ``module``'s tensor set in place (cast to each
     tensor's dtype). ``model_dtype`` and ``bucket_mb`` must be the sender's."""
     tensors = [t for _, t in weight_tensors(module)]
@@ -131,7 +131,7 @@ class CollectiveSender(WeightSender):
 
     def send(self) -> int:
         """Broadcast the tensor set; returns the bytes sent (0 on ranks other than 0)."""
-        return send_weights(self.module, self.group, self.zero3, self.model_dtype, self.system.weight_bucket_mb)
+        return broadcast_tensor_set(self.module, self.group, self.zero3, self.model_dtype, self.system.weight_bucket_mb)
 
 
 class CollectiveReceiver(WeightReceiver):
@@ -145,7 +145,7 @@ class CollectiveReceiver(WeightReceiver):
         holds its weights elsewhere (vLLM: the config refuses that pairing before the run)."""
         if not isinstance(target, torch.nn.Module):
             raise TypeError(f"system.weight_sync=collective cannot load into {type(target).__name__}")
-        receive_weights(target, self.group, self.model_dtype, self.system.weight_bucket_mb)
+        receive_tensor_set(target, self.group, self.model_dtype, self.system.weight_bucket_mb)
 
 
 class CollectivePublisher(WeightPublisher):

@@ -18,10 +18,10 @@ import ray
 import torch
 
 from refine_ray.transport.weight_sync.base import (Publication, WeightPublisher, WeightReceiver, WeightSender,
-                                                   gather_weights, weight_tensors)
+                                                   gather_tensor_set, weight_tensors)
 
 
-def load_weights(target, weights: dict[str, np.ndarray]) -> None:
+def load_tensor_set(target, weights: dict[str, np.ndarray]) -> None:
     """Receiver side: copy ``weights`` into module ``target``'s tensor set in place (cast to each
     tensor's dtype and device); an engine that is not a module loads them itself (``target.load_weights``).
 
@@ -43,13 +43,13 @@ def load_weights(target, weights: dict[str, np.ndarray]) -> None:
 class ObjectStoreSender(WeightSender):
     def send(self) -> Optional[dict[str, np.ndarray]]:
         """The tensor set as ``{name: ndarray}`` on rank 0, None elsewhere (every rank gathers under ZeRO-3)."""
-        return gather_weights(self.module, self.zero3, self.rank)
+        return gather_tensor_set(self.module, self.zero3, self.rank)
 
 
 class ObjectStoreReceiver(WeightReceiver):
     def receive(self, target, payload: dict[str, np.ndarray]) -> None:
         """Load the gathered dict (Ray resolved the ref) into ``target``; KeyError for missing tensors."""
-        load_weights(target, payload)
+        load_tensor_set(target, payload)
 
 
 class ObjectStorePublisher(WeightPublisher):
