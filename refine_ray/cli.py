@@ -168,16 +168,21 @@ def _eval(args) -> int:
 def _export(args) -> int:
     if _unwritable(args.out, is_dir=True):
         return 2
+    from transformers.utils import logging as hf_logging
+
     from refine_ray.data import DataError
     from refine_ray.export import ExportError, export_model
 
+    hf_logging.disable_progress_bar()         # its output is the final line: no "Writing model shards" bar
     try:
         model = export_model(args.source, args.out, args.tokenizer, args.run_config, args.dtype, args.overwrite)
     except (ExportError, DataError, ConfigError) as e:
         print(f"refine-ray: {e}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())
-    print(f"exported {model.config.model_type} ({n / 1e6:.1f}M params, {args.dtype}) from {args.source} to {args.out}")
+    step = "" if model.export_step is None else f" (checkpoint step {model.export_step})"
+    print(f"exported {model.config.model_type} ({n / 1e6:.1f}M params, {args.dtype}) from {args.source}{step} "
+          f"to {args.out}")
     return 0
 
 

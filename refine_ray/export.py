@@ -23,7 +23,8 @@ such ``config.json`` found in the checkpoint's directory or its five parents. Th
 match the architecture exactly (no missing or unexpected keys).
 
 Output: ``config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer
-files (``tokenizer.save_pretrained``), with the modes the user's umask gives new files and
+files (``tokenizer.save_pretrained``, set up for batched ``generate``: it pads on the left and
+returns only ``input_ids`` and ``attention_mask``, :func:`for_generate`), with the modes the user's umask gives new files and
 directories (:func:`user_modes`). Every family loads with ``AutoModelForCausalLM.from_pretrained(DIR)``
 after ``import refine_ray.models.auto`` (our classes, which ``generate`` on CPU and GPU; Llama
 needs no import: transformers' own class), and with ``registry.load_model``; ``delta_net`` /
@@ -36,6 +37,8 @@ half-written ``DIR`` never exists. An existing ``DIR`` is replaced only with ``-
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -50,7 +53,7 @@ from refine_ray.config import ConfigError, ExperimentConfig, ModelConfig, from_d
 from refine_ray.models import registry
 from refine_ray.preflight import error_line
 
-__all__ = ["ExportError", "load_source", "save_atomic", "export_model", "user_modes"]
+__all__ = ["ExportError", "load_source", "save_atomic", "export_model", "for_generate", "user_modes"]
 
 STATE_FILES = (".pt", ".bin", ".pth", ".safetensors")
 
@@ -123,8 +126,9 @@ def _architecture(cfg: ModelConfig, vocab_size: int):
         raise ExportError(str(e).splitlines()[0]) from None
 
 
-def _deepspeed_source(src: Path) -> tuple[Path, str, Optional[dict]]:
-    """(DeepSpeed save_dir, tag, the run's config dict or None) for a source directory.
+def _deepspeed_source(src: Path) -> tuple[Path, str, Optional[dict], Optional[int]]:
+    """(DeepSpeed save_dir, tag, the run's config dict or None, the checkpoint's step or None) for a
+    source directory.
 
     A refine-ray run dir, ``checkpoints/``, ``step_N``, ``step_N/learner`` or ``step_N/learner/ds``
     resolves to that checkpoint (verified against its manifest; its ``trainer.json`` holds the run
@@ -146,7 +150,7 @@ def _deepspeed_source(src: Path) -> tuple[Path, str, Optional[dict]]:
             raise ExportError(str(e)) from None
         save_dir = step / "learner"
     elif any(src.glob("*model_states.pt")):             # a tag folder
-        return src.parent, src.name, None
+        return src.parent, src.name, None, None
     else:
         save_dir = src
     latest = save_dir / "latest"
@@ -160,7 +164,8 @@ def _deepspeed_source(src: Path) -> tuple[Path, str, Optional[dict]]:
         tag = tags[0]
     if not any((save_dir / tag).glob("*model_states.pt")):
         raise ExportError(f"{save_dir}: DeepSpeed tag '{tag}' has no *model_states.pt")
-    return save_dir, tag, run_cfg if isinstance(run_cfg, dict) else None
+    return (save_dir, tag, run_cfg if isinstance(run_cfg, dict) else None,
+            ckpt.step_of(step) if step is not None else None)
 
 
 def _deepspeed_state_dict(save_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -176,9 +181,13 @@ def _deepspeed_state_dict(save_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     try:
         with ckpt.weights_only_loading():
             if any(tag_dir.glob("*optim_states.pt")):
+                # imported outside the redirect: DeepSpeed's logger keeps the stdout it finds at import
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-                return dict(get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag))
+                # its progress prints ("Detected checkpoint ...", "Reconstructed fp32 ...") and tqdm
+                # bars are not the command's output; a failure still raises with its own message
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    return dict(get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag))
             states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ExportError(f"{tag_dir}: refusing to load a checkpoint file that pickles code or unknown "
@@ -204,13 +213,14 @@ def _plain_state_dict(src: Path) -> dict[str, torch.Tensor]:
 
 def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: Optional[str] = None,
                 seed: int = 0):
-    """(model on CPU in float32, tokenizer) for any supported source."""
+    """(model on CPU in float32, tokenizer, the step of the refine-ray checkpoint it came from or None)
+    for any supported source."""
     if source.startswith("tiny:"):
         mtype = source.split(":", 1)[1]
         if mtype not in registry.MODEL_TYPES:
             raise ExportError(f"--from {source!r}: unknown type (supported: {', '.join(registry.MODEL_TYPES)})")
         tok = _tokenizer(tokenizer_path)
-        return registry.build_model(mtype, seed=seed, vocab_size=len(tok)).float(), tok
+        return registry.build_model(mtype, seed=seed, vocab_size=len(tok)).float(), tok, None
     src = Path(source)
     if not src.exists():
         raise ExportError(f"--from '{source}': no such file or directory")
@@ -220,10 +230,10 @@ def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: O
         except (ValueError, FileNotFoundError, OSError) as e:
             raise ExportError(f"--from '{source}': {str(e).splitlines()[0]}") from None
         tok = _tokenizer(tokenizer_path or (str(src) if _has_tokenizer(src) else None))
-        return model, tok
-    saved_cfg = None
+        return model, tok, None
+    saved_cfg, step = None, None
     if src.is_dir() or (src.name == ckpt.LATEST and src.parent.name == "checkpoints"):
-        save_dir, tag, saved_cfg = _deepspeed_source(src)
+        save_dir, tag, saved_cfg, step = _deepspeed_source(src)
         sd = _deepspeed_state_dict(save_dir, tag)
         src = save_dir
     elif src.suffix in STATE_FILES:
@@ -246,7 +256,19 @@ def load_source(source: str, tokenizer_path: Optional[str] = None, run_config: O
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
         raise ExportError(f"{source}: state dict does not match the run's {cfg.model.type} architecture "
                           f"({detail})") from None
-    return model, tok
+    return model, tok, step
+
+
+def for_generate(tokenizer):
+    """``tokenizer`` set up, in place and in what ``save_pretrained`` writes, for transformers' batched
+    ``generate``: padding on the left (prompts end where generation starts; our models run left-padded
+    rows unpadded, ``models/hf_generate.py``) and only ``input_ids`` and ``attention_mask`` as model
+    inputs (a BERT-style tokenizer such as the offline MiniLM one also returns ``token_type_ids``,
+    which ``generate`` refuses as an unused model kwarg). Returns ``tokenizer``."""
+    tokenizer.padding_side = "left"
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names   # what save_pretrained writes
+    return tokenizer
 
 
 def _verify(tmp: Path, model) -> None:
@@ -322,15 +344,18 @@ def _check_out_apart(source: str, out: Path) -> None:
 def export_model(source: str, out: str | Path, tokenizer_path: Optional[str] = None,
                  run_config: Optional[str] = None, dtype: str = "float32", overwrite: bool = False,
                  check: Optional[Callable[[Path], None]] = None):
-    """Load ``source`` and save it to ``out`` atomically; returns the exported model."""
+    """Load ``source`` and save it to ``out`` atomically, its tokenizer set up by :func:`for_generate`.
+    Returns the exported model; its ``export_step`` attribute is the step of the refine-ray checkpoint
+    it came from (None for other sources)."""
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype {dtype!r}: expected float32 or bfloat16")
     _check_out_apart(source, Path(out))
     if Path(out).exists() and not overwrite:       # before the (possibly long) load; save_atomic checks again
         raise ExportError(f"--out '{out}' already exists (use --overwrite to replace it)")
-    model, tok = load_source(source, tokenizer_path, run_config)
+    model, tok, step = load_source(source, tokenizer_path, run_config)
     if model.config.vocab_size < len(tok):
         raise ExportError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}")
     model = model.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    save_atomic(model, tok, out, overwrite, check)
+    save_atomic(model, for_generate(tok), out, overwrite, check)
+    model.export_step = step
     return model

@@ -188,3 +188,28 @@ def test_export_reads_a_run_config_written_before_the_renames(tmp_path, tokenize
     back = registry.load_model(str(tmp_path / "hf"))
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_export_command_prints_only_its_line_naming_the_step(tmp_path, tokenizer):
+    """`refine-ray export` of a run whose latest checkpoint is step 16 (DeepSpeed ZeRO-1 files committed as
+    refine-ray commits them), in a fresh process: stdout is the one final line, naming that step, without
+    DeepSpeed's "Setting accelerator to CPU", "Detected checkpoint ..." / "Reconstructed fp32 ..." lines
+    (stdout) or its tqdm bars (stderr)."""
+    from refine_ray.transport import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    tmp, final = ckpt.begin_save(run, 16)
+    port = str(29500 + (hash(str(tmp_path)) % 400))
+    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(tmp / "learner"), str(len(tokenizer)), port, "ds"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tmp / "learner" / "expected.pt").unlink()
+    ckpt.commit_save(tmp, final, {"step": 16, "version": 16, "cursor": {"epoch": 0, "position": 16, "skipped": 0},
+                                  "failures": 0, "pending": None, "config": to_dict(ExperimentConfig())})
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "refine_ray.cli", "export", "--from", str(run), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [f"exported delta_net (4.0M params, float32) from {run} (checkpoint step 16) "
+                                        f"to {out}"]
+    assert "Loading checkpoint shards" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-2000:]

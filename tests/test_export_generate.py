@@ -113,3 +113,38 @@ def test_generate_in_process_beam_search_and_sampling_run(kind, tokenizer):
     sampled = model.generate(prompts, max_new_tokens=6, do_sample=True, num_return_sequences=2, min_new_tokens=6)
     assert beams.shape == (2, prompts.shape[1] + 6) and sampled.shape == (4, prompts.shape[1] + 6)
     assert torch.equal(beams[:, :prompts.shape[1]], prompts)
+
+
+def test_readme_python_example_batches_prompts_with_the_exported_tokenizer(tmp_path):
+    """The README's Python example (under "Text from an export") run as written on an export: the
+    exported tokenizer pads on the left and returns no token_type_ids (the MiniLM tokenizer padded right
+    and returned them, which generate() refused: "model_kwargs are not used ... ['token_type_ids']"),
+    and each row of the padded batch continues its prompt as that prompt alone does (greedy)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("In Python, every family", 1)[1].split("\nLeft-padded prompts", 1)[0]
+    code = "\n".join(line[4:] for line in section.splitlines() if line.startswith("    "))
+    assert "padding=True" in code and "**batch" in code
+    out = tmp_path / "hf"
+    export_model("tiny:delta_net", out)
+    check = textwrap.dedent("""
+        import json
+        new = batch.input_ids.shape[1]
+        rows = model.generate(**batch, max_new_tokens=20, do_sample=False)[:, new:].tolist()
+        alone = []
+        for p in prompts:
+            one = tok(p, return_tensors="pt", add_special_tokens=False)
+            alone.append(model.generate(**one, max_new_tokens=20, do_sample=False)[0, one.input_ids.shape[1]:].tolist())
+        print(json.dumps({"rows": rows, "alone": alone, "side": tok.padding_side, "keys": sorted(batch),
+                          "left_padded": bool((batch.attention_mask[:, 0] == 0).any()),
+                          "eos": model.generation_config.eos_token_id}))
+    """)
+    script = re.sub(r'"outputs/tiny-deltanet-mid/hf"', repr(str(out)), code) + "\n" + check
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["side"] == "left" and got["keys"] == ["attention_mask", "input_ids"] and got["left_padded"]
+    for row, alone in zip(got["rows"], got["alone"]):
+        assert _until_eos(row, got["eos"]) == _until_eos(alone, got["eos"])
