@@ -7,7 +7,6 @@ ranks ready, inference actors ready, first step) and everything goes to ``<outpu
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def _run(cfg: ExperimentConfig, reached: list[int]) -> list[dict]:
     from refine_ray.system import run_log
     from refine_ray.system.controller import RefineController
     from refine_ray.system.metrics_log import MetricsLogger
-    from refine_ray.system.run_dir import claim
+    from refine_ray.system.run_dir import CONFIG_HISTORY, claim, write_config
 
     if report.resume_from is not None and ckpt.step_of(report.resume_from) >= cfg.train.steps:
         return []                               # already done: nothing to start
@@ -67,9 +66,9 @@ def _run(cfg: ExperimentConfig, reached: list[int]) -> list[dict]:
         if resume_from is not None and resume_from != report.resume_from:
             ckpt.verify_checkpoint(resume_from)     # the directory changed after preflight
         reached.append(0 if resume_from is None else ckpt.step_of(resume_from))
-        partial = out / "config.json.partial"
-        partial.write_text(json.dumps(to_dict(cfg), indent=2))
-        partial.replace(out / "config.json")
+        changes = write_config(out, to_dict(cfg), None if resume_from is None else ckpt.step_of(resume_from))
+        if changes:     # kept in config_history.jsonl; config.json holds the settings from here on
+            log.warning("resuming with changed settings (recorded in %s): %s", CONFIG_HISTORY, "; ".join(changes))
         logger = MetricsLogger(out, resume_step=None if resume_from is None else ckpt.step_of(resume_from),
                                loggers=cfg.train.loggers, name=cfg.name, project=cfg.train.project, config=to_dict(cfg))
         try:

@@ -38,7 +38,8 @@ log = logging.getLogger("refine_ray")
 
 LOCK = ".lock"
 RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
-RUN_FILES = (*RUN_MARKERS, "summary.png", RUN_LOG, TRACKERS_STATE, LOCK)   # everything train itself writes there
+CONFIG_HISTORY = "config_history.jsonl"   # settings changed at a resume: what ran before
+RUN_FILES = (*RUN_MARKERS, "summary.png", RUN_LOG, TRACKERS_STATE, LOCK, CONFIG_HISTORY)   # everything train itself writes there
 
 
 class RunDirError(ValueError):
@@ -112,6 +113,40 @@ def _same_run_before_first_checkpoint(out: Path, cfg) -> bool:
         return json.loads((out / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
+
+
+def write_config(out: Path, config: dict, resumed_at: Optional[int]) -> list[str]:
+    """Write the run's ``config.json`` (atomically). On a resume whose settings differ from the
+    ``config.json`` being replaced, append ``{"step": resumed_at, "changed": {key: [old, new]}}``
+    to ``config_history.jsonl`` first, so the run keeps a record of what ran before the change.
+    Returns the changes as ``key: old -> new`` strings (empty when none or not resuming)."""
+    changes: list[str] = []
+    if resumed_at is not None:
+        try:
+            old = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            old = None
+        diff = _changed(old, json.loads(json.dumps(config))) if isinstance(old, dict) else {}
+        if diff:
+            with open(out / CONFIG_HISTORY, "a") as f:
+                f.write(json.dumps({"step": resumed_at, "changed": diff}) + "\n")
+            changes = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()]
+    partial = out / "config.json.partial"
+    partial.write_text(json.dumps(config, indent=2))
+    partial.replace(out / "config.json")
+    return changes
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> dict[str, list]:
+    """Dotted keys whose values differ between two nested config dicts, ``{key: [old, new]}``."""
+    out: dict[str, list] = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_changed(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = [a, b]
+    return out
 
 
 def check_not_locked(out: Path) -> None:

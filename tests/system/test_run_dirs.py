@@ -297,3 +297,22 @@ def test_resume_with_another_zero_stage_or_rank_count_is_refused_before_writing(
                          f"Resume with {field}=1", "refine-ray export --from")
     assert "step_000002" in err
     assert tree(run) == before
+
+
+def test_a_resume_with_changed_settings_keeps_what_ran_before(tmp_path):
+    """config.json holds the settings of the run from its last start; a resume that changes any
+    records the old and new values with the step it resumed at in config_history.jsonl."""
+    from refine_ray.config import ExperimentConfig, to_dict
+    from refine_ray.system.run_dir import CONFIG_HISTORY, write_config
+
+    first = to_dict(ExperimentConfig())
+    assert write_config(tmp_path, first, None) == []
+    assert write_config(tmp_path, first, 4) == [] and not (tmp_path / CONFIG_HISTORY).exists()
+    second = to_dict(ExperimentConfig())
+    second["system"]["weight_sync"], second["train"]["steps"] = "collective", 6
+    changes = write_config(tmp_path, second, 4)
+    assert changes == ["system.weight_sync: 'object_store' -> 'collective'", "train.steps: 4 -> 6"]
+    record = json.loads((tmp_path / CONFIG_HISTORY).read_text())
+    assert record == {"step": 4, "changed": {"system.weight_sync": ["object_store", "collective"],
+                                             "train.steps": [4, 6]}}
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(second))
