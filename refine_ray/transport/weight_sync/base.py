@@ -87,10 +87,10 @@ class Publication:
     learner rank) has finished its part; sync mode waits on them, async mode lets them land
     while the next rollout runs. ``gather_s``: seconds the driver waited before the receivers
     could start (object store: until every learner rank finished its gather; collective: only
-    forming the group, if needed, and issuing the calls, as the gather overlaps the broadcast). ``weights``: a
-    payload a receiver can load without the sender, when the backend keeps one (the
-    object store's dict ref; None for the collective, which keeps no copy): holding it keeps
-    this version available, e.g. to redo work launched with it after a newer version.
+    forming the group, if needed, and issuing the calls, as the gather overlaps the broadcast).
+    ``weights``: a payload a receiver can load without the sender, when the backend keeps one
+    (the object store's dict ref; None for the collective, which keeps no copy): holding it
+    keeps this version available, e.g. to redo work launched with it after a newer version.
     """
 
     acks: list = field(default_factory=list)
