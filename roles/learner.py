@@ -43,16 +43,12 @@ from refine_ray.transport.batches import DocBatch, LearnBatch
 from refine_ray.config import ExperimentConfig
 from refine_ray.models.dtypes import compute_dtype
 from refine_ray.refine.policy import build_policy
-from refine_ray.refine.loss import cross_entropy_weights, document_loss
+from refine_ray.refine.loss import CHECKED_TERMS, cross_entropy_weights, document_loss, first_non_finite
 from refine_ray.refine.sequence_logprobs import answer_nll, document_ntp_loss
 from refine_ray.transport.checkpoint import weights_only_loading
 from refine_ray.transport.weight_sync import backend
 from refine_ray.transport.weight_sync.base import gather_tensor_set
 from roles.common import Role, setup_process
-
-
-# The loss terms checked for finiteness, in the order a failure names them.
-CHECKED_TERMS = ("ntp_loss", "pg_loss", "kl", "task_sft_loss")
 
 
 def deepspeed_config(cfg: ExperimentConfig, docs_per_rank: int, on_gpu: bool) -> dict:
@@ -199,7 +195,7 @@ class LearnerRankRole(Role):
             loss, doc_metrics = document_loss(self.engine.module, torch.from_numpy(batch.docs.doc(d)).to(self.device),
                                               torch.from_numpy(batch.cuts[d]), resp, old, adv, r, ref,
                                               ntp_head_calls=ntp_calls[d], ntp_weight=weights[d])
-            bad = bad or _first_non_finite(doc_metrics, int(batch.docs.doc_ids[d]))
+            bad = bad or first_non_finite(doc_metrics, int(batch.docs.doc_ids[d]))
             self.engine.backward(loss)
             norms += self._step(bad)
             for name, value in doc_metrics.items():
@@ -269,7 +265,7 @@ class LearnerRankRole(Role):
                 answer = torch.from_numpy(batch.answers.doc(d)).to(self.device)
                 self._begin_micro_batch()
                 loss = self.cfg.train.task_coef * weights[d] * answer_nll(self.engine.module, prompt, answer)
-                bad = bad or _first_non_finite({"task_sft_loss": float(loss.detach())}, int(batch.docs.doc_ids[d]))
+                bad = bad or first_non_finite({"task_sft_loss": float(loss.detach())}, int(batch.docs.doc_ids[d]))
                 self.engine.backward(loss)
                 norms += self._step(bad)
                 total += float(loss.detach())
@@ -324,11 +320,3 @@ class LearnerRankRole(Role):
         with weights_only_loading():        # a checkpoint from elsewhere must not run code here
             _, client_state = self.engine.load_checkpoint(path, tag="ds")
         return client_state or {}
-
-
-def _first_non_finite(metrics: dict[str, float], doc_id: int) -> Optional[tuple]:
-    """``(doc_id, value, term)`` of the first loss term in ``CHECKED_TERMS`` that is not finite, else None."""
-    for term in CHECKED_TERMS:
-        if term in metrics and not math.isfinite(metrics[term]):
-            return (float(doc_id), metrics[term], term)
-    return None

@@ -43,7 +43,7 @@ from refine_ray.algo import grpo_advantages, make_group_ids
 from refine_ray.config import ConfigError, RefineConfig
 from refine_ray.refine.collapse import step_collapse_metrics
 from refine_ray.refine.frozen_reference import reference_hidden
-from refine_ray.refine.loss import cross_entropy_weights, document_loss
+from refine_ray.refine.loss import cross_entropy_weights, document_loss, first_non_finite
 from refine_ray.refine.rewarding import SequenceRewarder, advantage_metrics, reward_metrics
 from refine_ray.refine.sampling import continuation_seeds, sample_at_cuts
 from refine_ray.refine.scoring import min_document_tokens, score_document
@@ -221,13 +221,13 @@ class LocalRefineStep:
                     doc_metrics = {"loss": float(loss.detach()), "ntp_loss": float(ntp.detach())}
                     sums["loss"] += doc_metrics["loss"]
                     sums["ntp_loss"] += doc_metrics["ntp_loss"]
-                bad = bad or _first_non_finite(doc_metrics, i)
+                bad = bad or first_non_finite(doc_metrics, i)
                 (loss / len(mini)).backward()
             with_grad = [p for p in params if p.grad is not None]
             norms.append(float(torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip)) if with_grad else 0.0)
             if not math.isfinite(norms[-1]):
                 self.optimizer.zero_grad(set_to_none=True)
-                where = (f"{bad[1]} is {bad[2]} on document {bad[0]} of the batch, so " if bad else
+                where = (f"{bad[2]} is {bad[1]} on document {int(bad[0])} of the batch, so " if bad else
                          "the losses are finite but ")
                 raise FloatingPointError(f"non-finite local REFINE step: {where}the gradient norm is {norms[-1]}; "
                                          f"the optimizer step was not applied")
@@ -242,12 +242,3 @@ class LocalRefineStep:
         metrics.update(grad_norm=sum(norms) / len(norms), optimizer_steps=float(len(norms)),
                        refine_docs=float(n_refine), ntp_only_docs=float(len(docs) - n_refine), stepped=1.0)
         return metrics
-
-
-def _first_non_finite(metrics: dict[str, float], doc: int) -> Optional[tuple[int, str, float]]:
-    """``(doc, term, value)`` of the first non-finite loss term among ``loss``, ``ntp_loss``,
-    ``pg_loss``, ``kl``; None when all are finite."""
-    for term in ("loss", "ntp_loss", "pg_loss", "kl"):
-        if term in metrics and not math.isfinite(metrics[term]):
-            return doc, term, metrics[term]
-    return None

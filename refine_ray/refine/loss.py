@@ -7,6 +7,7 @@ call it, so the three paths give the same loss and gradients on the same inputs 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -77,6 +78,20 @@ def document_loss(model, ids: torch.Tensor, cuts: torch.Tensor, responses: torch
     if kl is not None:
         metrics["kl"] = float(kl.detach())
     return loss, metrics
+
+
+# The loss terms checked for finiteness, in the order a failure names them.
+CHECKED_TERMS = ("ntp_loss", "pg_loss", "kl", "task_sft_loss")
+
+
+def first_non_finite(metrics: dict[str, float], doc_id: int) -> Optional[tuple[float, float, str]]:
+    """``(doc_id, value, term)`` of the first term of :data:`CHECKED_TERMS` in ``metrics`` (a
+    document's loss metrics, floats) that is NaN or inf, else None. Both step paths (the learner
+    rank, the single-process step) use it to name what made a gradient norm non-finite."""
+    for term in CHECKED_TERMS:
+        if term in metrics and not math.isfinite(metrics[term]):
+            return (float(doc_id), metrics[term], term)
+    return None
 
 
 def cross_entropy_weights(token_counts: Sequence[int], cfg: RefineConfig, step: int) -> list[float]:
